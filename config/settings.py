@@ -1,0 +1,72 @@
+"""The one settings object. Every setting is documented here and in the README.
+
+Precedence, highest first: command-line flags (applied by the CLI through
+``Settings.with_overrides``), environment variables ``CXR_*``, the settings file named
+by ``CXR_SETTINGS_FILE`` (a ``KEY=value`` env file), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO_ROOT / "models" / "cxr-compact"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_",
+        env_file=os.environ.get("CXR_SETTINGS_FILE"),
+        extra="ignore",
+    )
+
+    database_url: str = Field(
+        "sqlite:///cxr-screen.db",
+        description="SQLAlchemy URL of the results database "
+        "(postgresql+psycopg://user@host/db in production).",
+    )
+    broker_url: str = Field("redis://localhost:6379/0", description="Celery broker URL.")
+    model: Path = Field(DEFAULT_MODEL, description="Model folder (model.tflite + model_card.json).")
+    threshold: float | None = Field(
+        None, description="Operating threshold; default: the one in the model card."
+    )
+    ingest_root: Path | None = Field(
+        None,
+        description="Root that queued file paths are stored relative to, so workers "
+        "that mount the export elsewhere still find them. Default: absolute paths.",
+    )
+    workers: int = Field(0, description="Processes for `run` (0 = one per core).")
+    batch_size: int = Field(16, description="Images per inference batch.")
+    max_pixels: int = Field(
+        50_000_000, description="Largest Rows*Columns decoded (decompression-bomb guard)."
+    )
+    patient_id_mode: Literal["hash", "none", "clear"] = Field(
+        "hash", description="How patient IDs are stored: keyed hash, not at all, or in clear."
+    )
+    hash_key: str = Field(
+        "change-me", description="Secret key for the patient-ID and accession hashes."
+    )
+    task_time_limit: int = Field(300, description="Hard limit in seconds for one study task.")
+    task_max_retries: int = Field(5, description="Retries of a transient failure.")
+    visibility_timeout: int = Field(
+        3600, description="Redis visibility timeout (s); must exceed the longest task."
+    )
+    metrics_port: int = Field(0, description="Prometheus metrics port for a worker (0 = off).")
+    log_json: bool = Field(False, description="Structured JSON logs.")
+    log_level: str = Field("INFO", description="Log level.")
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with the non-None overrides applied (command-line flags)."""
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return self.model_copy(update=given)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

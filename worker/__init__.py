@@ -1,0 +1,1 @@
+"""cxr-screen worker: DICOM in, predictions in SQL out."""

@@ -1,0 +1,93 @@
+"""The shipped classifier at run time: a LiteRT (TFLite) network and its model card.
+
+The worker never imports TensorFlow: LiteRT starts in milliseconds and keeps a worker
+process small. Training writes ``model.tflite`` next to ``model.keras``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CARD_FILE = "model_card.json"
+TFLITE_FILE = "model.tflite"
+KERAS_FILE = "model.keras"
+
+
+class ModelError(Exception):
+    """The model folder is missing or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    version: str
+    input_size: int
+    preprocessing_version: str
+    threshold: float
+    class_names: tuple[str, ...]
+    raw: dict[str, Any]
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    path = Path(model_dir) / CARD_FILE
+    if not path.is_file():
+        raise ModelError(f"no model card at {path} (is --model / CXR_MODEL a model folder?)")
+    raw = json.loads(path.read_text())
+    try:
+        return ModelCard(
+            name=str(raw["name"]),
+            version=str(raw["version"]),
+            input_size=int(raw["input_size"]),
+            preprocessing_version=str(raw["preprocessing_version"]),
+            threshold=float(raw["threshold"]),
+            class_names=tuple(raw["class_names"]),
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"model card {path} lacks a valid field: {exc}") from exc
+
+
+class Classifier:
+    """COVID-19 probability for a batch of model inputs, shape (N, S, S, 1)."""
+
+    def __init__(self, model_dir: Path, threshold: float | None = None, threads: int = 1) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.card = read_card(model_dir)
+        self.threshold = self.card.threshold if threshold is None else threshold
+        tflite = Path(model_dir) / TFLITE_FILE
+        if not tflite.is_file():
+            raise ModelError(f"no {TFLITE_FILE} in {model_dir}")
+        self._interpreter = Interpreter(model_path=str(tflite), num_threads=threads)
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._batch = 0
+
+    @property
+    def input_size(self) -> int:
+        return self.card.input_size
+
+    @property
+    def model_version(self) -> str:
+        return self.card.model_version
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities of the positive class, one per input."""
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float32)
+        if len(batch) != self._batch:
+            self._interpreter.resize_tensor_input(self._input, list(batch.shape))
+            self._interpreter.allocate_tensors()
+            self._batch = len(batch)
+        self._interpreter.set_tensor(self._input, np.ascontiguousarray(batch, dtype=np.float32))
+        self._interpreter.invoke()
+        return np.asarray(self._interpreter.get_tensor(self._output), dtype=np.float32).reshape(-1)
