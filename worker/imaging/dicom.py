@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
@@ -38,6 +39,9 @@ CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})
 FRONTAL_VIEWS = frozenset({"PA", "AP", "APS", "AP SUPINE", ""})
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
+
+# Real exports break value-length and VR rules all the time; that is not our gate.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,13 @@ def instance_header(ds: Dataset) -> InstanceHeader:
         modality=_text(ds, "Modality"),
         view_position=_text(ds, "ViewPosition"),
     )
+
+
+def header_or_none(ds: Dataset) -> InstanceHeader | None:
+    try:
+        return instance_header(ds)
+    except RejectedInput:
+        return None
 
 
 def check_has_pixels(ds: Dataset) -> None:

@@ -19,7 +19,14 @@ from PIL import Image, UnidentifiedImageError
 from skimage.exposure import equalize_hist
 from skimage.transform import resize
 
-from worker.imaging.dicom import InstanceHeader, decode_pixels, gate, instance_header, read_dataset
+from worker.imaging.dicom import (
+    InstanceHeader,
+    decode_pixels,
+    gate,
+    header_or_none,
+    instance_header,
+    read_dataset,
+)
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pixels import block_reduce_mean, display_gray
@@ -52,11 +59,21 @@ def crop_border(image: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def read_dicom_image(path: str | Path, max_pixels: int) -> DicomImage:
-    """One read of a DICOM file: header, gate, decode, display grey."""
+    """One read of a DICOM file: header, gate, decode, display grey.
+
+    A rejection after the header was read carries the header, so it can be recorded
+    against the instance.
+    """
     ds = read_dataset(path, pixels=True)
-    gate(ds, max_pixels)
-    header = instance_header(ds)
-    gray = display_gray(ds, decode_pixels(ds), WORKING_SIDE)
+    header = header_or_none(ds)
+    try:
+        gate(ds, max_pixels)
+        if header is None:
+            header = instance_header(ds)
+        gray = display_gray(ds, decode_pixels(ds), WORKING_SIDE)
+    except RejectedInput as exc:
+        exc.header = header
+        raise
     return DicomImage(header=header, gray=gray)
 
 

@@ -1,0 +1,181 @@
+"""Writes to the results tables: upserts on the unique keys, one transaction per study.
+
+Upserts make every write idempotent: a re-run, a re-ingest or a redelivered task
+rewrites the same rows instead of adding new ones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Table, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import Prediction, Study, utcnow
+from worker.imaging.enum import StudyStatus
+from worker.privacy import PatientIdMode, patient_ref
+from worker.screening import InstanceResult, StudyOutcome
+
+PREDICTIONS: Table = Prediction.__table__  # type: ignore[assignment]
+STUDIES: Table = Study.__table__  # type: ignore[assignment]
+NO_UID = text("sop_instance_uid IS NULL")
+
+
+def save_study(
+    session: Session,
+    outcome: StudyOutcome,
+    *,
+    patient_id_mode: PatientIdMode,
+    hash_key: str,
+    attempts: int | None = None,
+) -> None:
+    """Instance rows and the study row of one screened study, in the caller's transaction."""
+    save_instances(session, outcome.instances, outcome.model_version, outcome.threshold)
+    header = outcome.header
+    row: dict[str, Any] = {
+        "study_instance_uid": outcome.study_instance_uid,
+        "model_version": outcome.model_version,
+        "status": outcome.status.value,
+        "reason": outcome.reason,
+        "covid_probability": outcome.covid_probability,
+        "predicted_label": _value(outcome.predicted_label),
+        "threshold": outcome.threshold,
+        "n_instances": len(outcome.counted),
+        "n_screened": outcome.n_screened,
+        "n_rejected": outcome.n_rejected,
+        "n_failed": outcome.n_failed,
+        "files": sorted(r.source for r in outcome.instances),
+        "started_at": outcome.started_at,
+        "finished_at": outcome.finished_at,
+    }
+    if header is not None:
+        row["accession_number"] = header.accession_number
+        row["study_date"] = header.study_date
+        row["patient_ref"] = patient_ref(header.patient_id, patient_id_mode, hash_key)
+    if attempts is not None:
+        row["attempts"] = attempts
+    insert_values = {"queued_at": outcome.started_at, "attempts": 1, **row}
+    _upsert(session, STUDIES, [insert_values], ["study_instance_uid", "model_version"], update=row)
+
+
+def save_instances(
+    session: Session,
+    results: Iterable[InstanceResult],
+    model_version: str,
+    threshold: float | None,
+) -> None:
+    """Upsert instance rows: by SOP Instance UID, or by path where there is none."""
+    now = utcnow()
+    with_uid: list[dict[str, Any]] = []
+    without_uid: list[dict[str, Any]] = []
+    for result in results:
+        row = _prediction_row(result, model_version, threshold, now)
+        (with_uid if row["sop_instance_uid"] else without_uid).append(row)
+    _upsert(session, PREDICTIONS, with_uid, ["sop_instance_uid", "model_version"])
+    _upsert(session, PREDICTIONS, without_uid, ["source", "model_version"], where=NO_UID)
+
+
+def mark_queued(session: Session, studies: Sequence[dict[str, Any]], model_version: str) -> None:
+    """Record studies as queued, unless they already have a final result."""
+    now = utcnow()
+    rows = [
+        {
+            "model_version": model_version,
+            "status": StudyStatus.QUEUED.value,
+            "queued_at": now,
+            "n_instances": len(study["files"]),
+            "n_screened": 0,
+            "n_rejected": 0,
+            "n_failed": 0,
+            "attempts": 0,
+            **study,
+        }
+        for study in studies
+    ]
+    _upsert(
+        session,
+        STUDIES,
+        rows,
+        ["study_instance_uid", "model_version"],
+        update_keys=("files", "queued_at", "status"),
+        only_if_not_final=True,
+    )
+
+
+def study_status_counts(session: Session) -> dict[str, int]:
+    query = select(Study.status, func.count()).group_by(Study.status)
+    return {status: count for status, count in session.execute(query).all()}
+
+
+def _prediction_row(
+    result: InstanceResult, model_version: str, threshold: float | None, now: dt.datetime
+) -> dict[str, Any]:
+    header = result.header
+    return {
+        "sop_instance_uid": result.sop_instance_uid,
+        "series_instance_uid": header.series_instance_uid if header else None,
+        "study_instance_uid": header.study_instance_uid if header else None,
+        "status": result.status.value,
+        "reason_code": result.reason_code,
+        "reason": result.reason,
+        "covid_probability": result.covid_probability,
+        "predicted_label": _value(result.predicted_label),
+        "threshold": threshold if result.covid_probability is not None else None,
+        "model_version": model_version,
+        "view_position": header.view_position if header else None,
+        "modality": header.modality if header else None,
+        "source": result.source,
+        "decode_ms": result.decode_ms,
+        "inference_ms": result.inference_ms,
+        "duplicate_of": result.duplicate_of,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _upsert(
+    session: Session,
+    table: Table,
+    rows: list[dict[str, Any]],
+    keys: list[str],
+    *,
+    where: Any = None,
+    update: dict[str, Any] | None = None,
+    update_keys: Sequence[str] | None = None,
+    only_if_not_final: bool = False,
+) -> None:
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(table)
+    excluded = statement.excluded
+    if update is not None:
+        changes: dict[str, Any] = {column: excluded[column] for column in update}
+    else:
+        skip = {*keys, "id", "created_at"}
+        columns = update_keys or [c for c in rows[0] if c not in skip]
+        changes = {column: excluded[column] for column in columns}
+    condition = None
+    if only_if_not_final:
+        condition = table.c.status.notin_([StudyStatus.SCREENED.value, StudyStatus.REJECTED.value])
+    statement = statement.on_conflict_do_update(
+        index_elements=keys, index_where=where, set_=changes, where=condition
+    )
+    # Rows of one statement must share their keys; group by column set.
+    for group in _by_columns(rows):
+        session.execute(statement, group)
+
+
+def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(sorted(row)), []).append(row)
+    return list(groups.values())
+
+
+def _value(label: Any) -> str | None:
+    return None if label is None else str(label.value)

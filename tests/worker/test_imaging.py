@@ -1,0 +1,138 @@
+"""The DICOM gate and the shared pipeline, on the real zoo and on wrapped PNGs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import shared
+from tests.dicom_factory import base_dataset, png_pixels, variants, write
+from worker.imaging.enum import RejectCode
+from worker.imaging.errors import RejectedInput
+from worker.imaging.pipeline import load_picture, model_input, read_dicom_image
+
+EXPECTED_CODE = {
+    "read": None,
+    "reject: not a chest radiograph": RejectCode.NOT_CHEST,
+    "reject: unreadable/no pixel data": RejectCode.UNREADABLE,
+    "reject: unsupported": RejectCode.UNSUPPORTED,
+}
+MAX_PIXELS = 50_000_000
+SIZE = 192
+
+
+def zoo_rows() -> list[dict[str, str]]:
+    manifest = shared("dicom", "zoo", "manifest.csv") if _has_zoo() else None
+    if manifest is None:
+        return []
+    with manifest.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _has_zoo() -> bool:
+    from tests.conftest import SHARED_DATA
+
+    return (SHARED_DATA / "dicom" / "zoo" / "manifest.csv").is_file()
+
+
+@pytest.mark.skipif(not _has_zoo(), reason="shared DICOM zoo not found")
+@pytest.mark.parametrize("row", zoo_rows(), ids=lambda r: r["file"])
+def test_zoo_file_gets_its_manifest_outcome(row: dict[str, str], zoo_dir: Path) -> None:
+    expected = EXPECTED_CODE[row["expected_behaviour"]]
+    try:
+        image = read_dicom_image(zoo_dir / row["file"], MAX_PIXELS)
+    except RejectedInput as exc:
+        assert exc.code == expected, exc.reason
+        assert exc.reason
+        return
+    assert expected is None, f"read, but the manifest says {row['expected_behaviour']}"
+    assert image.gray.dtype == np.float32
+    assert 0.0 <= image.gray.min() < image.gray.max() <= 1.0
+    assert model_input(image.gray, SIZE).shape == (SIZE, SIZE, 1)
+
+
+def test_monochrome1_twin_is_the_exact_inverse(zoo_dir: Path) -> None:
+    mono2 = read_dicom_image(zoo_dir / "cxr_cr_mono2_jpegbaseline_8bit_siim.dcm", MAX_PIXELS)
+    mono1 = read_dicom_image(zoo_dir / "cxr_cr_mono1_jpegbaseline_8bit_fake.dcm", MAX_PIXELS)
+    np.testing.assert_allclose(mono1.gray, 1.0 - mono2.gray, atol=1e-6)
+
+
+def test_real_12bit_j2k_rescale_window_reads_with_a_sensible_range(dicom_dir: Path) -> None:
+    image = read_dicom_image(
+        dicom_dir / "cxr" / "dx_chest_pa_mono1_j2klossless_12bit_966fixed.dcm", MAX_PIXELS
+    )
+    assert min(image.gray.shape) >= 512
+    # A displayable radiograph: not washed out to one end of the range.
+    assert 0.15 < float(image.gray.mean()) < 0.85
+    assert float(image.gray.std()) > 0.08
+
+
+@pytest.fixture(scope="module")
+def sample_png() -> Path:
+    return sorted(shared("cxr", "test", "covid").glob("*.png"))[0]
+
+
+def variant_names() -> list[str]:
+    return [
+        "mono2_8bit",
+        "mono1_8bit",
+        "mono2_12bit_window",
+        "signed_12bit_rescale_window",
+        "mono1_12bit_nowindow",
+        "rle_12bit_window",
+        "j2k_mono1_8bit",
+    ]
+
+
+@pytest.mark.parametrize("name", variant_names())
+def test_dicom_wrapping_gives_the_same_model_input_as_the_png(
+    name: str, sample_png: Path, tmp_path: Path
+) -> None:
+    reference = model_input(load_picture(sample_png), SIZE)
+    path = write(variants(sample_png)[name], tmp_path / f"{name}.dcm")
+    wrapped = model_input(read_dicom_image(path, MAX_PIXELS).gray, SIZE)
+    difference = np.abs(wrapped - reference)
+    assert float(difference.mean()) < 0.005, f"{name}: mean difference {difference.mean()}"
+    assert float(difference.max()) < 0.02, f"{name}: max difference {difference.max()}"
+
+
+def test_large_image_is_reduced_before_the_model(sample_png: Path, tmp_path: Path) -> None:
+    big = np.kron(png_pixels(sample_png), np.ones((9, 9), dtype=np.uint8))  # 2016 px a side
+    path = write(base_dataset(big), tmp_path / "big.dcm")
+    image = read_dicom_image(path, MAX_PIXELS)
+    assert min(image.gray.shape) < 1024
+    reference = model_input(load_picture(sample_png), SIZE)
+    assert float(np.abs(model_input(image.gray, SIZE) - reference).mean()) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"ViewPosition": "LL"}, RejectCode.NOT_FRONTAL),
+        ({"BodyPartExamined": "KNEE"}, RejectCode.NOT_CHEST),
+        ({"Modality": "MG"}, RejectCode.NOT_CHEST),
+        ({"NumberOfFrames": 2}, RejectCode.UNSUPPORTED),
+    ],
+)
+def test_gate_rejects_with_a_named_reason(
+    change: dict[str, object], code: RejectCode, sample_png: Path, tmp_path: Path
+) -> None:
+    ds = base_dataset(png_pixels(sample_png))
+    for keyword, value in change.items():
+        setattr(ds, keyword, value)
+    with pytest.raises(RejectedInput) as caught:
+        read_dicom_image(write(ds, tmp_path / "x.dcm"), MAX_PIXELS)
+    assert caught.value.code == code
+    assert caught.value.header is not None
+
+
+def test_pixel_count_limit_guards_against_decompression_bombs(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    path = write(base_dataset(png_pixels(sample_png)), tmp_path / "x.dcm")
+    with pytest.raises(RejectedInput, match="over the limit") as caught:
+        read_dicom_image(path, max_pixels=10_000)
+    assert caught.value.code == RejectCode.UNSUPPORTED

@@ -1,0 +1,180 @@
+"""`cxr-screen run` end to end: real DICOM, real model, real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from config.settings import Settings
+from tests.dicom_factory import base_dataset, png_pixels, write
+from tests.worker.test_imaging import EXPECTED_CODE
+from worker.discovery import walk
+from worker.runner import run
+
+ROW_COLUMNS = (
+    "source, sop_instance_uid, study_instance_uid, status, reason_code, "
+    "round(covid_probability * 10000) AS p, predicted_label, duplicate_of"
+)
+
+
+def settings_for(url: str, model_dir: Path) -> Settings:
+    return Settings(database_url=url, model=model_dir, workers=2)
+
+
+def rows(url: str, query: str) -> list[tuple]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        result = [tuple(r) for r in conn.execute(text(query))]
+    engine.dispose()
+    return result
+
+
+def predictions(url: str) -> dict[str, tuple]:
+    found = rows(url, f"SELECT {ROW_COLUMNS} FROM predictions ORDER BY source")
+    return {r[0]: r for r in found}
+
+
+@pytest.mark.services
+def test_run_writes_one_row_per_file_with_the_zoo_outcomes(
+    database_url: str, dicom_dir: Path, model_dir: Path
+) -> None:
+    summary = run([dicom_dir], settings_for(database_url, model_dir))
+    by_source = predictions(database_url)
+    all_files = list(walk([dicom_dir]))
+    assert sorted(by_source) == sorted(all_files), "every input file has exactly one row"
+    assert summary.files == len(all_files)
+
+    with (dicom_dir / "zoo" / "manifest.csv").open() as handle:
+        manifest = list(csv.DictReader(handle))
+    for entry in manifest:
+        row = by_source[str((dicom_dir / "zoo" / entry["file"]).absolute())]
+        expected = EXPECTED_CODE[entry["expected_behaviour"]]
+        if expected is None:
+            assert row[3] == "screened", (entry["file"], row)
+            assert row[5] is not None
+        else:
+            assert (row[3], row[4]) == ("rejected", expected.value), (entry["file"], row)
+    for real in (dicom_dir / "cxr").glob("*.dcm"):
+        assert by_source[str(real.absolute())][3] == "screened"
+
+    counted = rows(
+        database_url, "SELECT sop_instance_uid FROM predictions WHERE sop_instance_uid IS NOT NULL"
+    )
+    assert len(counted) == len(set(counted)), "one counted row per SOP Instance UID"
+    studies = rows(database_url, "SELECT study_instance_uid, status, n_screened FROM studies")
+    assert len(studies) == summary.studies == len({r[0] for r in studies})
+    screened = {r[0] for r in studies if r[1] == "screened"}
+    assert screened == {r[2] for r in by_source.values() if r[3] == "screened" and r[7] is None}
+
+
+@pytest.mark.services
+def test_rerun_rewrites_the_same_rows(database_url: str, dicom_dir: Path, model_dir: Path) -> None:
+    settings = settings_for(database_url, model_dir)
+    run([dicom_dir / "zoo"], settings)
+    first = rows(database_url, "SELECT id, source, status FROM predictions ORDER BY id")
+    studies = rows(database_url, "SELECT id, study_instance_uid FROM studies ORDER BY id")
+    run([dicom_dir / "zoo"], settings)
+    assert rows(database_url, "SELECT id, source, status FROM predictions ORDER BY id") == first
+    assert rows(database_url, "SELECT id, study_instance_uid FROM studies ORDER BY id") == studies
+
+
+@pytest.mark.services
+def test_sqlite_and_postgresql_get_identical_rows(
+    sqlite_url: str, postgres_url: str, dicom_dir: Path, model_dir: Path
+) -> None:
+    for url in (sqlite_url, postgres_url):
+        run([dicom_dir], settings_for(url, model_dir))
+    assert predictions(sqlite_url) == predictions(postgres_url)
+    study_columns = (
+        "SELECT study_instance_uid, status, n_instances, n_screened, n_rejected, "
+        "round(covid_probability * 10000), predicted_label FROM studies ORDER BY 1"
+    )
+    assert rows(sqlite_url, study_columns) == rows(postgres_url, study_columns)
+
+
+def test_instances_are_grouped_by_study_not_by_folder(
+    cxr_dir: Path, tmp_path: Path, sqlite_url: str, model_dir: Path
+) -> None:
+    pngs = sorted((cxr_dir / "test" / "normal").glob("*.png"))[:3]
+    study_a, study_b = "1.2.826.0.1.3680043.10.1.1", "1.2.826.0.1.3680043.10.1.2"
+    # Study A is spread over two folders; folder one also holds study B.
+    write(base_dataset(png_pixels(pngs[0]), study_uid=study_a), tmp_path / "one" / "a1.dcm")
+    write(base_dataset(png_pixels(pngs[1]), study_uid=study_b), tmp_path / "one" / "b1.dcm")
+    write(base_dataset(png_pixels(pngs[2]), study_uid=study_a), tmp_path / "two" / "a2.dcm")
+    lateral = base_dataset(png_pixels(pngs[2]), study_uid=study_b, view="LL")
+    write(lateral, tmp_path / "two" / "b2_lateral.dcm")
+    run([tmp_path / "one", tmp_path / "two"], settings_for(sqlite_url, model_dir))
+    studies = dict(
+        rows(
+            sqlite_url,
+            "SELECT study_instance_uid, n_instances || '/' || "
+            "n_screened || '/' || n_rejected FROM studies",
+        )
+    )
+    assert studies == {study_a: "2/2/0", study_b: "2/1/1"}
+    reasons = rows(
+        sqlite_url, "SELECT reason_code FROM predictions WHERE source LIKE '%b2_lateral.dcm'"
+    )
+    assert reasons == [("not_frontal",)]
+
+
+def test_patient_ids_are_not_stored_in_clear(
+    cxr_dir: Path, tmp_path: Path, sqlite_url: str, model_dir: Path
+) -> None:
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    write(base_dataset(png_pixels(png)), tmp_path / "x.dcm")
+    run([tmp_path], settings_for(sqlite_url, model_dir))
+    dump = "\n".join(str(r) for r in rows(sqlite_url, "SELECT * FROM studies"))
+    dump += "\n".join(str(r) for r in rows(sqlite_url, "SELECT * FROM predictions"))
+    assert "TEST-PATIENT-0001" not in dump and "Test^Patient" not in dump
+    (ref,) = rows(sqlite_url, "SELECT patient_ref FROM studies")[0]
+    assert ref is not None and len(ref) == 32
+
+
+def cli(*args: str, env_model: Path | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    env = {**os.environ}
+    if env_model is not None:
+        env["CXR_MODEL"] = str(env_model)
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_cli_run_prints_a_summary_and_logs_no_patient_data(
+    dicom_dir: Path, sqlite_url: str, model_dir: Path
+) -> None:
+    done = cli("run", str(dicom_dir / "cxr"), "--database-url", sqlite_url, env_model=model_dir)
+    assert done.returncode == 0, done.stderr
+    assert "screened" in done.stdout and "positive" in done.stdout
+    assert "Covid0000" not in done.stdout + done.stderr  # the NIH file's PatientID
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", ".", "--database-url", "nosuchdb://x"], "invalid database URL"),
+        (["run", ".", "--model", "/nonexistent/model"], "no model card"),
+        (["run", "/nonexistent/folder"], "no such file or folder"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(
+    args: list[str], message: str, model_dir: Path, sqlite_url: str
+) -> None:
+    if "--database-url" not in args:
+        args = [*args, "--database-url", sqlite_url]
+    done = cli(*args, env_model=model_dir)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

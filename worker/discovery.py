@@ -1,0 +1,149 @@
+"""Finding the studies in a PACS export: walk files, folders and DICOMDIRs, read headers
+only, and group instances by StudyInstanceUID (not by folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from worker.imaging.dicom import (
+    check_chest_radiograph,
+    check_has_pixels,
+    header_or_none,
+    is_dicomdir,
+    read_dataset,
+)
+from worker.imaging.enum import RejectCode
+from worker.imaging.errors import RejectedInput
+from worker.screening import InstanceResult, rejected
+
+log = logging.getLogger(__name__)
+
+SKIPPED_NAMES = frozenset({".DS_Store", "Thumbs.db"})
+
+
+@dataclass
+class StudyFiles:
+    study_instance_uid: str
+    files: list[str] = field(default_factory=list)
+    accession_number: str | None = None
+
+
+@dataclass
+class Discovery:
+    """Studies to screen, and files already rejected from their header alone."""
+
+    studies: dict[str, StudyFiles] = field(default_factory=dict)
+    rejected: list[InstanceResult] = field(default_factory=list)
+
+    @property
+    def n_files(self) -> int:
+        return sum(len(s.files) for s in self.studies.values()) + len(self.rejected)
+
+
+def walk(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Every file under the given files and folders, once, in a stable order."""
+    seen: set[str] = set()
+    for path in paths:
+        root = Path(path)
+        if root.is_file():
+            candidates: Iterable[Path] = [root]
+        elif root.is_dir():
+            candidates = sorted(_files_under(root))
+        else:
+            log.warning("no such file or folder: %s", root)
+            continue
+        for candidate in candidates:
+            key = str(candidate.resolve())
+            if key not in seen and candidate.name not in SKIPPED_NAMES:
+                seen.add(key)
+                yield str(candidate.absolute())
+
+
+def _files_under(root: Path) -> Iterator[Path]:
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            yield Path(folder) / name
+
+
+def discover(
+    paths: Iterable[str | Path], on_file: Callable[[str], None] | None = None
+) -> Discovery:
+    """Header-only scan of every file; DICOMDIRs add the files they reference."""
+    found = Discovery()
+    queue = list(walk(paths))
+    seen = {str(Path(p).resolve()) for p in queue}
+    while queue:
+        path = queue.pop(0)
+        if on_file is not None:
+            on_file(path)
+        try:
+            ds = read_dataset(path, pixels=False)
+        except RejectedInput as exc:
+            found.rejected.append(rejected(path, exc.code, exc.reason))
+            continue
+        if is_dicomdir(ds):
+            found.rejected.append(
+                rejected(path, RejectCode.UNREADABLE, "DICOMDIR media directory, not an image")
+            )
+            for referenced in referenced_files(ds, Path(path).parent):
+                if str(referenced.resolve()) not in seen:
+                    seen.add(str(referenced.resolve()))
+                    queue.append(str(referenced.absolute()))
+            continue
+        _add_instance(found, path, ds)
+    return found
+
+
+def _add_instance(found: Discovery, path: str, ds: Dataset) -> None:
+    header = header_or_none(ds)
+    if header is None:
+        found.rejected.append(_unidentified(path))
+        return
+    study = found.studies.setdefault(
+        header.study_instance_uid, StudyFiles(header.study_instance_uid)
+    )
+    study.files.append(path)
+    study.accession_number = study.accession_number or header.accession_number
+
+
+def _unidentified(path: str) -> InstanceResult:
+    """A file without UIDs: the gate's own verdict first, so the reason is the true one.
+
+    Rare enough to afford a second, full read: a header-only read cannot tell whether
+    there is pixel data.
+    """
+    try:
+        ds = read_dataset(path, pixels=True)
+        check_has_pixels(ds)
+        check_chest_radiograph(ds)
+    except RejectedInput as exc:
+        return rejected(path, exc.code, exc.reason)
+    return rejected(
+        path, RejectCode.UNREADABLE, "no SOPInstanceUID or StudyInstanceUID in the header"
+    )
+
+
+def referenced_files(ds: Dataset, base: Path) -> list[Path]:
+    """Existing files referenced by a DICOMDIR's records (missing ones are logged)."""
+    files, missing = [], 0
+    for record in ds.get("DirectoryRecordSequence", []):
+        parts = record.get("ReferencedFileID")
+        if not parts:
+            continue
+        relative = Path(*([parts] if isinstance(parts, str) else list(parts)))
+        target = base / relative
+        if target.is_file():
+            files.append(target)
+        else:
+            missing += 1
+    if missing:
+        log.warning("a DICOMDIR references %d files that are not there", missing)
+    return files

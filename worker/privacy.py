@@ -1,0 +1,18 @@
+"""Patient identifiers never leave the worker in clear unless asked for."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Literal
+
+PatientIdMode = Literal["hash", "none", "clear"]
+
+
+def patient_ref(patient_id: str | None, mode: PatientIdMode, key: str) -> str | None:
+    """A keyed hash (HMAC-SHA256, 32 hex digits), nothing, or the ID itself."""
+    if not patient_id or mode == "none":
+        return None
+    if mode == "clear":
+        return patient_id
+    return hmac.new(key.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:32]

@@ -1,0 +1,236 @@
+"""Screening one study: the plain function shared by ``cxr-screen run`` and the Celery task.
+
+No Celery, no database here: files in, a ``StudyOutcome`` out. Bad input never raises;
+it becomes a rejected (or, for an unexpected error, failed) instance result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from worker.imaging.dicom import InstanceHeader
+from worker.imaging.enum import Label, RejectCode, Status, StudyStatus
+from worker.imaging.errors import RejectedInput
+from worker.imaging.pipeline import model_input, read_dicom_image
+from worker.model import Classifier
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_INSTANCE = "duplicate_instance"
+
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """The outcome for one file."""
+
+    source: str
+    status: Status
+    header: InstanceHeader | None = None
+    reason_code: str | None = None
+    reason: str | None = None
+    covid_probability: float | None = None
+    predicted_label: Label | None = None
+    decode_ms: float | None = None
+    inference_ms: float | None = None
+    duplicate_of: str | None = None
+
+    @property
+    def sop_instance_uid(self) -> str | None:
+        return self.header.sop_instance_uid if self.header and not self.duplicate_of else None
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """The outcome for one study: its instances and the study-level verdict."""
+
+    study_instance_uid: str
+    instances: tuple[InstanceResult, ...]
+    model_version: str
+    threshold: float
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    header: InstanceHeader | None = field(default=None)
+
+    @property
+    def counted(self) -> tuple[InstanceResult, ...]:
+        """One result per SOP Instance UID (duplicate copies are not counted)."""
+        return tuple(r for r in self.instances if r.duplicate_of is None)
+
+    @property
+    def n_screened(self) -> int:
+        return sum(r.status is Status.SCREENED for r in self.counted)
+
+    @property
+    def n_rejected(self) -> int:
+        return sum(r.status is Status.REJECTED for r in self.counted)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(r.status is Status.FAILED for r in self.counted)
+
+    @property
+    def status(self) -> StudyStatus:
+        if self.n_screened:
+            return StudyStatus.SCREENED
+        if self.n_failed:
+            return StudyStatus.FAILED
+        return StudyStatus.REJECTED
+
+    @property
+    def covid_probability(self) -> float | None:
+        """The highest probability over the study's screened (frontal) images."""
+        probabilities = [
+            r.covid_probability
+            for r in self.counted
+            if r.status is Status.SCREENED and r.covid_probability is not None
+        ]
+        return max(probabilities) if probabilities else None
+
+    @property
+    def predicted_label(self) -> Label | None:
+        probability = self.covid_probability
+        if probability is None:
+            return None
+        return Label.COVID if probability >= self.threshold else Label.NORMAL
+
+    @property
+    def reason(self) -> str | None:
+        if self.status is StudyStatus.SCREENED:
+            return None
+        reasons = sorted({r.reason for r in self.counted if r.reason})
+        return "; ".join(reasons) or None
+
+
+def screen_study(
+    study_instance_uid: str,
+    files: Sequence[str],
+    classifier: Classifier,
+    *,
+    max_pixels: int,
+    batch_size: int = 16,
+) -> StudyOutcome:
+    """Read, normalise and classify every file of one study, in batches."""
+    started = dt.datetime.now(dt.UTC)
+    results: list[InstanceResult] = []
+    pending: list[tuple[InstanceResult, np.ndarray]] = []
+    for path in sorted(files):
+        result, tensor = _prepare(path, classifier.input_size, max_pixels)
+        if tensor is None:
+            results.append(result)
+            continue
+        pending.append((result, tensor))
+        if len(pending) >= batch_size:
+            results.extend(_classify(pending, classifier))
+            pending = []
+    results.extend(_classify(pending, classifier))
+    results = mark_duplicates(results)
+    header = next((r.header for r in results if r.header and not r.duplicate_of), None)
+    return StudyOutcome(
+        study_instance_uid=study_instance_uid,
+        instances=tuple(results),
+        model_version=classifier.model_version,
+        threshold=classifier.threshold,
+        started_at=started,
+        finished_at=dt.datetime.now(dt.UTC),
+        header=header,
+    )
+
+
+def _prepare(path: str, size: int, max_pixels: int) -> tuple[InstanceResult, np.ndarray | None]:
+    start = time.perf_counter()
+    try:
+        image = read_dicom_image(path, max_pixels)
+        tensor = model_input(image.gray, size)
+    except RejectedInput as exc:
+        uid = exc.header.sop_instance_uid if exc.header else "(no UID)"
+        log.info("instance %s rejected: %s", uid, exc.code.value)
+        return rejected(path, exc.code, exc.reason, exc.header), None
+    except Exception as exc:  # a bug or a decoder crash must not take the study down
+        log.exception("failed to prepare an instance")
+        return InstanceResult(
+            source=path,
+            status=Status.FAILED,
+            reason_code="error",
+            reason=f"{type(exc).__name__}: {exc}",
+        ), None
+    elapsed = (time.perf_counter() - start) * 1000
+    return InstanceResult(
+        source=path, status=Status.SCREENED, header=image.header, decode_ms=elapsed
+    ), tensor
+
+
+def _classify(
+    pending: list[tuple[InstanceResult, np.ndarray]], classifier: Classifier
+) -> list[InstanceResult]:
+    if not pending:
+        return []
+    start = time.perf_counter()
+    try:
+        probabilities = classifier.predict(np.stack([tensor for _, tensor in pending]))
+    except Exception as exc:
+        log.exception("inference failed for a batch of %d images", len(pending))
+        return [
+            replace(
+                result,
+                status=Status.FAILED,
+                reason_code="error",
+                reason=f"inference failed: {type(exc).__name__}: {exc}",
+            )
+            for result, _ in pending
+        ]
+    per_image = (time.perf_counter() - start) * 1000 / len(pending)
+    return [
+        replace(
+            result,
+            covid_probability=float(p),
+            predicted_label=Label.COVID if p >= classifier.threshold else Label.NORMAL,
+            inference_ms=per_image,
+        )
+        for (result, _), p in zip(pending, probabilities, strict=True)
+    ]
+
+
+def rejected(
+    path: str, code: RejectCode | str, reason: str, header: InstanceHeader | None = None
+) -> InstanceResult:
+    return InstanceResult(
+        source=path,
+        status=Status.REJECTED,
+        header=header,
+        reason_code=str(code),
+        reason=reason,
+    )
+
+
+def mark_duplicates(results: list[InstanceResult]) -> list[InstanceResult]:
+    """Several files with one SOP Instance UID: one counts, the others are marked copies.
+
+    The copy that counts is the first screened one (else the first), by path. A copy
+    keeps its own outcome, so every file can still be traced.
+    """
+    primary: dict[str, InstanceResult] = {}
+    for result in sorted(results, key=lambda r: (r.status is not Status.SCREENED, r.source)):
+        if result.header is not None:
+            primary.setdefault(result.header.sop_instance_uid, result)
+    marked = []
+    for result in results:
+        first = primary.get(result.header.sop_instance_uid) if result.header else None
+        if first is None or first is result:
+            marked.append(result)
+            continue
+        note = f"same SOP Instance UID as {first.source}; not counted in the study result"
+        marked.append(
+            replace(
+                result,
+                duplicate_of=result.header.sop_instance_uid if result.header else None,
+                reason_code=result.reason_code or DUPLICATE_INSTANCE,
+                reason=f"{result.reason}; {note}" if result.reason else note,
+            )
+        )
+    return marked
