@@ -1,0 +1,81 @@
+"""The schema on both databases: migrations, unique keys and upserts."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from db.models import Prediction, Study
+from db.repository import save_instances, save_study
+from db.session import make_engine, open_database, upgrade
+from worker.imaging.dicom import InstanceHeader
+from worker.imaging.enum import Label, Status
+from worker.screening import InstanceResult, StudyOutcome, rejected
+
+HEADER = InstanceHeader(
+    sop_instance_uid="1.2.3.4.1",
+    series_instance_uid="1.2.3.4",
+    study_instance_uid="1.2.3",
+    accession_number="A1",
+    study_date=dt.date(2026, 11, 26),
+    patient_id="PID-1",
+    modality="DX",
+    view_position="PA",
+)
+
+
+def outcome(probability: float) -> StudyOutcome:
+    now = dt.datetime.now(dt.UTC)
+    screened = InstanceResult(
+        source="/x/1.dcm",
+        status=Status.SCREENED,
+        header=HEADER,
+        covid_probability=probability,
+        predicted_label=Label.COVID if probability >= 0.5 else Label.NORMAL,
+    )
+    return StudyOutcome("1.2.3", (screened,), "m-1", 0.5, now, now, HEADER)
+
+
+@pytest.mark.services
+def test_migrations_are_repeatable(database_url: str) -> None:
+    engine = make_engine(database_url)
+    upgrade(engine)
+    upgrade(engine)
+    engine.dispose()
+
+
+@pytest.mark.services
+def test_upserts_keep_one_row_and_the_latest_values(database_url: str) -> None:
+    sessions = open_database(database_url)
+    for probability in (0.2, 0.9):
+        with sessions.begin() as session:
+            save_study(session, outcome(probability), patient_id_mode="hash", hash_key="k")
+            save_instances(
+                session, [rejected("/x/not.dcm", "unreadable", "not DICOM")], "m-1", None
+            )
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Prediction)) == 2
+        study = session.scalars(select(Study)).one()
+        assert (study.covid_probability, study.predicted_label) == (0.9, "covid")
+        assert study.patient_ref not in (None, "PID-1")
+
+
+@pytest.mark.services
+def test_database_refuses_a_second_row_for_an_instance(database_url: str) -> None:
+    sessions = open_database(database_url)
+    now = dt.datetime.now(dt.UTC)
+    row = dict(
+        sop_instance_uid="9.9",
+        status="screened",
+        model_version="m-1",
+        source="/a",
+        created_at=now,
+        updated_at=now,
+    )
+    with sessions.begin() as session:
+        session.add(Prediction(**row))
+    with pytest.raises(IntegrityError), sessions.begin() as session:
+        session.add(Prediction(**{**row, "source": "/b"}))
