@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from worker.screening import StudyOutcome
 
@@ -97,7 +98,7 @@ class _QueueDepthCollector:
     def __init__(self, read: Callable[[], int]) -> None:
         self._read = read
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         try:
