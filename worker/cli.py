@@ -126,3 +126,10 @@ def db_upgrade(database_url: DatabaseUrl = None) -> None:
 
 def main() -> None:
     app()
+
+
+# `report` and `export` (worker/cli_report.py), registered after `app` and `user_errors`
+# exist, so there is no import cycle.
+from worker.cli_report import register as _register_report  # noqa: E402
+
+_register_report(app)
