@@ -130,11 +130,27 @@ def test_fast_path_matches_full_resolution_reference(
 def test_fast_path_predictions_do_not_depend_on_the_encoding(
     pngs: list[Path], classifier: Classifier, tmp_path: Path
 ) -> None:
-    """Lossless encodings of one picture decode to one input, hence one probability."""
-    tensors = []
+    """Lossless encodings of one picture give one input, except JPEG 2000 (within tolerance).
+
+    Uncompressed, RLE, inverted and signed-with-rescale copies decode to the same values
+    and must give the same input. A large JPEG 2000 image is decoded at a lower wavelet
+    resolution level (the fast path's early shrink), a slightly different low-pass
+    filter than the box shrink: it is held to the reference tolerances.
+    """
+    tensors, is_j2k = [], []
     for photometric, syntax, signed in LAYOUTS:
         path = tmp_path / f"{photometric}-{syntax}-{signed}.dcm"
         large_dicom(pngs[0], photometric, syntax, signed).save_as(path, enforce_file_format=True)
         tensors.append(model_input(read_dicom_image(path, 50_000_000).gray, classifier.input_size))
-    probabilities = classifier.predict(np.stack(tensors))
-    assert float(probabilities.max() - probabilities.min()) < 1e-3, probabilities
+        is_j2k.append(syntax == JPEG2000Lossless)
+    batch = np.stack(tensors)
+    probabilities = classifier.predict(batch)
+    first = batch[0]
+    for tensor, p, j2k in zip(batch, probabilities, is_j2k, strict=True):
+        delta = float(np.abs(tensor - first).mean())
+        if j2k:
+            assert delta < MAX_INPUT_DIFFERENCE, delta
+            assert abs(p - probabilities[0]) < MAX_PROBABILITY_DIFFERENCE, probabilities
+        else:
+            assert delta < 1e-3, delta  # float rounding at histogram-bin edges
+            assert abs(p - probabilities[0]) < 1e-3, probabilities

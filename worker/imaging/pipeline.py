@@ -11,11 +11,15 @@ invariant to any monotonic windowing of the same picture.
 
 from __future__ import annotations
 
+import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from skimage.exposure import equalize_hist
 from skimage.transform import resize
 
@@ -35,6 +39,7 @@ PREPROCESSING_VERSION = "2"
 WORKING_SIDE = 512
 BORDER_FRACTION = 0.10
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+JPEG2000_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
 
 
 @dataclass(frozen=True)
@@ -70,11 +75,68 @@ def read_dicom_image(path: str | Path, max_pixels: int) -> DicomImage:
         gate(ds, max_pixels)
         if header is None:
             header = instance_header(ds)
-        gray = display_gray(ds, decode_pixels(ds), WORKING_SIDE)
+        stored = decode_jpeg2000_reduced(ds, WORKING_SIDE)
+        if stored is None:
+            stored = decode_pixels(ds)
+        gray = display_gray(ds, stored, WORKING_SIDE)
     except RejectedInput as exc:
         exc.header = header
         raise
     return DicomImage(header=header, gray=gray)
+
+
+def decode_jpeg2000_reduced(ds: Dataset, working_side: int) -> np.ndarray | None:
+    """A large JPEG 2000 image decoded at a lower resolution level, or None.
+
+    JPEG 2000 is a wavelet code: the image at 1/2, 1/4, ... of the size is in the
+    stream, low-pass filtered by the wavelet, and decoding only those levels skips most
+    of the work (a 2,048 x 2,500 12-bit lossless image: about 40 ms instead of 500 ms).
+    It is taken only where it stands in for the box-filter shrink that follows anyway:
+    whole halvings that keep the short side >= ``working_side``, before a linear
+    rescale and window (not before a LUT sequence), unsigned single-sample data whose
+    codestream precision is BitsStored. Anything else, or any error, returns None and
+    the file is decoded the usual way (which also reports a corrupt stream).
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if syntax not in JPEG2000_SYNTAXES or "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
+        return None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits_stored = int(ds.BitsStored)
+        if int(ds.get("PixelRepresentation", 0) or 0) != 0 or rows < 2 * working_side:
+            return None
+        levels = int(math.log2(min(rows, cols) // working_side))
+        if levels < 1:
+            return None
+        import openjpeg
+
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        params = openjpeg.get_parameters(frame)
+        if (
+            params["samples_per_pixel"] != 1
+            or params["is_signed"]
+            or params["precision"] != bits_stored
+            or (params["rows"], params["columns"]) != (rows, cols)
+            or bits_stored > 16
+        ):
+            return None
+        with Image.open(io.BytesIO(frame)) as img:
+            # Pillow's OpenJPEG decoder: the resolution levels to skip (a property there).
+            img.reduce = levels  # type: ignore[method-assign, assignment]
+            img.load()
+            mode, array = img.mode, np.asarray(img)
+    except Exception:  # the usual decoder will try, and report, the same stream
+        return None
+    expected = (-(-rows // 2**levels), -(-cols // 2**levels))
+    if array.shape != expected:
+        return None
+    if mode == "L" and bits_stored <= 8:
+        return array
+    if mode == "I;16" and bits_stored > 8:
+        # Pillow scales n-bit samples to 16 bits (shift left by 16 - n); undo it.
+        return array >> (16 - bits_stored)
+    return None
 
 
 def load_picture(path: str | Path) -> np.ndarray:
