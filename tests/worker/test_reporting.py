@@ -154,6 +154,29 @@ def test_sqlite_and_postgresql_views_agree(sqlite_url: str, postgres_url: str) -
     assert rows(sqlite_url, positives) == rows(postgres_url, positives)
 
 
+def documented_queries() -> list[str]:
+    """The SQL examples on the views, wherever the docs keep them (README or docs/)."""
+    from config.settings import REPO_ROOT
+
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    blocks = [
+        block
+        for page in pages
+        if page.exists()
+        for block in re.findall(r"```sql\n(.*?)```", page.read_text(), re.S)
+        if "daily_summary" in block or "positive_studies" in block
+    ]
+    return [q.strip() for block in blocks for q in block.split(";") if q.strip()]
+
+
+def test_documented_queries_run(database_url: str) -> None:
+    queries = documented_queries()
+    assert len(queries) >= 3, "the docs show queries on the reporting views"
+    fill(database_url, synthetic())
+    for query in queries:
+        assert rows(database_url, query), query
+
+
 def test_daily_summary_counts_by_day_and_percentiles_on_few_rows(database_url: str) -> None:
     day2 = DAY1 + dt.timedelta(days=1)
     fill(
