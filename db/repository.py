@@ -161,7 +161,10 @@ def _upsert(
         changes = {column: excluded[column] for column in columns}
     condition = None
     if only_if_not_final:
-        condition = table.c.status.notin_([StudyStatus.SCREENED.value, StudyStatus.REJECTED.value])
+        # Plain comparisons, not NOT IN: an expanding IN cannot run as executemany.
+        condition = (table.c.status != StudyStatus.SCREENED.value) & (
+            table.c.status != StudyStatus.REJECTED.value
+        )
     statement = statement.on_conflict_do_update(
         index_elements=keys, index_where=where, set_=changes, where=condition
     )
@@ -179,3 +182,158 @@ def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 def _value(label: Any) -> str | None:
     return None if label is None else str(label.value)
+
+
+# --- The distributed pipeline (ingest, worker tasks, status, requeue) -------------------
+
+FINAL_STATUSES = (StudyStatus.SCREENED.value, StudyStatus.REJECTED.value)
+
+
+def final_study_uids(session: Session, uids: Sequence[str], model_version: str) -> set[str]:
+    """The studies among ``uids`` that already have a final result for this model."""
+    found: set[str] = set()
+    uid_list = list(uids)
+    for start in range(0, len(uid_list), 500):
+        chunk = uid_list[start : start + 500]
+        query = select(Study.study_instance_uid).where(
+            Study.study_instance_uid.in_(chunk),
+            Study.model_version == model_version,
+            Study.status.in_(FINAL_STATUSES),
+        )
+        found.update(session.scalars(query))
+    return found
+
+
+def queue_studies(
+    session: Session,
+    studies: Sequence[dict[str, Any]],
+    model_version: str,
+    *,
+    force: bool = False,
+) -> None:
+    """Record studies as queued (a fresh delivery count), for ingest and requeue.
+
+    Unlike ``mark_queued`` this resets ``attempts`` (so a requeued study is not taken
+    for a poison message) and, with ``force``, also re-queues final studies.
+    """
+    now = utcnow()
+    rows = [
+        {
+            "model_version": model_version,
+            "status": StudyStatus.QUEUED.value,
+            "queued_at": now,
+            "n_instances": len(study["files"]),
+            "n_screened": 0,
+            "n_rejected": 0,
+            "n_failed": 0,
+            "attempts": 0,
+            "reason": None,
+            **study,
+        }
+        for study in studies
+    ]
+    _upsert(
+        session,
+        STUDIES,
+        rows,
+        ["study_instance_uid", "model_version"],
+        update_keys=("files", "queued_at", "status", "attempts", "reason"),
+        only_if_not_final=not force,
+    )
+
+
+def mark_processing(
+    session: Session,
+    study_instance_uid: str,
+    model_version: str,
+    files: Sequence[str],
+    *,
+    force: bool = False,
+) -> tuple[str | None, int]:
+    """A worker takes a study: ``processing``, ``started_at`` now, ``attempts`` + 1.
+
+    Returns the status the study had before and the new attempt count. A study that
+    already has a final result is left alone (unless ``force``): the caller skips it.
+    """
+    key = (Study.study_instance_uid == study_instance_uid) & (Study.model_version == model_version)
+    query = select(Study.status, Study.attempts).where(key)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    previous = session.execute(query).first()
+    if previous is not None and previous.status in FINAL_STATUSES and not force:
+        return previous.status, previous.attempts or 0
+    now = utcnow()
+    if previous is None:
+        session.execute(
+            STUDIES.insert().values(
+                study_instance_uid=study_instance_uid,
+                model_version=model_version,
+                status=StudyStatus.PROCESSING.value,
+                files=list(files),
+                n_instances=len(files),
+                n_screened=0,
+                n_rejected=0,
+                n_failed=0,
+                attempts=1,
+                queued_at=now,
+                started_at=now,
+            )
+        )
+        return None, 1
+    attempts = (previous.attempts or 0) + 1
+    session.execute(
+        STUDIES.update()
+        .where(key)
+        .values(status=StudyStatus.PROCESSING.value, started_at=now, attempts=attempts)
+    )
+    return previous.status, attempts
+
+
+def mark_failed(
+    session: Session,
+    study_instance_uid: str,
+    model_version: str,
+    reason: str,
+    *,
+    files: Sequence[str] | None = None,
+) -> None:
+    """Record a study as ``failed`` with the last error, unless it already has a result."""
+    now = utcnow()
+    row: dict[str, Any] = {
+        "study_instance_uid": study_instance_uid,
+        "model_version": model_version,
+        "status": StudyStatus.FAILED.value,
+        "reason": reason[:2000],
+        "finished_at": now,
+        "queued_at": now,
+        "n_instances": len(files or ()),
+        "n_screened": 0,
+        "n_rejected": 0,
+        "n_failed": 0,
+        "attempts": 0,
+        "files": list(files) if files is not None else None,
+    }
+    _upsert(
+        session,
+        STUDIES,
+        [row],
+        ["study_instance_uid", "model_version"],
+        update_keys=("status", "reason", "finished_at"),
+        only_if_not_final=True,
+    )
+
+
+def failed_studies(session: Session, model_version: str | None = None) -> list[Study]:
+    """Studies recorded ``failed``, oldest first."""
+    query = select(Study).where(Study.status == StudyStatus.FAILED.value)
+    if model_version is not None:
+        query = query.where(Study.model_version == model_version)
+    return list(session.scalars(query.order_by(Study.finished_at, Study.id)))
+
+
+def oldest_queued_at(session: Session) -> dt.datetime | None:
+    query = select(func.min(Study.queued_at)).where(Study.status == StudyStatus.QUEUED.value)
+    value = session.execute(query).scalar_one_or_none()
+    if value is not None and value.tzinfo is None:  # SQLite drops the zone; stored as UTC
+        value = value.replace(tzinfo=dt.UTC)
+    return value

@@ -128,6 +128,12 @@ def main() -> None:
     app()
 
 
+# The distributed commands (ingest, worker, status, requeue) live in their own module;
+# registered here, after `app` and `user_errors` exist, so there is no import cycle.
+from worker.cli_queue import register as _register_queue  # noqa: E402
+
+_register_queue(app)
+
 # `report` and `export` (worker/cli_report.py), registered after `app` and `user_errors`
 # exist, so there is no import cycle.
 from worker.cli_report import register as _register_report  # noqa: E402

@@ -1,0 +1,198 @@
+"""The distributed commands: ``ingest``, ``worker``, ``status``, ``requeue``.
+
+Registered on the main Typer app by ``worker/cli.py`` (``register(app)``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from config.settings import Settings, get_settings
+
+BrokerUrl = Annotated[str | None, typer.Option("--broker-url", help="Overrides CXR_BROKER_URL.")]
+DatabaseUrl = Annotated[
+    str | None, typer.Option("--database-url", help="Overrides CXR_DATABASE_URL.")
+]
+ModelDir = Annotated[
+    Path | None, typer.Option("--model", help="Model folder; overrides CXR_MODEL.")
+]
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console(stderr=True)
+
+
+def _queue_errors(function: F) -> F:
+    """Ingest's own user errors, on top of the CLI's ``user_errors``."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from worker.queue import IngestError
+
+        try:
+            return function(*args, **kwargs)
+        except IngestError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(**overrides: Any) -> Settings:
+    """Settings with the flags applied, also exported to the environment.
+
+    The Celery app reads the one settings object when it is imported, and worker pool
+    processes inherit the environment: exporting the flags keeps them all in agreement.
+    """
+    from worker.cli import settings_from
+
+    names = {"broker_url", "database_url", "model"}
+    for name, value in overrides.items():
+        if value is not None and name in names:
+            os.environ[f"CXR_{name.upper()}"] = str(value)
+    get_settings.cache_clear()
+    return settings_from(**overrides)
+
+
+def register(app: typer.Typer) -> None:
+    from worker.cli import user_errors
+
+    @app.command()
+    @user_errors
+    @_queue_errors
+    def ingest(
+        paths: Annotated[list[Path], typer.Argument(help="DICOM files, folders or DICOMDIRs.")],
+        broker_url: BrokerUrl = None,
+        database_url: DatabaseUrl = None,
+        model: ModelDir = None,
+        force: Annotated[
+            bool, typer.Option(help="Queue studies that already have a final result too.")
+        ] = False,
+    ) -> None:
+        """Queue every study under PATHS for the Celery workers (headers only)."""
+        from db.session import open_database, safe_url
+        from worker.queue import IngestProgress
+        from worker.queue import ingest as ingest_studies
+
+        settings = _settings(broker_url=broker_url, database_url=database_url, model=model)
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
+        from worker.tasks import enqueue
+
+        sessions = open_database(settings.database_url)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, TimeElapsedColumn(), console=console) as bars:
+            scan = bars.add_task("reading headers", total=None)
+            send = bars.add_task("queueing studies", total=None)
+            hooks = IngestProgress(
+                on_file=lambda _: bars.advance(scan),
+                on_discovered=lambda n: bars.update(send, total=n),
+                on_queued=lambda _: bars.advance(send),
+            )
+            summary = ingest_studies(
+                paths, settings, enqueue, sessions=sessions, force=force, progress=hooks
+            )
+            bars.update(scan, total=summary.files)
+        typer.echo(
+            f"queued {summary.queued_studies} studies ({summary.queued_files} files) "
+            f"on {safe_url(settings.broker_url)}; {summary.skipped_studies} studies already "
+            f"had a result; {summary.rejected_files} files rejected from their header"
+        )
+
+    @app.command()
+    @user_errors
+    def worker(
+        concurrency: Annotated[
+            int | None, typer.Option(help="Pool processes (default: one per core).")
+        ] = None,
+        broker_url: BrokerUrl = None,
+        database_url: DatabaseUrl = None,
+        model: ModelDir = None,
+        loglevel: Annotated[str | None, typer.Option(help="Overrides CXR_LOG_LEVEL.")] = None,
+    ) -> None:
+        """Run a Celery worker that screens queued studies (Ctrl-C to stop)."""
+        from worker.model import read_card
+
+        settings = _settings(
+            broker_url=broker_url, database_url=database_url, model=model, log_level=loglevel
+        )
+        read_card(settings.model)  # a missing model is a one-line error, not a traceback
+        from worker.celery_app import QUEUE
+        from worker.celery_app import app as celery
+
+        argv = ["worker", "--pool", "prefork", "-Q", QUEUE, "--loglevel", settings.log_level]
+        if concurrency:
+            argv += ["--concurrency", str(concurrency)]
+        celery.worker_main(argv)
+
+    @app.command()
+    @user_errors
+    def status(
+        failed: Annotated[bool, typer.Option("--failed", help="List the failed studies.")] = False,
+        broker_url: BrokerUrl = None,
+        database_url: DatabaseUrl = None,
+    ) -> None:
+        """Studies per status, queue length and the age of the oldest queued study."""
+        from db.repository import failed_studies
+        from db.session import open_database
+        from worker.celery_app import QUEUE
+        from worker.queue import queue_status
+
+        settings = _settings(broker_url=broker_url, database_url=database_url)
+        sessions = open_database(settings.database_url)
+        report = queue_status(settings, sessions, QUEUE)
+        table = Table(title="cxr-screen status")
+        names = ("queued", "processing", "screened", "rejected", "failed")
+        for column in (*names, "queue length", "unacked", "oldest queued"):
+            table.add_column(column, justify="right")
+        age = report.oldest_queued_age
+        table.add_row(
+            *(str(report.counts[n]) for n in names),
+            "?" if report.queue_length is None else str(report.queue_length),
+            "?" if report.unacked is None else str(report.unacked),
+            "-" if age is None else f"{age.total_seconds():.0f} s",
+        )
+        Console(width=160).print(table)
+        if report.broker_error:
+            console.print(f"[yellow]warning:[/yellow] broker unreachable: {report.broker_error}")
+        if failed:
+            with sessions() as session:
+                rows = failed_studies(session)
+            listing = Table(title=f"failed studies ({len(rows)})")
+            for column in ("study_instance_uid", "model_version", "attempts", "reason"):
+                listing.add_column(column)
+            for row in rows:
+                listing.add_row(
+                    row.study_instance_uid, row.model_version, str(row.attempts), row.reason or ""
+                )
+            Console(width=200).print(listing)
+
+    @app.command()
+    @user_errors
+    @_queue_errors
+    def requeue(
+        failed: Annotated[bool, typer.Option("--failed", help="Send the failed studies again.")],
+        broker_url: BrokerUrl = None,
+        database_url: DatabaseUrl = None,
+        model: ModelDir = None,
+    ) -> None:
+        """Send studies again (``--failed``: every study recorded as failed)."""
+        from db.session import open_database
+        from worker.queue import requeue_failed
+
+        if not failed:
+            console.print("[red]error:[/red] say what to requeue: --failed")
+            raise typer.Exit(2)
+        settings = _settings(broker_url=broker_url, database_url=database_url, model=model)
+        from worker.tasks import enqueue
+
+        sent = requeue_failed(settings, enqueue, sessions=open_database(settings.database_url))
+        typer.echo(f"requeued {len(sent)} failed studies")

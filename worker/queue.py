@@ -1,0 +1,406 @@
+"""The distributed pipeline without Celery: task messages, ingest, screening one queued
+study, status and requeue. ``worker/tasks.py`` wraps ``process_study`` in a thin task.
+
+Delivery is at-least-once (late acks, redelivery); results are exactly-once because
+every write is an upsert on the tables' unique keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import redis
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import Settings
+from db.repository import (
+    failed_studies,
+    final_study_uids,
+    mark_failed,
+    mark_processing,
+    oldest_queued_at,
+    queue_studies,
+    save_instances,
+    save_study,
+    study_status_counts,
+)
+from db.session import DatabaseError
+from worker.discovery import discover
+from worker.model import Classifier, read_card
+from worker.screening import screen_study
+
+log = logging.getLogger(__name__)
+
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+MESSAGE_KEYS = frozenset({"study_instance_uid", "files", "model_version", "force"})
+BACKOFF_BASE = 2.0  # seconds; the n-th retry waits about BASE * 2**n (with jitter)
+BACKOFF_MAX = 300.0
+
+# Failures worth another try: the database or broker unreachable, a timeout, a mount
+# that is (temporarily) gone. Everything about the input itself is a rejection instead.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    DatabaseError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    TimeoutError,
+    ConnectionError,
+)
+
+Send = Callable[[dict[str, Any]], None]
+
+
+class MalformedTask(ValueError):
+    """A task message that cannot be a study: logged, acknowledged, never retried."""
+
+
+class IngestError(ValueError):
+    """A problem with ingest's input a person can act on."""
+
+
+class IngestRootUnavailable(OSError):
+    """The configured ingest root is not mounted here (yet): a transient failure."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (*TRANSIENT_ERRORS, IngestRootUnavailable))
+
+
+def backoff(retries: int, settings: Settings, rng: random.Random | None = None) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random.
+
+    Capped well below the visibility timeout: a retry waits in the worker as an
+    unacknowledged ETA message, which Redis would otherwise hand out a second time.
+    """
+    cap = min(BACKOFF_MAX, max(1.0, settings.visibility_timeout / 2))
+    ceiling = min(cap, BACKOFF_BASE * 2**retries)
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
+def delivery_limit(settings: Settings) -> int:
+    """Deliveries of one study before it is declared a poison message (``failed``).
+
+    Transient retries use up to ``task_max_retries + 1`` deliveries; two more allow for
+    a worker killed or restarted under the study.
+    """
+    return settings.task_max_retries + 3
+
+
+# --- messages --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyTask:
+    """What a worker needs to find a study's files; never pixel data."""
+
+    study_instance_uid: str
+    files: tuple[str, ...]
+    model_version: str
+    force: bool = False
+
+    def message(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "study_instance_uid": self.study_instance_uid,
+            "files": list(self.files),
+            "model_version": self.model_version,
+        }
+        if self.force:
+            body["force"] = True
+        return body
+
+
+def parse_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyTask:
+    """Validate a task's arguments (a JSON object of keyword arguments)."""
+    if args:
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+            kwargs = args[0]
+        else:
+            raise MalformedTask(f"expected keyword arguments only, got {len(args)} positional")
+    unknown = set(kwargs) - MESSAGE_KEYS
+    if unknown:
+        raise MalformedTask(f"unknown fields {sorted(unknown)}")
+    uid = kwargs.get("study_instance_uid")
+    if not isinstance(uid, str) or len(uid) > 64 or not UID_PATTERN.match(uid):
+        raise MalformedTask(f"study_instance_uid is not a DICOM UID: {str(uid)[:80]!r}")
+    files = kwargs.get("files")
+    if not isinstance(files, list) or not files:
+        raise MalformedTask("files must be a non-empty list of paths")
+    for path in files:
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise MalformedTask(f"not a file path: {str(path)[:80]!r}")
+        if not Path(path).is_absolute() and ".." in PurePosixPath(path).parts:
+            raise MalformedTask(f"path escapes the ingest root: {path[:200]!r}")
+    version = kwargs.get("model_version")
+    if not isinstance(version, str) or not version:
+        raise MalformedTask("model_version must be a non-empty string")
+    force = kwargs.get("force", False)
+    if not isinstance(force, bool):
+        raise MalformedTask("force must be true or false")
+    return StudyTask(uid, tuple(files), version, force)
+
+
+def message_paths(files: Iterable[str], ingest_root: Path | None) -> list[str]:
+    """Paths as carried in messages: relative to the ingest root when one is set."""
+    if ingest_root is None:
+        return [str(Path(f).absolute()) for f in files]
+    root = Path(ingest_root).absolute()
+    out = []
+    for path in files:
+        try:
+            out.append(Path(path).absolute().relative_to(root).as_posix())
+        except ValueError:
+            raise IngestError(
+                f"{path} is not under the ingest root {root} (CXR_INGEST_ROOT)"
+            ) from None
+    return out
+
+
+def worker_paths(files: Iterable[str], ingest_root: Path | None) -> list[str]:
+    """The message's paths on this worker (the ingest root may be mounted elsewhere)."""
+    if ingest_root is None:
+        return [str(Path(f)) for f in files]
+    root = Path(ingest_root).absolute()
+    return [str(root / f) if not Path(f).is_absolute() else f for f in files]
+
+
+# --- ingest ----------------------------------------------------------------------------
+
+
+@dataclass
+class IngestSummary:
+    files: int = 0
+    studies: int = 0
+    queued_studies: int = 0
+    queued_files: int = 0
+    skipped_studies: int = 0
+    rejected_files: int = 0
+    uids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IngestProgress:
+    on_file: Callable[[str], None] = lambda path: None
+    on_discovered: Callable[[int], None] = lambda n: None
+    on_queued: Callable[[str], None] = lambda uid: None
+
+
+def ingest(
+    paths: Sequence[str | Path],
+    settings: Settings,
+    send: Send,
+    *,
+    sessions: sessionmaker[Session],
+    force: bool = False,
+    progress: IngestProgress | None = None,
+) -> IngestSummary:
+    """Header-only scan, ``queued`` rows, one message per study.
+
+    Safe to repeat: studies with a final result for this model are skipped (unless
+    ``force``); a study queued twice is screened twice into the same rows.
+    """
+    progress = progress or IngestProgress()
+    model_version = read_card(settings.model).model_version
+    found = discover(paths, on_file=progress.on_file)
+    summary = IngestSummary(files=found.n_files, rejected_files=len(found.rejected))
+    summary.studies = len(found.studies)
+    progress.on_discovered(len(found.studies))
+    tasks = [
+        StudyTask(uid, tuple(message_paths(study.files, settings.ingest_root)), model_version)
+        for uid, study in found.studies.items()
+    ]
+    with sessions.begin() as session:
+        save_instances(session, found.rejected, model_version, None)
+        done = set() if force else final_study_uids(session, list(found.studies), model_version)
+        tasks = [t for t in tasks if t.study_instance_uid not in done]
+        rows = [
+            {
+                "study_instance_uid": t.study_instance_uid,
+                "accession_number": found.studies[t.study_instance_uid].accession_number,
+                "files": sorted(found.studies[t.study_instance_uid].files),
+            }
+            for t in tasks
+        ]
+        queue_studies(session, rows, model_version, force=force)
+    summary.skipped_studies = len(done)
+    # Rows first, then messages: a crash in between leaves studies `queued` without a
+    # message, and the next ingest (or requeue) sends them.
+    for task in tasks:
+        send(StudyTask(task.study_instance_uid, task.files, model_version, force).message())
+        summary.queued_studies += 1
+        summary.queued_files += len(task.files)
+        summary.uids.append(task.study_instance_uid)
+        progress.on_queued(task.study_instance_uid)
+    return summary
+
+
+# --- the worker side -------------------------------------------------------------------
+
+
+def check_ingest_root(settings: Settings) -> None:
+    root = settings.ingest_root
+    if root is not None and not Path(root).is_dir():
+        raise IngestRootUnavailable(f"ingest root {root} is not mounted on this worker")
+
+
+def process_study(
+    task: StudyTask,
+    *,
+    settings: Settings,
+    classifier: Classifier,
+    sessions: sessionmaker[Session],
+) -> str:
+    """Screen one queued study and write its rows in one transaction; returns the status.
+
+    Raises on transient failures (the task retries); bad input is never an exception.
+    """
+    uid, version = task.study_instance_uid, classifier.model_version
+    if task.model_version != version:
+        # Policy: the worker's model is the one that screens. The results go under the
+        # worker's model version; the row the ingest created for the other version is
+        # marked failed with the reason, so `status --failed` shows the mismatch.
+        log.warning(
+            "study %s was queued for model %s; this worker runs %s and screens with it",
+            uid,
+            task.model_version,
+            version,
+        )
+    check_ingest_root(settings)
+    files = worker_paths(task.files, settings.ingest_root)
+    with sessions.begin() as session:
+        before, attempts = mark_processing(session, uid, version, sorted(files), force=task.force)
+    if before in ("screened", "rejected") and not task.force:
+        log.info("study %s already %s for model %s; skipped", uid, before, version)
+        return "skipped"
+    if attempts > delivery_limit(settings):
+        reason = (
+            f"gave up after {attempts - 1} deliveries: the worker was lost or timed out "
+            "each time (a file that crashes or hangs the decoder?)"
+        )
+        with sessions.begin() as session:
+            mark_failed(session, uid, version, reason, files=sorted(files))
+        log.error("study %s: %s", uid, reason)
+        return "failed"
+    outcome = screen_study(
+        uid, files, classifier, max_pixels=settings.max_pixels, batch_size=settings.batch_size
+    )
+    with sessions.begin() as session:
+        save_study(
+            session, outcome, patient_id_mode=settings.patient_id_mode, hash_key=settings.hash_key
+        )
+        if task.model_version != version:
+            mark_failed(
+                session,
+                uid,
+                task.model_version,
+                f"model version mismatch: queued for {task.model_version}, "
+                f"screened by a worker running {version} (results stored under {version})",
+            )
+    log.info("study %s %s (%d instances)", uid, outcome.status.value, len(outcome.instances))
+    return outcome.status.value
+
+
+def record_failure(
+    sessions: sessionmaker[Session] | None,
+    task: StudyTask,
+    model_version: str,
+    error: str,
+    settings: Settings,
+) -> None:
+    """Best effort: the database may be the thing that is down."""
+    if sessions is None:
+        log.error("study %s failed (%s); database unavailable to record it", task, error)
+        return
+    files = sorted(worker_paths(task.files, settings.ingest_root))
+    try:
+        with sessions.begin() as session:
+            mark_failed(session, task.study_instance_uid, model_version, error, files=files)
+    except Exception as exc:
+        log.error(
+            "study %s failed (%s) and could not be recorded: %s",
+            task.study_instance_uid,
+            error,
+            exc,
+        )
+
+
+# --- status and requeue ----------------------------------------------------------------
+
+
+@dataclass
+class QueueStatus:
+    counts: dict[str, int]
+    queue_length: int | None
+    unacked: int | None
+    oldest_queued_at: dt.datetime | None
+    broker_error: str | None = None
+
+    @property
+    def oldest_queued_age(self) -> dt.timedelta | None:
+        if self.oldest_queued_at is None:
+            return None
+        return dt.datetime.now(dt.UTC) - self.oldest_queued_at
+
+
+def broker_queue_length(broker_url: str, queue: str) -> tuple[int, int]:
+    """Messages waiting in the Celery queue, and messages delivered but not acknowledged."""
+    client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        # Kombu keeps one list per priority step: "queue" and "queue\x06\x16<n>".
+        keys = [queue, *(f"{queue}\x06\x16{n}" for n in range(1, 10))]
+        waiting = sum(int(client.llen(key)) for key in keys)
+        unacked = int(client.hlen("unacked"))
+    finally:
+        client.close()
+    return waiting, unacked
+
+
+def queue_status(settings: Settings, sessions: sessionmaker[Session], queue: str) -> QueueStatus:
+    with sessions() as session:
+        counts = study_status_counts(session)
+        oldest = oldest_queued_at(session)
+    for status in ("queued", "processing", "screened", "rejected", "failed"):
+        counts.setdefault(status, 0)
+    try:
+        waiting, unacked = broker_queue_length(settings.broker_url, queue)
+    except redis.exceptions.RedisError as exc:
+        return QueueStatus(counts, None, None, oldest, broker_error=str(exc))
+    return QueueStatus(counts, waiting, unacked, oldest)
+
+
+def requeue_failed(settings: Settings, send: Send, *, sessions: sessionmaker[Session]) -> list[str]:
+    """Send every ``failed`` study of the configured model again."""
+    model_version = read_card(settings.model).model_version
+    with sessions.begin() as session:
+        studies = failed_studies(session, model_version)
+        tasks = [
+            StudyTask(
+                s.study_instance_uid,
+                tuple(message_paths(s.files or [], settings.ingest_root)),
+                model_version,
+            )
+            for s in studies
+            if s.files
+        ]
+        queue_studies(
+            session,
+            [
+                {"study_instance_uid": s.study_instance_uid, "files": list(s.files or [])}
+                for s in studies
+                if s.files
+            ],
+            model_version,
+        )
+    for task in tasks:
+        send(task.message())
+    return [t.study_instance_uid for t in tasks]

@@ -1,0 +1,101 @@
+"""Thin Celery tasks: validate the message, call ``worker.queue.process_study``, and
+turn its failures into retries (transient) or a recorded ``failed`` study (final).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+from sqlalchemy.orm import Session, sessionmaker
+
+from config.settings import get_settings
+from db.session import open_database
+from worker.celery_app import QUEUE, SCREEN_TASK, app
+from worker.model import Classifier
+from worker.queue import (
+    MalformedTask,
+    backoff,
+    is_transient,
+    parse_message,
+    process_study,
+    record_failure,
+)
+
+log = logging.getLogger(__name__)
+
+# Per pool process: the model is loaded once (after the fork), the database engine is
+# made on first use so that a database that is down at start-up is just a retry.
+_classifier: Classifier | None = None
+_sessions: sessionmaker[Session] | None = None
+
+
+def load_worker_state() -> Classifier:
+    global _classifier
+    if _classifier is None:
+        settings = get_settings()
+        _classifier = Classifier(settings.model, threshold=settings.threshold, threads=1)
+        log.info("pool process loaded model %s", _classifier.model_version)
+    return _classifier
+
+
+def database() -> sessionmaker[Session]:
+    global _sessions
+    if _sessions is None:
+        _sessions = open_database(get_settings().database_url)
+    return _sessions
+
+
+@app.task(bind=True, name=SCREEN_TASK, max_retries=get_settings().task_max_retries)
+def screen_study_task(self: Task, *args: Any, **kwargs: Any) -> str:
+    """Screen one study. Message: ``{study_instance_uid, files, model_version}``."""
+    request_id = self.request.id
+    try:
+        task = parse_message(args, kwargs)
+    except MalformedTask as exc:
+        # Retrying cannot fix a message; acknowledge it and keep serving.
+        log.error("malformed task %s rejected: %s", request_id, exc)
+        return "malformed"
+    settings = get_settings()
+    classifier = load_worker_state()
+    try:
+        return process_study(task, settings=settings, classifier=classifier, sessions=database())
+    except SoftTimeLimitExceeded:
+        reason = f"time limit exceeded ({settings.task_time_limit} s)"
+        log.error("study %s: %s", task.study_instance_uid, reason)
+        record_failure(_sessions, task, classifier.model_version, reason, settings)
+        return "failed"
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}".strip()[:1000]
+        retries = self.request.retries
+        if is_transient(exc) and retries < settings.task_max_retries:
+            countdown = backoff(retries, settings)
+            log.warning(
+                "study %s: transient failure (%s); retry %d of %d in %.1f s",
+                task.study_instance_uid,
+                error,
+                retries + 1,
+                settings.task_max_retries,
+                countdown,
+            )
+            try:
+                retry = self.retry(countdown=countdown, exc=exc, throw=False)
+            except Reject:
+                # The retry could not be published (broker down too): put the message
+                # back instead of dropping it.
+                raise Reject(exc, requeue=True) from exc
+            raise retry from exc
+        if is_transient(exc):
+            reason = f"gave up after {retries} retries: {error}"
+        else:
+            log.exception("study %s: unexpected error", task.study_instance_uid)
+            reason = f"unexpected error: {error}"
+        record_failure(_sessions, task, classifier.model_version, reason, settings)
+        return "failed"
+
+
+def enqueue(message: dict[str, Any]) -> None:
+    """Publish one study message (JSON), retrying while the broker is unreachable."""
+    screen_study_task.apply_async(kwargs=message, queue=QUEUE)
