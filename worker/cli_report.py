@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from collections.abc import Callable
 from enum import StrEnum
 from functools import wraps
@@ -99,7 +100,7 @@ def report(
             elif format is ReportFormat.csv:
                 content = reporting.render_csv(result)
             else:
-                to_terminal = out is None and console.is_terminal
+                to_terminal = out is None and sys.stdout.isatty()
                 content = reporting.render_table(result, color=to_terminal)
         finally:
             engine.dispose()

@@ -403,6 +403,17 @@ def test_html_report_is_self_contained(filled: str, tmp_path: Path) -> None:
     assert "ACC-" not in page and "ref1.2" not in page, "aggregates only, no identifiers"
 
 
+def test_html_without_matplotlib_is_one_clear_line(
+    filled: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker install (and image) has no matplotlib: say so, keep the other formats."""
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    done = invoke("report", "-f", "html", "-o", str(tmp_path / "r.html"), "--database-url", filled)
+    assert done.exit_code == 2
+    assert "html reports need matplotlib" in done.stderr and not (tmp_path / "r.html").exists()
+    assert invoke("report", "-f", "json", "--database-url", filled).exit_code == 0
+
+
 def chromium(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     if not CHROMIUM.exists():
         pytest.skip(
