@@ -21,7 +21,13 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 from skimage.exposure import equalize_hist
 from skimage.transform import resize
 
@@ -41,6 +47,7 @@ LAYOUTS = [
     ("MONOCHROME1", RLELossless, True),
     ("MONOCHROME2", JPEG2000Lossless, False),
     ("MONOCHROME1", JPEG2000Lossless, False),
+    ("MONOCHROME1", JPEGLSLossless, False),
 ]
 
 
@@ -94,7 +101,7 @@ def straightforward_input(path: Path, size: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pngs() -> list[Path]:
-    covid = sorted(shared("cxr", "test", "covid").glob("*.png"))[:3]
+    covid = sorted(shared("cxr", "test", "covid").glob("*.png"))[:4]
     normal = sorted(shared("cxr", "test", "normal").glob("*.png"))[:3]
     return covid + normal
 
