@@ -261,6 +261,50 @@ def _limit_task(uid: str, files: list[str]) -> tuple[Any, ...]:
     )
 
 
+def _vm_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _soak_task(uid: str, files: list[str]) -> tuple[int, float]:
+    from worker.screening import screen_study
+
+    screen_study(uid, files, _classifier, max_pixels=MAX_PIXELS)
+    return os.getpid(), _vm_rss_mb()
+
+
+def soak(files: Sequence[Path], model: Path, workers: int, studies: int) -> dict[str, Any]:
+    """Memory over a long run: ``studies`` studies cycling over ``files``, RSS sampled."""
+    samples: dict[int, list[tuple[int, float]]] = {}
+    start = time.perf_counter()
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_init_limit,
+        initargs=(str(model),),
+    ) as pool:
+        uids = [f"soak-{i}" for i in range(studies)]
+        paths = [[str(files[i % len(files)])] for i in range(studies)]
+        for done, (pid, rss) in enumerate(pool.map(_soak_task, uids, paths, chunksize=8), 1):
+            samples.setdefault(pid, []).append((done, rss))
+    seconds = time.perf_counter() - start
+    print(f"\n## memory over {studies} studies ({workers} processes, {seconds:.0f} s)")
+    print("| process | RSS after 1% MB | after 10% MB | after 50% MB | at the end MB |")
+    print("|---|---:|---:|---:|---:|")
+    out: dict[str, Any] = {"studies": studies, "seconds": seconds, "processes": {}}
+    for pid, series in samples.items():
+
+        def at(fraction: float, series: list[tuple[int, float]] = series) -> float:
+            return series[min(len(series) - 1, int(len(series) * fraction))][1]
+
+        row = [at(0.01), at(0.10), at(0.50), series[-1][1]]
+        out["processes"][pid] = row
+        print(f"| {pid} | " + " | ".join(f"{v:.0f}" for v in row) + " |")
+    return out
+
+
 def study_uid(path: Path) -> str:
     import pydicom
 
@@ -658,10 +702,16 @@ def startup_costs(model: Path) -> dict[str, dict[str, float]]:
             + code
             + ";print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
         )
+        start = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        process_s = time.perf_counter() - start
         if done.returncode == 0:
             seconds, rss = done.stdout.split()[-2:]
-            out[name] = {"seconds": float(seconds), "rss_mb": int(rss) / 1024}
+            out[name] = {
+                "seconds": float(seconds),
+                "process_seconds": process_s,
+                "rss_mb": int(rss) / 1024,
+            }
     return out
 
 
@@ -753,6 +803,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="command that starts the distributed workers ({python}, {workers} are filled in)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        help="also screen this many studies (cycling over the "
+        "uncompressed files) in the limit pool and print RSS over the run",
+    )
     parser.add_argument("--json", type=Path, help="also write all figures here")
     parser.add_argument("--_baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--files", nargs="*", help=argparse.SUPPRESS)
@@ -811,6 +868,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if not args.skip_scaling and not args.input:
         report["scaling"] = scaling(args, workdir, model)
+    if args.soak and not args.input:
+        raw = generate(workdir, args.studies, SHAPE, ["raw"], args.workers)["raw"]
+        report["soak"] = soak(raw, model, args.workers, args.soak)
     if runtimes:
         print("\n## model runtimes (same network, ms per image)")
         for name, value in runtimes.items():
@@ -819,7 +879,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     costs = startup_costs(model)
     print("\n## process start-up (import + model load)")
     for name, figures in costs.items():
-        print(f"- {name}: {figures['seconds']:.2f} s, {figures['rss_mb']:.0f} MB RSS")
+        print(
+            f"- {name}: {figures['seconds']:.2f} s import + load "
+            f"({figures['process_seconds']:.2f} s with the interpreter), "
+            f"{figures['rss_mb']:.0f} MB RSS"
+        )
     report["startup"] = costs
     total = time.perf_counter() - started
     print(
