@@ -782,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--studies", type=int, default=48, help="studies per encoding")
+    parser.add_argument("--studies", type=int, default=160, help="studies per encoding")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--input", type=Path, help="an existing export folder instead (one row)")
     parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS)
@@ -804,6 +804,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument(
+        "--generate-only", action="store_true", help="write the export (and scaling files), stop"
+    )
+    parser.add_argument(
         "--soak",
         type=int,
         default=0,
@@ -821,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.quick:
         args.studies, args.baseline_studies = min(args.studies, 6), min(args.baseline_studies, 2)
     model = args.model.resolve()
-    if not (model / "model.tflite").is_file():
+    if not args.generate_only and not (model / "model.tflite").is_file():
         sys.exit(f"no model.tflite in {model} (use --model or CXR_MODEL)")
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -837,6 +840,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         exports = {"input": sorted(p for p in args.input.rglob("*") if p.is_file())}
     else:
         exports = generate(workdir, args.studies, SHAPE, args.encodings, args.workers)
+    if args.generate_only:
+        raw_n = max(4, args.studies // 2)
+        for side in () if args.skip_scaling else SCALING_SIDES:
+            generate(workdir, raw_n, (side, side), ["raw"], args.workers)
+        return
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "under_load": under_load},
         "model": str(model),
@@ -867,7 +875,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report["encodings"][encoding] = {k: _as_dict(v) for k, v in results.items()}
 
     if not args.skip_scaling and not args.input:
-        report["scaling"] = scaling(args, workdir, model)
+        report["scaling"] = scaling(args, workdir, model, scratch)
     if args.soak and not args.input:
         raw = generate(workdir, args.studies, SHAPE, ["raw"], args.workers)["raw"]
         report["soak"] = soak(raw, model, args.workers, args.soak)
@@ -895,19 +903,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"figures written to {target}")
 
 
-def scaling(args: argparse.Namespace, workdir: Path, model: Path) -> dict[str, Any]:
+def scaling(args: argparse.Namespace, workdir: Path, model: Path, scratch: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"processes": {}, "sides": {}}
     raw = [export_dir(workdir, SHAPE, "raw") / f"study{i:05d}.dcm" for i in range(args.studies)]
     if not all(p.exists() for p in raw):
         raw = generate(workdir, args.studies, SHAPE, ["raw"], args.workers)["raw"]
-    print("\n## processes (limit path, uncompressed 2,048 x 2,500)")
-    print("| processes | img/s | p50 ms/study | peak RSS MB |\n|---:|---:|---:|---:|")
+    print("\n## processes (uncompressed 2,048 x 2,500)")
+    print(
+        "| processes | limit img/s | distributed img/s | limit p50 ms/study | peak RSS MB |\n"
+        "|---:|---:|---:|---:|---:|"
+    )
     for workers in sorted({1, args.workers}):
         r = measure_limit(raw, model, workers)
-        out["processes"][workers] = _as_dict(r)
+        d = None
+        if not args.skip_distributed:
+            d = measure_distributed(raw, model, workers, scratch, args.worker_cmd)
+        out["processes"][workers] = {
+            "limit": _as_dict(r),
+            "distributed": _as_dict(d) if d else None,
+        }
         print(
-            f"| {workers} | {r.rate:.1f} | {_fmt(r.percentile(50), '.0f')} "
-            f"| {_fmt(r.peak_rss_mb, '.0f')} |"
+            f"| {workers} | {r.rate:.1f} | {_fmt(d.rate if d else None)} "
+            f"| {_fmt(r.percentile(50), '.0f')} | {_fmt(r.peak_rss_mb, '.0f')} |"
         )
     n = max(4, args.studies // 2)
     print(f"\n## image size (limit path, uncompressed, {args.workers} processes, {n} studies)")
