@@ -94,11 +94,22 @@ def _logging(**_: Any) -> None:
 
 
 @worker_init.connect
-def _check_model(**_: Any) -> None:
-    """Fail fast, in the main worker process, when the model folder is unusable."""
+def _check_model_and_serve_metrics(**_: Any) -> None:
+    """Fail fast, in the main worker process, when the model folder is unusable; serve
+    Prometheus metrics (all pool processes aggregated) when a port is configured."""
     from worker.model import read_card
 
-    read_card(get_settings().model)
+    settings = get_settings()
+    read_card(settings.model)
+    if settings.metrics_port:
+        from worker.metrics import prepare_multiprocess, serve
+        from worker.queue import broker_queue_length
+
+        prepare_multiprocess()
+        serve(
+            settings.metrics_port,
+            queue_depth=lambda: broker_queue_length(settings.broker_url, QUEUE)[0],
+        )
 
 
 @worker_process_init.connect

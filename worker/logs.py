@@ -15,7 +15,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in ("study_instance_uid", "task_id"):
+        for key in ("study_instance_uid", "status", "task_id"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
         if record.exc_info:

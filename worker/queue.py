@@ -34,6 +34,7 @@ from db.repository import (
 )
 from db.session import DatabaseError
 from worker.discovery import discover
+from worker.metrics import metrics
 from worker.model import Classifier, read_card
 from worker.screening import screen_study
 
@@ -294,7 +295,7 @@ def process_study(
     outcome = screen_study(
         uid, files, classifier, max_pixels=settings.max_pixels, batch_size=settings.batch_size
     )
-    with sessions.begin() as session:
+    with metrics().timing_db_write(), sessions.begin() as session:
         save_study(
             session, outcome, patient_id_mode=settings.patient_id_mode, hash_key=settings.hash_key
         )
@@ -306,7 +307,14 @@ def process_study(
                 f"model version mismatch: queued for {task.model_version}, "
                 f"screened by a worker running {version} (results stored under {version})",
             )
-    log.info("study %s %s (%d instances)", uid, outcome.status.value, len(outcome.instances))
+    metrics().observe(outcome)
+    log.info(
+        "study %s %s (%d instances)",
+        uid,
+        outcome.status.value,
+        len(outcome.instances),
+        extra={"study_instance_uid": uid, "status": outcome.status.value},
+    )
     return outcome.status.value
 
 
