@@ -317,7 +317,11 @@ def study_uid(path: Path) -> str:
 
 def measure_limit(files: Sequence[Path], model: Path, workers: int) -> PathResult:
     """screen_study on a fork pool, no database and no broker: the ceiling."""
-    studies = [(study_uid(f), [str(f)]) for f in files]
+    grouped: dict[str, list[str]] = {}
+    for f in files:
+        with contextlib.suppress(Exception):  # not DICOM: left out of the limit
+            grouped.setdefault(study_uid(f), []).append(str(f))
+    studies = sorted(grouped.items())
     result = PathResult("limit")
     start = time.perf_counter()
     rows = []
@@ -424,6 +428,29 @@ def _cli() -> list[str]:
     return [sys.executable, "-m", "worker"]
 
 
+def folder_of(files: Sequence[Path], scratch: Path) -> Path:
+    """A folder holding exactly ``files``: their own, or one of hard links to them."""
+    folder = files[0].parent
+    wanted = {f.resolve() for f in files}
+    if (
+        all(f.parent == folder for f in files)
+        and {p.resolve() for p in folder.iterdir() if p.is_file()} == wanted
+    ):
+        return folder
+    subset = scratch / "subset"
+    if subset.exists():
+        for old in subset.iterdir():
+            old.unlink()
+    subset.mkdir(parents=True, exist_ok=True)
+    for index, f in enumerate(files):
+        link = subset / f"{index:06d}-{f.name}"
+        try:
+            os.link(f, link)
+        except OSError:
+            link.symlink_to(f.resolve())
+    return subset
+
+
 def measure_run(
     files: Sequence[Path], model: Path, workers: int, scratch: Path, timeout: float = 1800
 ) -> PathResult:
@@ -431,7 +458,7 @@ def measure_run(
     db = scratch / "run.db"
     db.unlink(missing_ok=True)
     url = f"sqlite:///{db}"
-    folder = files[0].parent
+    folder = folder_of(files, scratch)
     cmd = [*_cli(), "run", str(folder), "--database-url", url, "--workers", str(workers)]
     result = PathResult("run")
     log = (scratch / "run.log").open("w")
@@ -488,7 +515,8 @@ def measure_distributed(
 ) -> PathResult:
     """``cxr-screen ingest`` (headers only) then workers through Redis into PostgreSQL."""
     result = PathResult("distributed")
-    folder = files[0].parent
+    folder = folder_of(files, scratch)
+    expected = len({study_uid(f) for f in files})
     _flush_redis(REDIS_URL)
     with throwaway_postgres() as url:
         env = _env(model, CXR_BROKER_URL=REDIS_URL, CXR_DATABASE_URL=url)
@@ -513,7 +541,7 @@ def measure_distributed(
                 finished = _finished(url)
                 if finished and result.first_result_s is None:
                     result.first_result_s = time.perf_counter() - start
-                if finished >= len(files):
+                if finished >= expected:
                     break
                 if proc.poll() is not None:
                     result.note = f"worker exited {proc.returncode}, see {scratch / 'worker.log'}"
