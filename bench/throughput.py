@@ -941,7 +941,8 @@ def scaling(args: argparse.Namespace, workdir: Path, model: Path, scratch: Path)
         "| processes | limit img/s | distributed img/s | limit p50 ms/study | peak RSS MB |\n"
         "|---:|---:|---:|---:|---:|"
     )
-    for workers in sorted({1, args.workers}):
+    # cores + 1: one process more than cores hides the database and broker waits
+    for workers in sorted({1, args.workers, args.workers + 1}):
         r = measure_limit(raw, model, workers)
         d = None
         if not args.skip_distributed:
