@@ -705,7 +705,7 @@ def measure_baseline(files: Sequence[Path], model: Path, runtimes: bool) -> tupl
     result.latencies_ms = [i["ms"] for i in data["images"]]
     result.seconds = sum(result.latencies_ms) / 1000
     result.rss_mb = {"baseline": data["rss_mb"]}
-    result.probabilities = {i["path"]: i["p"] for i in data["images"]}
+    result.probabilities = {study_uid(Path(i["path"])): i["p"] for i in data["images"]}
     result.note = f"1 process, Keras ({data['keras_source']})"
     return result, data.get("runtimes")
 
@@ -790,7 +790,7 @@ def _agreement(results: dict[str, PathResult]) -> str:
     if limit is None or not limit.probabilities:
         return ""
     parts = []
-    for name in ("run", "distributed"):
+    for name in ("run", "distributed", "baseline"):
         other = results.get(name)
         if other and other.probabilities:
             common = set(other.probabilities) & set(limit.probabilities)
