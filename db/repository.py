@@ -78,33 +78,6 @@ def save_instances(
     _upsert(session, PREDICTIONS, without_uid, ["source", "model_version"], where=NO_UID)
 
 
-def mark_queued(session: Session, studies: Sequence[dict[str, Any]], model_version: str) -> None:
-    """Record studies as queued, unless they already have a final result."""
-    now = utcnow()
-    rows = [
-        {
-            "model_version": model_version,
-            "status": StudyStatus.QUEUED.value,
-            "queued_at": now,
-            "n_instances": len(study["files"]),
-            "n_screened": 0,
-            "n_rejected": 0,
-            "n_failed": 0,
-            "attempts": 0,
-            **study,
-        }
-        for study in studies
-    ]
-    _upsert(
-        session,
-        STUDIES,
-        rows,
-        ["study_instance_uid", "model_version"],
-        update_keys=("files", "queued_at", "status"),
-        only_if_not_final=True,
-    )
-
-
 def study_status_counts(session: Session) -> dict[str, int]:
     query = select(Study.status, func.count()).group_by(Study.status)
     return {status: count for status, count in session.execute(query).all()}
@@ -213,8 +186,8 @@ def queue_studies(
 ) -> None:
     """Record studies as queued (a fresh delivery count), for ingest and requeue.
 
-    Unlike ``mark_queued`` this resets ``attempts`` (so a requeued study is not taken
-    for a poison message) and, with ``force``, also re-queues final studies.
+    ``attempts`` starts again (so a requeued study is not taken for a poison message);
+    final studies are left alone unless ``force``.
     """
     now = utcnow()
     rows = [

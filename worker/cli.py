@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from config.settings import Settings, get_settings
-from db.session import DatabaseError, make_engine, safe_url, upgrade
-from worker.logs import configure_logging
-from worker.model import ModelError
+from db.session import make_engine, safe_url, upgrade
+from worker.cli_common import (
+    DatabaseUrl,
+    ModelDir,
+    check_paths_exist,
+    console,
+    progress_bars,
+    settings_from,
+    user_errors,
+)
+from worker.cli_queue import register as register_queue
+from worker.cli_report import register as register_report
 
 app = typer.Typer(
     help="Screen chest radiographs (DICOM) for COVID-19 findings.",
@@ -25,35 +29,6 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Results database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-console = Console(stderr=True)
-
-DatabaseUrl = Annotated[
-    str | None, typer.Option("--database-url", help="Overrides CXR_DATABASE_URL.")
-]
-ModelDir = Annotated[
-    Path | None, typer.Option("--model", help="Model folder; overrides CXR_MODEL.")
-]
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(function: F) -> F:
-    """Errors a person can act on: one clear line and exit status 2, no traceback."""
-
-    @wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return function(*args, **kwargs)
-        except (DatabaseError, ModelError, FileNotFoundError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def settings_from(**overrides: Any) -> Settings:
-    settings = get_settings().with_overrides(**overrides)
-    configure_logging("WARNING" if sys.stderr.isatty() else settings.log_level, settings.log_json)
-    return settings
 
 
 @app.command()
@@ -74,16 +49,8 @@ def run(
     settings = settings_from(
         database_url=database_url, model=model, workers=workers, threshold=threshold
     )
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bars:
+    check_paths_exist(paths)
+    with progress_bars() as bars:
         scan = bars.add_task("reading headers", total=None)
         screen = bars.add_task("screening studies", total=None)
         hooks = RunProgress(
@@ -128,14 +95,5 @@ def main() -> None:
     app()
 
 
-# The distributed commands (ingest, worker, status, requeue) live in their own module;
-# registered here, after `app` and `user_errors` exist, so there is no import cycle.
-from worker.cli_queue import register as _register_queue  # noqa: E402
-
-_register_queue(app)
-
-# `report` and `export` (worker/cli_report.py), registered after `app` and `user_errors`
-# exist, so there is no import cycle.
-from worker.cli_report import register as _register_report  # noqa: E402
-
-_register_report(app)
+register_queue(app)
+register_report(app)

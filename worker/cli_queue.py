@@ -6,43 +6,24 @@ Registered on the main Typer app by ``worker/cli.py`` (``register(app)``).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from config.settings import Settings, get_settings
-
-BrokerUrl = Annotated[str | None, typer.Option("--broker-url", help="Overrides CXR_BROKER_URL.")]
-DatabaseUrl = Annotated[
-    str | None, typer.Option("--database-url", help="Overrides CXR_DATABASE_URL.")
-]
-ModelDir = Annotated[
-    Path | None, typer.Option("--model", help="Model folder; overrides CXR_MODEL.")
-]
-F = TypeVar("F", bound=Callable[..., Any])
-console = Console(stderr=True)
-
-
-def _queue_errors(function: F) -> F:
-    """Ingest's own user errors, on top of the CLI's ``user_errors``."""
-
-    @wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from worker.queue import IngestError
-
-        try:
-            return function(*args, **kwargs)
-        except IngestError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
+from worker.cli_common import (
+    BrokerUrl,
+    DatabaseUrl,
+    ModelDir,
+    check_paths_exist,
+    console,
+    progress_bars,
+    settings_from,
+    user_errors,
+)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -51,8 +32,6 @@ def _settings(**overrides: Any) -> Settings:
     The Celery app reads the one settings object when it is imported, and worker pool
     processes inherit the environment: exporting the flags keeps them all in agreement.
     """
-    from worker.cli import settings_from
-
     names = {"broker_url", "database_url", "model"}
     for name, value in overrides.items():
         if value is not None and name in names:
@@ -62,11 +41,8 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def register(app: typer.Typer) -> None:
-    from worker.cli import user_errors
-
     @app.command()
     @user_errors
-    @_queue_errors
     def ingest(
         paths: Annotated[list[Path], typer.Argument(help="DICOM files, folders or DICOMDIRs.")],
         broker_url: BrokerUrl = None,
@@ -82,14 +58,11 @@ def register(app: typer.Typer) -> None:
         from worker.queue import ingest as ingest_studies
 
         settings = _settings(broker_url=broker_url, database_url=database_url, model=model)
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
+        check_paths_exist(paths)
         from worker.tasks import enqueue
 
         sessions = open_database(settings.database_url)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-        with Progress(*columns, TimeElapsedColumn(), console=console) as bars:
+        with progress_bars() as bars:
             scan = bars.add_task("reading headers", total=None)
             send = bars.add_task("queueing studies", total=None)
             hooks = IngestProgress(
@@ -177,7 +150,6 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     @user_errors
-    @_queue_errors
     def requeue(
         failed: Annotated[bool, typer.Option("--failed", help="Send the failed studies again.")],
         broker_url: BrokerUrl = None,

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from collections.abc import Callable
 from enum import StrEnum
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from db.session import DatabaseError
 from worker import reporting
-from worker.cli import DatabaseUrl, console, settings_from, user_errors
-from worker.reporting import NoResultsError, ReportError
+from worker.cli_common import DatabaseUrl, F, console, settings_from, user_errors
+from worker.reporting import NoResultsError
 
-F = TypeVar("F", bound=Callable[..., Any])
 DATE_FORMATS = ["%Y-%m-%d"]
 
 
@@ -47,7 +44,7 @@ Out = Annotated[
 
 
 def report_errors(function: F) -> F:
-    """One unwrapped line each; nothing to report exits 1, errors to fix exit 2."""
+    """Nothing to report exits 1 (errors to fix exit 2, through ``user_errors``)."""
 
     @wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -56,9 +53,6 @@ def report_errors(function: F) -> F:
         except NoResultsError as exc:
             console.print(f"[yellow]nothing to report:[/yellow] {exc}", soft_wrap=True)
             raise typer.Exit(1) from None
-        except (ReportError, DatabaseError, FileNotFoundError) as exc:
-            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -13,12 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from worker.errors import UserError
+
 CARD_FILE = "model_card.json"
 TFLITE_FILE = "model.tflite"
 KERAS_FILE = "model.keras"
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """The model folder is missing or inconsistent."""
 
 

@@ -34,6 +34,7 @@ from db.repository import (
 )
 from db.session import DatabaseError
 from worker.discovery import discover
+from worker.errors import UserError
 from worker.metrics import metrics
 from worker.model import Classifier, read_card
 from worker.screening import screen_study
@@ -64,7 +65,7 @@ class MalformedTask(ValueError):
     """A task message that cannot be a study: logged, acknowledged, never retried."""
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """A problem with ingest's input a person can act on."""
 
 

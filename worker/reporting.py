@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import Prediction, Study
 from db.session import DatabaseError, make_engine, safe_url, upgrade
+from worker.errors import UserError
 
 FINAL_STATUSES = ("screened", "rejected", "failed")
 HISTOGRAM_BINS = 20
@@ -65,7 +66,7 @@ EXPORT_COLUMNS = (
 )
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """A report cannot be made; the message says why and what to do."""
 
 

@@ -1,0 +1,65 @@
+"""What every ``cxr-screen`` command shares: options, settings, the error policy."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from config.settings import Settings, get_settings
+from db.session import DatabaseError
+from worker.errors import UserError
+from worker.logs import configure_logging
+
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+BrokerUrl = Annotated[str | None, typer.Option("--broker-url", help="Overrides CXR_BROKER_URL.")]
+DatabaseUrl = Annotated[
+    str | None, typer.Option("--database-url", help="Overrides CXR_DATABASE_URL.")
+]
+ModelDir = Annotated[
+    Path | None, typer.Option("--model", help="Model folder; overrides CXR_MODEL.")
+]
+
+
+def user_errors(function: F) -> F:
+    """Errors a person can act on: one clear line and exit status 2, no traceback."""
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (UserError, DatabaseError, FileNotFoundError) as exc:
+            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings_from(**overrides: Any) -> Settings:
+    settings = get_settings().with_overrides(**overrides)
+    configure_logging("WARNING" if sys.stderr.isatty() else settings.log_level, settings.log_json)
+    return settings
+
+
+def check_paths_exist(paths: list[Path]) -> None:
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
+
+
+def progress_bars() -> Progress:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    return Progress(*columns, console=console)
