@@ -1,0 +1,67 @@
+"""Fixtures of the training tests: the shared data set and the shipped model.
+
+The shared data lives next to the repository (``<repo>/../shared/data``) or where
+``CXR_SHARED_DATA`` points; tests that need it skip with a clear message when absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shared_data_root() -> Path:
+    env = os.environ.get("CXR_SHARED_DATA")
+    return Path(env) if env else (REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = shared_data_root()
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root} (set CXR_SHARED_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cxr_dir(shared_data: Path) -> Path:
+    path = shared_data / "cxr"
+    if not (path / "train").is_dir():
+        pytest.skip(f"no chest X-ray set at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dicom_files(shared_data: Path) -> list[Path]:
+    files = sorted((shared_data / "dicom" / "cxr").glob("*.dcm"))
+    if not files:
+        pytest.skip(f"no DICOM samples under {shared_data / 'dicom' / 'cxr'}")
+    return files
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    path = REPO_ROOT / "models" / "cxr-compact"
+    if not (path / "model_card.json").is_file():
+        pytest.skip(f"no shipped model at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_png(cxr_dir: Path) -> Path:
+    return sorted((cxr_dir / "test" / "covid").glob("*.png"))[0]
+
+
+@pytest.fixture()
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    fake_dcm = tmp_path / "truncated.dcm"
+    fake_dcm.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    return {"empty": empty, "text": text, "truncated_dicom": fake_dcm}

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from training.cli import app, evaluate_command, predict_command, train_command
+
+runner = CliRunner()
+
+
+def test_commands_are_plain_functions() -> None:
+    assert callable(train_command) and callable(evaluate_command) and callable(predict_command)
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("train", "evaluate", "predict"):
+        assert name in result.output
+
+
+def test_predict_command_writes_csv(
+    shipped_model: Path, sample_png: Path, tmp_path: Path, bad_files: dict[str, Path]
+) -> None:
+    out = tmp_path / "out.csv"
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(sample_png),
+            str(bad_files["text"]),
+            "--model",
+            str(shipped_model),
+            "--csv",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert lines[0] == "path,covid_probability,predicted_label,status,reason"
+    assert ",screened," in lines[1] and ",rejected," in lines[2]
+
+
+def test_train_rejects_unknown_architecture(cxr_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(cxr_dir), "--arch", "resnet", "--out", str(tmp_path)])
+    assert result.exit_code != 0

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data import (
+    LABELS,
+    Sample,
+    class_weights,
+    counts,
+    list_split,
+    load_input,
+    manifest_sha256,
+    split_dir,
+    try_load,
+)
+from worker.imaging.pipeline import load_gray, model_input
+
+
+def test_list_split_reads_label_folders(cxr_dir: Path) -> None:
+    train = list_split(cxr_dir, "train")
+    c = counts(train)
+    assert set(c) == {"normal", "covid"}  # pneumonia left out by default
+    assert c["normal"] > c["covid"] > 100
+    assert all(s.path.parent.name == s.label for s in train)
+    assert train == sorted(train, key=lambda s: (str(s.path), s.label))
+    with_pneumonia = list_split(cxr_dir, "train", include=("normal", "covid", "pneumonia"))
+    assert counts(with_pneumonia).get("pneumonia", 0) > 0
+
+
+def test_split_dir_accepts_a_folder_of_label_folders(cxr_dir: Path) -> None:
+    assert split_dir(cxr_dir, "test") == cxr_dir / "test"
+    assert split_dir(cxr_dir / "test", "test") == cxr_dir / "test"
+    with pytest.raises(FileNotFoundError):
+        split_dir(cxr_dir / "test" / "covid", "test")
+
+
+def test_manifest_hash_is_order_and_location_independent(tmp_path: Path) -> None:
+    a = [
+        Sample(tmp_path / "covid" / "a.png", "covid"),
+        Sample(tmp_path / "normal" / "b.png", "normal"),
+    ]
+    h = manifest_sha256(a, tmp_path)
+    assert h == manifest_sha256(list(reversed(a)), tmp_path)
+    moved = [Sample(Path("/elsewhere") / s.path.relative_to(tmp_path), s.label) for s in a]
+    assert manifest_sha256(moved, Path("/elsewhere")) == h
+    assert manifest_sha256(a[:1], tmp_path) != h
+
+
+def test_class_weights_balance_the_classes() -> None:
+    samples = [Sample(Path(f"n{i}"), "normal") for i in range(30)] + [
+        Sample(Path(f"c{i}"), "covid") for i in range(10)
+    ]
+    w = class_weights(samples)
+    assert w[1] == pytest.approx(2.0) and w[0] == pytest.approx(40 / 60)
+    assert 30 * w[0] == pytest.approx(10 * w[1])
+
+
+def test_load_input_is_the_worker_pipeline(sample_png: Path) -> None:
+    x = load_input(sample_png, 64)
+    np.testing.assert_array_equal(x, model_input(load_gray(sample_png), 64))
+    assert x.shape == (64, 64, 1) and x.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0
+
+
+def test_try_load_flags_bad_files(bad_files: dict[str, Path]) -> None:
+    for path in bad_files.values():
+        x, ok = try_load(path, 32)
+        assert not ok and x.shape == (32, 32, 1)
+
+
+def test_tf_dataset_streams_and_augments_only_in_training(
+    cxr_dir: Path, bad_files: dict[str, Path]
+) -> None:
+    from training.data import make_dataset
+
+    samples = list_split(cxr_dir, "val")[:6] + list_split(cxr_dir, "val")[-6:]
+    samples.append(Sample(bad_files["empty"], "covid"))  # dropped, not a crash
+    plain = list(make_dataset(samples, 48, 5, training=False).as_numpy_iterator())
+    xs = np.concatenate([x for x, _ in plain])
+    ys = np.concatenate([y for _, y in plain]).reshape(-1)
+    assert xs.shape == (12, 48, 48, 1)
+    np.testing.assert_array_equal(ys, [LABELS[s.label] for s in samples[:12]])
+    np.testing.assert_allclose(xs[0], load_input(samples[0].path, 48))  # no augmentation
+
+    train = make_dataset(samples[:12], 48, 4, training=True, seed=1, with_weights={0: 0.5, 1: 2.0})
+    x, y, w = next(iter(train.as_numpy_iterator()))
+    assert x.shape == (4, 48, 48, 1) and x.min() >= 0.0 and x.max() <= 1.0
+    np.testing.assert_array_equal(w.reshape(-1), np.where(y.reshape(-1) > 0.5, 2.0, 0.5))
+    clean = np.stack([load_input(s.path, 48) for s in samples[:12]])
+    assert not any(np.allclose(xi, ci, atol=1e-3) for xi in x for ci in clean)

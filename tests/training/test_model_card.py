@@ -1,0 +1,86 @@
+"""The contract of the SHIPPED model folder (models/cxr-compact)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from worker.imaging.pipeline import PREPROCESSING_VERSION
+from worker.model import Classifier, read_card
+
+REQUIRED = (
+    "name",
+    "version",
+    "created",
+    "architecture",
+    "input_size",
+    "preprocessing_version",
+    "class_names",
+    "positive_class",
+    "threshold",
+    "threshold_rule",
+    "training_manifest_sha256",
+    "pneumonia_policy",
+    "parameters",
+    "training_seconds",
+    "metrics",
+)
+
+
+def test_card_fields(shipped_model: Path) -> None:
+    card = json.loads((shipped_model / "model_card.json").read_text())
+    missing = [k for k in REQUIRED if k not in card]
+    assert not missing, missing
+    assert card["name"] == "cxr-compact"
+    assert card["class_names"] == ["normal", "covid"] and card["positive_class"] == "covid"
+    assert 0.0 < card["threshold"] < 1.0
+    assert card["preprocessing_version"] == PREPROCESSING_VERSION
+    assert len(card["training_manifest_sha256"]) == 64
+    assert card["training_seconds"] < 30 * 60
+    assert {"val", "test"} <= set(card["metrics"])
+    assert card["metrics"]["test"]["auc"] >= 0.99
+    assert read_card(shipped_model).input_size == card["input_size"]
+
+
+def test_folder_is_small_and_complete(shipped_model: Path) -> None:
+    for name in ("model.tflite", "model.keras", "model_card.json"):
+        assert (shipped_model / name).is_file(), name
+    size = sum(p.stat().st_size for p in shipped_model.rglob("*") if p.is_file())
+    assert size < 8.5e6
+
+
+def test_tflite_has_dynamic_batch(shipped_model: Path) -> None:
+    clf = Classifier(shipped_model)
+    s = clf.input_size
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 16):
+        p = clf.predict(rng.random((n, s, s, 1), np.float32))
+        assert p.shape == (n,) and np.all((p >= 0) & (p <= 1))
+
+
+def test_manifest_hash_matches_the_training_split(shipped_model: Path, cxr_dir: Path) -> None:
+    from training.data import list_split, manifest_sha256
+
+    card = json.loads((shipped_model / "model_card.json").read_text())
+    assert (
+        manifest_sha256(list_split(cxr_dir, "train"), cxr_dir) == card["training_manifest_sha256"]
+    )
+
+
+def test_shipped_model_separates_a_test_sample(shipped_model: Path, cxr_dir: Path) -> None:
+    """AUC >= 0.95 on a seeded sample of the shared test split (tflite, worker pipeline)."""
+    from sklearn.metrics import roc_auc_score
+
+    from training.data import list_split
+    from training.evaluate import score_files
+
+    samples = list_split(cxr_dir, "test")
+    rng = np.random.default_rng(0)
+    pick = [samples[i] for i in sorted(rng.choice(len(samples), 200, replace=False))]
+    clf = Classifier(shipped_model)
+    probs, rejected = score_files([s.path for s in pick], clf.predict, clf.input_size)
+    assert not rejected
+    y = np.array([s.target for s in pick])
+    assert roc_auc_score(y, probs) >= 0.95

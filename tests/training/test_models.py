@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.models import ARCHITECTURES, build_model, last_conv_layer
+
+
+@pytest.mark.parametrize(
+    ("arch", "size"), [("compact", 64), ("alexnet", 96), ("vgg16", 32), ("inceptionv3", 75)]
+)
+def test_architectures_map_grey_batches_to_probabilities(arch: str, size: int) -> None:
+    model = build_model(arch, size)
+    out = np.asarray(model(np.random.default_rng(0).random((2, size, size, 1), np.float32)))
+    assert out.shape == (2, 1)
+    assert np.all((out >= 0) & (out <= 1))
+    assert last_conv_layer(model)
+
+
+def test_compact_is_small() -> None:
+    assert build_model("compact", 192).count_params() < 1_000_000
+
+
+def test_unknown_architecture_and_missing_weights_are_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("resnet", 64)
+    with pytest.raises(FileNotFoundError):
+        build_model("compact", 64, weights=tmp_path / "none.weights.h5")
+    assert set(ARCHITECTURES) == {"compact", "alexnet", "vgg16", "inceptionv3"}
+
+
+def test_whole_model_weights_file_round_trip(tmp_path) -> None:
+    a = build_model("compact", 32)
+    path = tmp_path / "w.weights.h5"
+    a.save_weights(path)
+    b = build_model("compact", 32, weights=path)
+    x = np.random.default_rng(1).random((1, 32, 32, 1), np.float32)
+    np.testing.assert_allclose(np.asarray(a(x)), np.asarray(b(x)), atol=1e-6)

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.predict import COLUMNS, predict_paths, write_csv
+
+
+def _rows(paths: list[Path], model: Path) -> list[dict[str, str]]:
+    buffer = io.StringIO()
+    write_csv(predict_paths(paths, model), buffer)
+    return list(csv.DictReader(io.StringIO(buffer.getvalue())))
+
+
+def test_png_jpeg_and_dicom_are_screened(
+    shipped_model: Path, sample_png: Path, dicom_files: list[Path], tmp_path: Path
+) -> None:
+    jpeg = tmp_path / "film.jpg"
+    Image.open(sample_png).convert("L").save(jpeg, quality=92)
+    rows = _rows([sample_png, jpeg, *dicom_files], shipped_model)
+    assert len(rows) == 2 + len(dicom_files)
+    assert list(rows[0]) == list(COLUMNS)
+    for row in rows:
+        assert row["status"] == "screened", row
+        assert row["reason"] == ""
+        prob = float(row["covid_probability"])
+        assert 0.0 <= prob <= 1.0
+        assert row["predicted_label"] in {"normal", "covid"}
+    # same picture as PNG and as JPEG -> nearly the same probability
+    assert abs(float(rows[0]["covid_probability"]) - float(rows[1]["covid_probability"])) < 0.1
+
+
+def test_bad_files_are_rejected_not_fatal(
+    shipped_model: Path, sample_png: Path, bad_files: dict[str, Path], tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.png"
+    rows = _rows(
+        [bad_files["empty"], sample_png, bad_files["text"], bad_files["truncated_dicom"], missing],
+        shipped_model,
+    )
+    status = {Path(r["path"]).name: r for r in rows}
+    assert status[sample_png.name]["status"] == "screened"
+    for name in ("empty.png", "notes.txt", "truncated.dcm", "missing.png"):
+        assert status[name]["status"] == "rejected"
+        assert status[name]["reason"]
+        assert status[name]["covid_probability"] == ""
+
+
+def test_folders_are_walked_recursively(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    nested = tmp_path / "a" / "b"
+    nested.mkdir(parents=True)
+    Image.open(sample_png).save(nested / "x.png")
+    (tmp_path / "a" / "readme.txt").write_text("hello")
+    (tmp_path / "a" / ".hidden").write_text("skip me")
+    rows = _rows([tmp_path / "a"], shipped_model)
+    assert sorted(Path(r["path"]).name for r in rows) == ["readme.txt", "x.png"]
+
+
+def test_predict_matches_the_classifier_on_model_input(
+    shipped_model: Path, sample_png: Path
+) -> None:
+    from worker.imaging.pipeline import load_gray, model_input
+    from worker.model import Classifier
+
+    clf = Classifier(shipped_model)
+    expected = clf.predict(model_input(load_gray(sample_png), clf.input_size)[np.newaxis])[0]
+    (row,) = _rows([sample_png], shipped_model)
+    assert float(row["covid_probability"]) == np.float32(expected).round(6)

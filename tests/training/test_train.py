@@ -1,0 +1,99 @@
+"""A short, real training run on a small subset, then its evaluation (< 2 min on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.train import subsample, threshold_for_sensitivity
+
+SIZE = 64
+MAX_TRAIN = 600
+MAX_VAL = 160
+EPOCHS = 12
+AUC_BAR = 0.80  # chance is 0.5; this run reaches about 0.9
+
+
+def test_threshold_for_sensitivity_is_the_highest_that_reaches_the_target() -> None:
+    y = np.array([1] * 20 + [0] * 5)
+    p = np.concatenate([np.linspace(0.05, 0.99, 20), np.full(5, 0.5)])
+    t = threshold_for_sensitivity(y, p, 0.95)
+    assert ((p >= t) & (y == 1)).sum() / 20 >= 0.95
+    assert ((p >= np.nextafter(t, 1)) & (y == 1)).sum() / 20 < 0.95
+
+
+def test_subsample_is_seeded_and_stratified(cxr_dir: Path) -> None:
+    from training.data import counts, list_split
+
+    full = list_split(cxr_dir, "train")
+    a, b = subsample(full, 200, 3), subsample(full, 200, 3)
+    assert a == b and abs(len(a) - 200) <= 1
+    share = counts(a)["covid"] / len(a)
+    assert share == pytest.approx(counts(full)["covid"] / len(full), abs=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_short_training_run_beats_chance(cxr_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.evaluate import evaluate
+
+    out = tmp_path / "model"
+    started = time.perf_counter()
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(cxr_dir),
+            "--out",
+            str(out),
+            "--image-size",
+            str(SIZE),
+            "--epochs",
+            str(EPOCHS),
+            "--max-train",
+            str(MAX_TRAIN),
+            "--max-val",
+            str(MAX_VAL),
+            "--seed",
+            "0",
+            "--patience",
+            str(EPOCHS),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    for name in (
+        "model.keras",
+        "model.tflite",
+        "model_card.json",
+        "training_curves.png",
+        "history.csv",
+    ):
+        assert (out / name).is_file(), name
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["input_size"] == SIZE and 0 < card["threshold"] < 1
+    assert card["metrics"]["val"]["sensitivity"] >= card["target_sensitivity"]
+    assert card["tflite_max_abs_diff_vs_keras"] <= 1e-4
+
+    # evaluation on a balanced, seeded sample of the test split the run never saw
+    test = tmp_path / "test"
+    rng = np.random.default_rng(0)
+    for label in ("normal", "covid"):
+        files = sorted((cxr_dir / "test" / label).glob("*.png"))
+        (test / label).mkdir(parents=True)
+        for i in rng.choice(len(files), 80, replace=False):
+            (test / label / files[i].name).symlink_to(files[i])
+    metrics = evaluate(test, out, tmp_path / "eval", n_bootstrap=200)
+    elapsed = time.perf_counter() - started
+    assert metrics["n"] == 160
+    assert metrics["auc"] > AUC_BAR, metrics["text"]
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+    for png in ("roc.png", "confusion_matrix.png", "reliability.png"):
+        assert (tmp_path / "eval" / png).is_file()
+    assert elapsed < 120, f"short run took {elapsed:.0f} s"

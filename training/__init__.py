@@ -1,0 +1,10 @@
+"""Training, evaluation and batch prediction for the cxr-screen classifier.
+
+Stages, one module each: ``data`` (file lists and tf.data streams), ``models``
+(architectures by name), ``train``, ``evaluate``, ``predict``; ``cli`` exposes them as
+``cxr-screen train|evaluate|predict``. TensorFlow is imported lazily, inside the
+functions that need it, so importing this package (or the worker CLI) stays cheap.
+"""
+
+CLASS_NAMES = ("normal", "covid")
+POSITIVE_CLASS = "covid"

@@ -1,0 +1,209 @@
+"""``cxr-screen train|evaluate|predict``.
+
+Each command is a plain typed function, so the main CLI can mount the whole ``app``
+(``app.add_typer``) or register single commands (``cli.command("train")(train_command)``).
+TensorFlow is imported inside the commands only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Train, evaluate and run the COVID-19 radiograph classifier.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def default_model_dir() -> Path:
+    env = os.environ.get("CXR_MODEL")
+    if env:
+        return Path(env)
+    from config.settings import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+
+
+def train_command(
+    data_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder with train/ and val/, one sub-folder "
+            "per label (normal/, covid/, pneumonia/).",
+            exists=True,
+            file_okay=False,
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Output model folder [default: runs/<arch>].")
+    ] = None,
+    arch: Annotated[str, typer.Option(help="compact | alexnet | vgg16 | inceptionv3")] = "compact",
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Maximum epochs (early stopping on val AUC).")
+    ] = 35,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Input side in pixels [default: 160 compact, 224 alexnet/vgg16, 299 inceptionv3]."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    learning_rate: Annotated[float, typer.Option()] = 1e-3,
+    patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience (epochs).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seeds python, numpy and TensorFlow.")] = 0,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Local weights file (whole model, or an "
+            "ImageNet no-top file for vgg16/inceptionv3)."
+            " Never downloaded.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    target_sensitivity: Annotated[
+        float,
+        typer.Option(
+            min=0.5,
+            max=1.0,
+            help="The threshold is the highest one reaching this sensitivity on val/.",
+        ),
+    ] = 0.97,
+    name: Annotated[
+        str | None, typer.Option(help="Model name in the card [default: cxr-<arch>].")
+    ] = None,
+    version: Annotated[str, typer.Option(help="Model version in the card.")] = "1.0.0",
+    time_budget: Annotated[float | None, typer.Option(help="Stop fitting after about this many "
+                                                     "minutes (best epoch kept).")] = 25.0,
+    max_train: Annotated[
+        int | None,
+        typer.Option(help="Use a stratified random subset of this many training images."),
+    ] = None,
+    max_val: Annotated[int | None, typer.Option(help="Same for val/.")] = None,
+) -> None:
+    """Fit on DATA_DIR/train, early-stop and pick the threshold on DATA_DIR/val, export."""
+    _quiet_tensorflow()
+    from training.models import ARCHITECTURES
+    from training.train import TrainConfig, train
+
+    if arch not in ARCHITECTURES:
+        raise typer.BadParameter(f"choose one of {', '.join(ARCHITECTURES)}", param_hint="--arch")
+    cfg = TrainConfig(
+        data_dir=data_dir,
+        out=out or Path("runs") / arch,
+        arch=arch,
+        epochs=epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        patience=patience,
+        seed=seed,
+        weights=weights,
+        target_sensitivity=target_sensitivity,
+        name=name,
+        version=version,
+        time_budget_minutes=time_budget,
+        max_train=max_train,
+        max_val=max_val,
+    )
+    card = train(cfg)
+    val = card["metrics"]["val"]
+    typer.echo(
+        f"wrote {cfg.out}: val AUC {val['auc']:.4f}, threshold {card['threshold']:.4f} "
+        f"(sens {val['sensitivity']:.3f}, spec {val['specificity']:.3f}), "
+        f"{card['training_seconds']:.0f} s"
+    )
+
+
+def evaluate_command(
+    data_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder with test/ (or label folders directly).", exists=True, file_okay=False
+        ),
+    ],
+    model: Annotated[
+        Path | None, typer.Option(help="Model folder [default: CXR_MODEL or models/cxr-compact].")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder [default: <model>/evaluation].")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Sub-folder to evaluate if present.")] = "test",
+    shortcut_audit: Annotated[
+        bool,
+        typer.Option(
+            "--shortcut-audit",
+            help="Also measure AUC on border-only / lungs-hidden images and draw a Grad-CAM grid.",
+        ),
+    ] = False,
+    use_keras: Annotated[
+        bool, typer.Option("--keras", help="Score with model.keras instead of model.tflite.")
+    ] = False,
+    write_card: Annotated[
+        bool,
+        typer.Option(
+            "--write-card", help="Store the figures as metrics.<split> in the model card."
+        ),
+    ] = False,
+    bootstrap: Annotated[
+        int, typer.Option(min=100, help="Bootstrap resamples for the AUC interval.")
+    ] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Classification report, AUC with 95% CI, sens/spec at the card threshold, PPV/NPV,
+    calibration, ROC/confusion/reliability PNGs and metrics.json."""
+    _quiet_tensorflow()
+    from training.evaluate import evaluate
+
+    model_dir = model or default_model_dir()
+    metrics = evaluate(
+        data_dir,
+        model_dir,
+        out or model_dir / "evaluation",
+        split=split,
+        shortcut_audit=shortcut_audit,
+        use_keras=use_keras,
+        write_card=write_card,
+        n_bootstrap=bootstrap,
+        seed=seed,
+    )
+    typer.echo(metrics["text"])
+
+
+def predict_command(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Image files or folders (walked recursively).")
+    ],
+    model: Annotated[
+        Path | None, typer.Option(help="Model folder [default: CXR_MODEL or models/cxr-compact].")
+    ] = None,
+    csv: Annotated[Path | None, typer.Option(help="Write the CSV here instead of stdout.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Override the card threshold.")] = None,
+) -> None:
+    """One CSV line per image: path,covid_probability,predicted_label,status,reason."""
+    from training.predict import predict_to_csv
+
+    n = predict_to_csv(paths, model or default_model_dir(), csv, threshold=threshold)
+    if csv is not None:
+        typer.echo(f"wrote {n} rows to {csv}", err=True)
+
+
+app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
+app.command("predict")(predict_command)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,264 @@
+"""Labelled file lists and tf.data streams.
+
+Layout: ``DATA_DIR/<split>/<label>/...`` with labels ``normal``, ``covid`` and optionally
+``pneumonia``; files are PNG/JPEG (any picture ``load_gray`` reads) or DICOM (``.dcm``,
+``.dicom`` or no suffix), found recursively.
+
+Every image reaches the network as ``model_input(load_gray(path), size)`` - the worker's
+own pipeline (border crop, resize, histogram equalisation). Augmentation is applied on
+top of that tensor, in training only.
+
+Pneumonia policy: ``pneumonia/`` images are LEFT OUT of training, early stopping and
+threshold choice. In this data set they are all web-published paper figures (ieee8023 /
+Figure1), so as extra negatives they would teach "web-figure style means not COVID",
+while the external COVID cases are exactly such figures. ``evaluate`` reports the
+pneumonia images separately (how many the model flags).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training import CLASS_NAMES
+from worker.imaging.errors import RejectedInput
+from worker.imaging.pipeline import is_picture, load_gray, model_input
+
+log = logging.getLogger(__name__)
+
+LABELS = {"normal": 0, "covid": 1}
+EXTRA_LABELS = ("pneumonia",)
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ""})
+PNEUMONIA_POLICY = (
+    "excluded: pneumonia/ images (all web-published ieee8023/Figure1 figures) are not used "
+    "for training, early stopping or the threshold, to avoid teaching 'web-figure style = "
+    "not COVID'; evaluate reports them separately"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: str  # "normal", "covid" or "pneumonia"
+
+    @property
+    def target(self) -> int:
+        return LABELS.get(self.label, 0)
+
+
+def is_image_file(path: Path) -> bool:
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    return is_picture(path) or path.suffix.lower() in DICOM_SUFFIXES
+
+
+def walk_images(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if is_image_file(p))
+
+
+def split_dir(data_dir: Path, split: str) -> Path:
+    """``DATA_DIR/split`` if present, else DATA_DIR itself when it holds label folders."""
+    data_dir = Path(data_dir)
+    candidate = data_dir / split
+    if candidate.is_dir():
+        return candidate
+    if any((data_dir / label).is_dir() for label in LABELS):
+        return data_dir
+    raise FileNotFoundError(f"{data_dir} has neither {split}/ nor normal/ and covid/ folders")
+
+
+def list_samples(folder: Path, include: Iterable[str] = tuple(LABELS)) -> list[Sample]:
+    """Sorted (path, label) pairs of one split folder."""
+    folder = Path(folder)
+    samples = [
+        Sample(path, label)
+        for label in include
+        if (folder / label).is_dir()
+        for path in walk_images(folder / label)
+    ]
+    return sorted(samples, key=lambda s: (str(s.path), s.label))
+
+
+def list_split(data_dir: Path, split: str, include: Iterable[str] = tuple(LABELS)) -> list[Sample]:
+    samples = list_samples(split_dir(data_dir, split), include)
+    if not samples:
+        raise FileNotFoundError(f"no images under {split_dir(data_dir, split)}")
+    return samples
+
+
+def counts(samples: Sequence[Sample]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in samples:
+        out[s.label] = out.get(s.label, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def manifest_sha256(samples: Sequence[Sample], root: Path) -> str:
+    """SHA-256 of the sorted ``relative/path<TAB>label`` lines (location independent)."""
+    lines = sorted(f"{_relative(s.path, root)}\t{s.label}\n" for s in samples)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def class_weights(samples: Sequence[Sample]) -> dict[int, float]:
+    """Inverse-frequency weights, normalised so a balanced set gets 1.0 for each class."""
+    targets = np.array([s.target for s in samples])
+    n = len(targets)
+    weights = {}
+    for cls in range(len(CLASS_NAMES)):
+        k = int((targets == cls).sum())
+        weights[cls] = float(n / (len(CLASS_NAMES) * k)) if k else 1.0
+    return weights
+
+
+def load_input(path: str | Path, size: int) -> np.ndarray:
+    """The network input of one file: exactly what the worker computes."""
+    return model_input(load_gray(path), size)
+
+
+def try_load(path: str | Path, size: int) -> tuple[np.ndarray, bool]:
+    try:
+        return load_input(path, size), True
+    except RejectedInput as exc:
+        log.warning("skipping %s: %s", path, exc)
+    except Exception as exc:  # a corrupt file must not stop a long run
+        log.warning("skipping %s: unreadable (%s)", path, exc)
+    return np.zeros((size, size, 1), np.float32), False
+
+
+def iter_batches(
+    paths: Sequence[Path], size: int, batch_size: int = 16
+) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
+    """Numpy batches without TensorFlow: (indices, inputs, [(index, reason) rejected])."""
+    for start in range(0, len(paths), batch_size):
+        ok_idx, arrays, rejected = [], [], []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                arrays.append(load_input(paths[i], size))
+                ok_idx.append(i)
+            except RejectedInput as exc:
+                rejected.append((i, f"{exc.code.value}: {exc.reason}"))
+            except Exception as exc:
+                rejected.append((i, f"unreadable: {type(exc).__name__}: {exc}"))
+        batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 1), np.float32)
+        yield ok_idx, batch, rejected
+
+
+# --------------------------------------------------------------------------- tf.data
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Geometry (small) and intensity (strong) jitter, applied after ``model_input``."""
+
+    rotation_deg: float = 7.0
+    zoom: float = 0.08
+    translate: float = 0.05
+    gamma_log: float = 0.3  # gamma = exp(U(-g, g)), 0.74..1.35
+    contrast: float = 0.25  # (x - mean) * U(1 - c, 1 + c) + mean
+    brightness: float = 0.08
+    noise_max: float = 0.03  # gaussian sigma ~ U(0, noise_max)
+    blur_prob: float = 0.2
+
+
+def make_dataset(
+    samples: Sequence[Sample],
+    size: int,
+    batch_size: int,
+    *,
+    training: bool,
+    seed: int = 0,
+    augmentation: Augmentation | None = None,
+    with_weights: dict[int, float] | None = None,
+) -> Any:
+    """A tf.data pipeline streaming from disk: list -> (shuffle) -> parallel decode ->
+    drop unreadable -> batch -> (augment) -> prefetch. Yields (x, y) or (x, y, w)."""
+    import tensorflow as tf
+
+    paths = [str(s.path) for s in samples]
+    targets = np.array([s.target for s in samples], np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((paths, targets))
+    if training:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+
+    def _load(path: Any) -> tuple[np.ndarray, bool]:
+        return try_load(path.decode() if isinstance(path, bytes) else str(path), size)
+
+    def _map(path: Any, y: Any) -> tuple[Any, Any, Any]:
+        x, ok = tf.numpy_function(_load, [path], [tf.float32, tf.bool], stateful=False)
+        x.set_shape((size, size, 1))
+        ok.set_shape(())
+        return x, y, ok
+
+    def _readable(x: Any, y: Any, ok: Any) -> Any:
+        return ok
+
+    def _drop_flag(x: Any, y: Any, ok: Any) -> tuple[Any, Any]:
+        return x, tf.reshape(y, (1,))
+
+    ds = ds.map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(_readable).map(_drop_flag)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    if training:
+        augment = build_augmenter(size, augmentation or Augmentation(), seed)
+
+        def _augment(x: Any, y: Any) -> tuple[Any, Any]:
+            return augment(x), y
+
+        ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+    if with_weights is not None:
+        w0, w1 = float(with_weights[0]), float(with_weights[1])
+
+        def _weigh(x: Any, y: Any) -> tuple[Any, Any, Any]:
+            return x, y, tf.where(y > 0.5, w1, w0)
+
+        ds = ds.map(_weigh)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def build_augmenter(size: int, aug: Augmentation, seed: int) -> Any:
+    """A function (N,S,S,1) -> (N,S,S,1) in [0,1] applying random geometry + intensity."""
+    import keras
+    import tensorflow as tf
+
+    geometry = keras.Sequential(
+        [
+            keras.layers.RandomRotation(aug.rotation_deg / 360.0, fill_mode="reflect", seed=seed),
+            keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed + 1),
+            keras.layers.RandomTranslation(
+                aug.translate, aug.translate, fill_mode="reflect", seed=seed + 2
+            ),
+        ],
+        name="augment_geometry",
+    )
+    rng = tf.random.Generator.from_seed(seed + 3)
+    kernel = tf.constant([[1, 2, 1], [2, 4, 2], [1, 2, 1]], tf.float32)[..., None, None] / 16.0
+
+    def augment(x: Any) -> Any:
+        n = tf.shape(x)[0]
+        x = geometry(x, training=True)
+        shape = tf.stack([n, 1, 1, 1])
+        gamma = tf.exp(rng.uniform(shape, -aug.gamma_log, aug.gamma_log))
+        x = tf.pow(tf.clip_by_value(x, 1e-6, 1.0), gamma)
+        mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
+        x = (x - mean) * rng.uniform(shape, 1 - aug.contrast, 1 + aug.contrast) + mean
+        x = x + rng.uniform(shape, -aug.brightness, aug.brightness)
+        blurred = tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
+        x = tf.where(rng.uniform(shape) < aug.blur_prob, blurred, x)
+        sigma = rng.uniform(shape, 0.0, aug.noise_max)
+        x = x + sigma * rng.normal(tf.shape(x))
+        return tf.clip_by_value(x, 0.0, 1.0)
+
+    return augment

@@ -1,0 +1,626 @@
+"""Evaluate a model folder on labelled images: ``DATA_DIR/test/<label>/`` or ``DATA_DIR/<label>/``.
+
+The task is binary, normal vs covid. ``pneumonia/`` images (if any) are NOT part of the
+binary figures; they are reported separately (how many the model flags as covid at the
+card threshold). Scoring uses the worker's LiteRT ``Classifier`` on
+``model_input(load_gray(path), size)``, or ``model.keras`` with ``use_keras``.
+
+``shortcut_audit`` repeats the scoring on altered grey images (altered BEFORE
+``model_input``, so the pipeline's own border crop and equalisation still apply):
+
+* ``border_only``: only the outer band (``AUDIT_BAND`` of each side) is kept, the centre
+  is filled with the image mean. A model that reads the lungs should be near AUC 0.5.
+* ``lungs_hidden``: the complement - the centre (where the lung fields are) is filled
+  with the image mean. AUC should fall sharply.
+
+and draws a Grad-CAM grid of correctly and wrongly classified images (needs model.keras).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training import CLASS_NAMES
+from training.data import Sample, list_samples, split_dir
+from worker.imaging.errors import RejectedInput
+from worker.imaging.pipeline import load_gray, model_input
+from worker.model import CARD_FILE, KERAS_FILE, Classifier, read_card
+
+log = logging.getLogger(__name__)
+
+PREVALENCES = (0.01, 0.05, 0.20)
+ECE_BINS = 10
+AUDIT_BAND = 0.20
+BATCH = 16
+
+
+# ------------------------------------------------------------------ scoring
+
+
+class Scorer:
+    """Probability of covid for (N,S,S,1) inputs, from the TFLite or the Keras model."""
+
+    def __init__(self, model_dir: Path, use_keras: bool = False) -> None:
+        self.card = read_card(model_dir)
+        self.size = self.card.input_size
+        self.threshold = self.card.threshold
+        self.keras_model: Any = None
+        self._classifier: Classifier | None = None
+        if use_keras:
+            self.keras_model = load_keras(model_dir)
+        else:
+            self._classifier = Classifier(model_dir, threads=1)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self._classifier is not None:
+            return self._classifier.predict(batch)
+        return np.asarray(self.keras_model(batch, training=False)).reshape(-1)
+
+
+def load_keras(model_dir: Path) -> Any:
+    import keras
+
+    path = Path(model_dir) / KERAS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {KERAS_FILE} in {model_dir}")
+    return keras.models.load_model(path, compile=False)
+
+
+GrayTransform = Callable[[np.ndarray], np.ndarray]
+
+
+def score_files(
+    paths: Sequence[Path],
+    scorer: Callable[[np.ndarray], np.ndarray],
+    size: int,
+    transform: GrayTransform | None = None,
+) -> tuple[np.ndarray, list[tuple[Path, str]]]:
+    """Probabilities (NaN for rejected files) and the rejected (path, reason) list."""
+    probs = np.full(len(paths), np.nan, dtype=np.float64)
+    rejected: list[tuple[Path, str]] = []
+    for start in range(0, len(paths), BATCH):
+        idx, arrays = [], []
+        for i in range(start, min(start + BATCH, len(paths))):
+            try:
+                gray = load_gray(paths[i])
+                if transform is not None:
+                    gray = transform(gray)
+                arrays.append(model_input(gray, size))
+                idx.append(i)
+            except RejectedInput as exc:
+                rejected.append((paths[i], f"{exc.code.value}: {exc.reason}"))
+            except Exception as exc:
+                rejected.append((paths[i], f"unreadable: {type(exc).__name__}: {exc}"))
+        if arrays:
+            probs[idx] = scorer(np.stack(arrays))
+    return probs, rejected
+
+
+def _box(
+    shape: tuple[int, ...], top: float, bottom: float, left: float, right: float
+) -> tuple[slice, slice]:
+    rows, cols = shape[:2]
+    return (
+        slice(round(rows * top), round(rows * bottom)),
+        slice(round(cols * left), round(cols * right)),
+    )
+
+
+def border_only(gray: np.ndarray, band: float = AUDIT_BAND) -> np.ndarray:
+    """Only the outer band is shown; the centre is filled with the image mean."""
+    out = gray.copy()
+    out[_box(gray.shape, band, 1 - band, band, 1 - band)] = float(gray.mean())
+    return out
+
+
+def centre_only(gray: np.ndarray, band: float = AUDIT_BAND) -> np.ndarray:
+    """Control: the outer band is filled with the image mean, the centre is shown."""
+    out = np.full_like(gray, float(gray.mean()))
+    box = _box(gray.shape, band, 1 - band, band, 1 - band)
+    out[box] = gray[box]
+    return out
+
+
+LUNG_BOXES = ((0.15, 0.82, 0.12, 0.47), (0.15, 0.82, 0.53, 0.88))  # top, bottom, left, right
+
+
+def lungs_hidden(gray: np.ndarray) -> np.ndarray:
+    """Both lung fields (a box per side of a frontal film) filled with the image mean;
+    mediastinum, heart, diaphragm, shoulders and borders stay visible."""
+    out = gray.copy()
+    fill = float(gray.mean())
+    for box in LUNG_BOXES:
+        out[_box(gray.shape, *box)] = fill
+    return out
+
+
+AUDITS: dict[str, tuple[GrayTransform, str]] = {
+    "border_only": (
+        border_only,
+        f"outer {AUDIT_BAND:.0%} band only, centre = image mean "
+        "(near 0.5 if the model ignores borders)",
+    ),
+    "lungs_hidden": (
+        lungs_hidden,
+        "both lung-field boxes filled with the image mean (should fall sharply)",
+    ),
+    "centre_only": (
+        centre_only,
+        f"control: outer {AUDIT_BAND:.0%} band = image mean (should stay high)",
+    ),
+}
+
+
+# ------------------------------------------------------------------ figures
+
+
+def bootstrap_auc(
+    y: np.ndarray,
+    p: np.ndarray,
+    n: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile 95% interval of the ROC AUC over ``n`` seeded case resamples."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():
+            aucs.append(roc_auc_score(y[idx], p[idx]))
+    lo, hi = np.percentile(aucs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def predictive_values(sens: float, spec: float, prevalence: float) -> dict[str, float]:
+    tp, fp = sens * prevalence, (1 - spec) * (1 - prevalence)
+    tn, fn = spec * (1 - prevalence), (1 - sens) * prevalence
+    return {
+        "prevalence": prevalence,
+        "ppv": float(tp / (tp + fp)) if tp + fp else float("nan"),
+        "npv": float(tn / (tn + fn)) if tn + fn else float("nan"),
+    }
+
+
+def calibration(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> dict[str, Any]:
+    """Expected calibration error of P(covid) with equal-width bins, plus the bin table."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1], right=False), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        k = int(mask.sum())
+        if k:
+            conf, freq = float(p[mask].mean()), float(y[mask].mean())
+            ece += k / len(y) * abs(conf - freq)
+        else:
+            conf, freq = float("nan"), float("nan")
+        table.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "n": k,
+                "mean_probability": conf,
+                "observed_covid_rate": freq,
+            }
+        )
+    return {"ece": float(ece), "bins": table}
+
+
+def binary_metrics(
+    y: np.ndarray, p: np.ndarray, threshold: float, n_bootstrap: int, seed: int
+) -> dict[str, Any]:
+    from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
+
+    pred = (p >= threshold).astype(int)
+    cm = confusion_matrix(y, pred, labels=[0, 1])
+    tn, fp, fn, tp = (int(v) for v in cm.ravel())
+    sens = tp / (tp + fn) if tp + fn else float("nan")
+    spec = tn / (tn + fp) if tn + fp else float("nan")
+    both = y.min() != y.max()
+    auc = float(roc_auc_score(y, p)) if both else float("nan")
+    lo, hi = bootstrap_auc(y, p, n_bootstrap, seed) if both else (float("nan"),) * 2
+    report_text = classification_report(
+        y, pred, labels=[0, 1], target_names=list(CLASS_NAMES), digits=4, zero_division=0
+    )
+    return {
+        "n": len(y),
+        "n_covid": int(y.sum()),
+        "n_normal": int(len(y) - y.sum()),
+        "auc": auc,
+        "auc_ci95": [lo, hi],
+        "bootstrap_resamples": n_bootstrap,
+        "bootstrap_seed": seed,
+        "threshold": threshold,
+        "sensitivity": sens,
+        "specificity": spec,
+        "accuracy": (tp + tn) / len(y),
+        "confusion_matrix": {
+            "labels": list(CLASS_NAMES),
+            "matrix": cm.tolist(),
+            "tn": tn,
+            "fp": fp,
+            "fn": fn,
+            "tp": tp,
+        },
+        "predictive_values": [predictive_values(sens, spec, q) for q in PREVALENCES],
+        "calibration": calibration(y, p),
+        "classification_report": classification_report(
+            y,
+            pred,
+            labels=[0, 1],
+            target_names=list(CLASS_NAMES),
+            output_dict=True,
+            zero_division=0,
+        ),
+        "classification_report_text": report_text,
+    }
+
+
+# ------------------------------------------------------------------ plots
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(y: np.ndarray, p: np.ndarray, m: dict[str, Any], path: Path, title: str) -> None:
+    from sklearn.metrics import roc_curve
+
+    plt = _plt()
+    fpr, tpr, _ = roc_curve(y, p)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(
+        fpr, tpr, label=f"AUC {m['auc']:.4f} (95% CI {m['auc_ci95'][0]:.4f}-{m['auc_ci95'][1]:.4f})"
+    )
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.plot(
+        1 - m["specificity"],
+        m["sensitivity"],
+        "o",
+        color="red",
+        label=f"threshold {m['threshold']:.3f}: sens {m['sensitivity']:.3f}, "
+        f"spec {m['specificity']:.3f}",
+    )
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(m: dict[str, Any], path: Path, title: str) -> None:
+    plt = _plt()
+    cm = np.array(m["confusion_matrix"]["matrix"])
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(
+            j,
+            i,
+            str(v),
+            ha="center",
+            va="center",
+            color="white" if v > cm.max() / 2 else "black",
+            fontsize=14,
+        )
+    ax.set_xticks([0, 1], CLASS_NAMES)
+    ax.set_yticks([0, 1], CLASS_NAMES)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(m: dict[str, Any], path: Path, title: str) -> None:
+    plt = _plt()
+    bins = m["calibration"]["bins"]
+    centres = [(b["low"] + b["high"]) / 2 for b in bins]
+    fig, (ax, ax2) = plt.subplots(
+        2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ax.bar(
+        centres,
+        [b["observed_covid_rate"] for b in bins],
+        width=0.1,
+        edgecolor="black",
+        alpha=0.7,
+        label="observed covid rate",
+    )
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(
+        [b["mean_probability"] for b in bins],
+        [b["observed_covid_rate"] for b in bins],
+        "o-",
+        color="red",
+        label="bin mean probability",
+    )
+    ax.set(
+        ylabel="observed covid rate",
+        title=f"{title}\nECE ({ECE_BINS} bins) = {m['calibration']['ece']:.4f}",
+    )
+    ax.legend(fontsize=8)
+    ax2.bar(centres, [b["n"] for b in bins], width=0.1, edgecolor="black")
+    ax2.set(xlabel="predicted probability of covid", ylabel="images", yscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ Grad-CAM
+
+
+def grad_cam(model: Any, inputs: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """Grad-CAM maps (N,S,S) in [0,1] for the logit of covid (sign +1) or normal (-1)."""
+    import keras
+    import tensorflow as tf
+
+    from training.models import last_conv_layer
+
+    head = model.layers[-1]
+    features = keras.Model(
+        model.inputs, [model.get_layer(last_conv_layer(model)).output, head.input]
+    )
+    x = tf.convert_to_tensor(inputs, tf.float32)
+    with tf.GradientTape() as tape:
+        conv, pooled = features(x, training=False)
+        logit = tf.matmul(pooled, head.kernel)[:, 0] + head.bias[0]
+        score = tf.reduce_sum(logit * tf.constant(signs, tf.float32))
+    grads = tape.gradient(score, conv)
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1))
+    size = inputs.shape[1]
+    cam = tf.image.resize(cam[..., None], (size, size))[..., 0].numpy()
+    peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
+    return cam / np.maximum(peak, 1e-8)
+
+
+def gradcam_grid(
+    model: Any,
+    samples: Sequence[Sample],
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    size: int,
+    path: Path,
+    per_row: int = 6,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Rows: true positives, true negatives, false positives, false negatives."""
+    plt = _plt()
+    pred = p >= threshold
+    groups = {
+        "true positive (covid)": np.flatnonzero((y == 1) & pred),
+        "true negative (normal)": np.flatnonzero((y == 0) & ~pred),
+        "false positive": np.flatnonzero((y == 0) & pred),
+        "false negative": np.flatnonzero((y == 1) & ~pred),
+    }
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(len(groups), per_row, figsize=(2.1 * per_row, 2.4 * len(groups)))
+    shown = {}
+    for row, (name, idx) in enumerate(groups.items()):
+        chosen = rng.choice(idx, min(per_row, len(idx)), replace=False) if len(idx) else []
+        shown[name] = len(idx)
+        inputs = (
+            np.stack([model_input(load_gray(samples[i].path), size) for i in chosen])
+            if len(chosen)
+            else np.zeros((0, size, size, 1), np.float32)
+        )
+        cams = grad_cam(model, inputs, np.where(pred[chosen], 1.0, -1.0)) if len(chosen) else []
+        for col in range(per_row):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(chosen):
+                i = chosen[col]
+                ax.imshow(inputs[col, ..., 0], cmap="gray", vmin=0, vmax=1)
+                ax.imshow(cams[col], cmap="jet", alpha=0.35, vmin=0, vmax=1)
+                ax.set_title(f"p={p[i]:.2f}", fontsize=8)
+        axes[row, 0].text(
+            -0.08,
+            0.5,
+            f"{name}\n(n={len(idx)})",
+            rotation=90,
+            ha="right",
+            va="center",
+            transform=axes[row, 0].transAxes,
+            fontsize=9,
+        )
+    fig.suptitle("Grad-CAM of the predicted class on the model input (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return shown
+
+
+# ------------------------------------------------------------------ main
+
+
+def evaluate(
+    data_dir: Path,
+    model_dir: Path,
+    out: Path,
+    *,
+    split: str = "test",
+    shortcut_audit: bool = False,
+    use_keras: bool = False,
+    write_card: bool = False,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    model_dir, out = Path(model_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = split_dir(data_dir, split)
+    samples = list_samples(folder, ("normal", "covid"))
+    if not samples:
+        raise FileNotFoundError(f"no normal/ or covid/ images under {folder}")
+    pneumonia = list_samples(folder, ("pneumonia",))
+    scorer = Scorer(model_dir, use_keras=use_keras)
+    size, threshold = scorer.size, scorer.threshold
+    name = f"{scorer.card.model_version} ({'keras' if use_keras else 'tflite'})"
+
+    paths = [s.path for s in samples]
+    probs, rejected = score_files(paths, scorer, size)
+    ok = ~np.isnan(probs)
+    y_all = np.array([s.target for s in samples])
+    y, p = y_all[ok], probs[ok]
+    m = binary_metrics(y, p, threshold, n_bootstrap, seed)
+    metrics: dict[str, Any] = {
+        "model": scorer.card.model_version,
+        "model_dir": str(model_dir),
+        "scored_with": "keras" if use_keras else "tflite",
+        "data": str(folder),
+        "task": "binary normal vs covid; pneumonia reported separately",
+        **m,
+        "rejected": [{"path": str(pth), "reason": r} for pth, r in rejected],
+    }
+    if pneumonia:
+        pp, _ = score_files([s.path for s in pneumonia], scorer, size)
+        pp = pp[~np.isnan(pp)]
+        metrics["pneumonia"] = {
+            "n": len(pp),
+            "flagged_covid": int((pp >= threshold).sum()),
+            "mean_probability": float(pp.mean()) if len(pp) else None,
+        }
+
+    plot_roc(y, p, m, out / "roc.png", f"ROC - {name}")
+    plot_confusion(m, out / "confusion_matrix.png", f"{split} @ {threshold:.3f}")
+    plot_reliability(m, out / "reliability.png", f"Reliability - {name}")
+    (out / "predictions.csv").write_text(
+        "path,label,covid_probability\n"
+        + "".join(f"{s.path},{s.label},{q:.6f}\n" for s, q in zip(samples, probs, strict=True))
+    )
+
+    if shortcut_audit:
+        from sklearn.metrics import roc_auc_score
+
+        audit: dict[str, Any] = {"full_image_auc": m["auc"]}
+        for key, (transform, what) in AUDITS.items():
+            pa, _ = score_files(paths, scorer, size, transform)
+            keep = ~np.isnan(pa)
+            audit[key] = {"auc": float(roc_auc_score(y_all[keep], pa[keep])), "what": what}
+        audit["examples_png"] = "audit_examples.png"
+        plot_audit_examples(samples, size, out / "audit_examples.png")
+        model_k = scorer.keras_model
+        if model_k is None and (model_dir / KERAS_FILE).is_file():
+            model_k = load_keras(model_dir)
+        if model_k is not None:
+            good = [s for s, k in zip(samples, ok, strict=True) if k]
+            audit["gradcam_groups"] = gradcam_grid(
+                model_k, good, y, p, threshold, size, out / "gradcam_grid.png", seed=seed
+            )
+            audit["gradcam_png"] = "gradcam_grid.png"
+        else:
+            audit["gradcam_png"] = None
+        metrics["shortcut_audit"] = audit
+
+    metrics["text"] = summary_text(metrics)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "report.txt").write_text(metrics["text"] + "\n")
+    if write_card:
+        _store_in_card(model_dir, split, metrics)
+    return metrics
+
+
+def plot_audit_examples(samples: Sequence[Sample], size: int, path: Path) -> None:
+    """What the network sees under each audit, for one covid and one normal image."""
+    plt = _plt()
+    picks = [
+        next(s for s in samples if s.label == lab)
+        for lab in ("covid", "normal")
+        if any(s.label == lab for s in samples)
+    ]
+    views: list[tuple[str, GrayTransform | None]] = [("full", None)] + [
+        (k, f) for k, (f, _) in AUDITS.items()
+    ]
+    fig, axes = plt.subplots(
+        len(picks), len(views), figsize=(2.4 * len(views), 2.6 * len(picks)), squeeze=False
+    )
+    for r, s in enumerate(picks):
+        gray = load_gray(s.path)
+        for c, (title, f) in enumerate(views):
+            axes[r, c].imshow(model_input(f(gray) if f else gray, size)[..., 0], cmap="gray")
+            axes[r, c].set_title(f"{s.label}: {title}", fontsize=9)
+            axes[r, c].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _store_in_card(model_dir: Path, split: str, metrics: dict[str, Any]) -> None:
+    card_path = Path(model_dir) / CARD_FILE
+    card = json.loads(card_path.read_text())
+    keep = (
+        "n",
+        "n_covid",
+        "n_normal",
+        "auc",
+        "auc_ci95",
+        "threshold",
+        "sensitivity",
+        "specificity",
+        "accuracy",
+        "confusion_matrix",
+        "predictive_values",
+        "pneumonia",
+        "scored_with",
+        "data",
+    )
+    entry = {k: metrics[k] for k in keep if k in metrics}
+    entry["ece"] = metrics["calibration"]["ece"]
+    if "shortcut_audit" in metrics:
+        entry["shortcut_audit_auc"] = {
+            k: v["auc"]
+            for k, v in metrics["shortcut_audit"].items()
+            if isinstance(v, dict) and "auc" in v
+        }
+    card.setdefault("metrics", {})[split] = entry
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def summary_text(m: dict[str, Any]) -> str:
+    lines = [
+        f"model {m['model']} scored with {m['scored_with']} on {m['data']}",
+        f"binary normal vs covid: {m['n']} images ({m['n_normal']} normal, {m['n_covid']} covid)"
+        f", {len(m['rejected'])} rejected",
+        "",
+        m["classification_report_text"],
+        f"confusion matrix [rows true normal, covid; cols predicted]: "
+        f"{m['confusion_matrix']['matrix']}",
+        f"ROC AUC {m['auc']:.4f} (95% bootstrap CI {m['auc_ci95'][0]:.4f}-{m['auc_ci95'][1]:.4f},"
+        f" {m['bootstrap_resamples']} resamples)",
+        f"at threshold {m['threshold']:.4f}: sensitivity {m['sensitivity']:.4f}, "
+        f"specificity {m['specificity']:.4f}",
+    ]
+    for pv in m["predictive_values"]:
+        lines.append(
+            f"  prevalence {pv['prevalence']:.0%}: PPV {pv['ppv']:.4f}, NPV {pv['npv']:.4f}"
+        )
+    lines.append(f"expected calibration error ({ECE_BINS} bins): {m['calibration']['ece']:.4f}")
+    if "pneumonia" in m:
+        pn = m["pneumonia"]
+        lines.append(
+            f"pneumonia (not in the binary figures): {pn['flagged_covid']} of {pn['n']} "
+            "flagged covid"
+        )
+    if "shortcut_audit" in m:
+        a = m["shortcut_audit"]
+        lines.append(
+            "shortcut audit (AUC): "
+            + ", ".join(
+                f"{k} {v['auc']:.4f}" for k, v in a.items() if isinstance(v, dict) and "auc" in v
+            )
+        )
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""``cxr-screen predict``: P(covid) for image files with the shipped LiteRT model.
+
+No TensorFlow. One CSV row per file: ``path,covid_probability,predicted_label,status,
+reason``. Folders are walked recursively (hidden files skipped; every other file is
+tried, since DICOM files often have no suffix). A file that cannot be read or that the
+DICOM gate refuses gets ``status=rejected`` and the reason; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from training import CLASS_NAMES
+from worker.imaging.enum import Status
+from worker.imaging.errors import RejectedInput
+from worker.imaging.pipeline import load_gray, model_input
+from worker.model import Classifier
+
+COLUMNS = ("path", "covid_probability", "predicted_label", "status", "reason")
+BATCH = 16
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    covid_probability: float | None
+    predicted_label: str
+    status: str
+    reason: str
+
+    def row(self) -> list[str]:
+        prob = "" if self.covid_probability is None else f"{self.covid_probability:.6f}"
+        return [str(self.path), prob, self.predicted_label, self.status, self.reason]
+
+
+def expand(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files as given, folders walked recursively in sorted order."""
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and not any(
+                    part.startswith(".") for part in child.relative_to(path).parts
+                ):
+                    yield child
+        else:
+            yield path
+
+
+def _reject(path: Path, reason: str) -> Prediction:
+    return Prediction(path, None, "", Status.REJECTED.value, reason)
+
+
+def predict_paths(
+    paths: Iterable[Path], model_dir: Path, threshold: float | None = None
+) -> Iterator[Prediction]:
+    """Predictions in input order, scored in batches of ``BATCH``."""
+    classifier = Classifier(Path(model_dir), threshold=threshold)
+    size = classifier.input_size
+    pending: list[tuple[Path, np.ndarray | None, str]] = []
+
+    def flush() -> Iterator[Prediction]:
+        ready = [x for _, x, _ in pending if x is not None]
+        probs = iter(classifier.predict(np.stack(ready)) if ready else [])
+        for path, x, reason in pending:
+            if x is None:
+                yield _reject(path, reason)
+                continue
+            prob = float(next(probs))
+            label = CLASS_NAMES[1] if prob >= classifier.threshold else CLASS_NAMES[0]
+            yield Prediction(path, prob, label, Status.SCREENED.value, "")
+        pending.clear()
+
+    for path in expand(paths):
+        try:
+            if not path.exists():
+                raise FileNotFoundError("no such file")
+            pending.append((path, model_input(load_gray(path), size), ""))
+        except RejectedInput as exc:
+            pending.append((path, None, f"{exc.code.value}: {exc.reason}"))
+        except Exception as exc:  # never crash on one bad file
+            pending.append((path, None, f"unreadable: {type(exc).__name__}: {exc}"))
+        if len(pending) >= BATCH:
+            yield from flush()
+    yield from flush()
+
+
+def write_csv(predictions: Iterable[Prediction], stream: TextIO) -> int:
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    n = 0
+    for pred in predictions:
+        writer.writerow(pred.row())
+        stream.flush()
+        n += 1
+    return n
+
+
+def predict_to_csv(
+    paths: Iterable[Path],
+    model_dir: Path,
+    csv_out: Path | None = None,
+    threshold: float | None = None,
+) -> int:
+    predictions = predict_paths(paths, model_dir, threshold)
+    if csv_out is None:
+        return write_csv(predictions, sys.stdout)
+    Path(csv_out).parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    n = write_csv(predictions, buffer)
+    Path(csv_out).write_text(buffer.getvalue())
+    return n

@@ -1,0 +1,355 @@
+"""Fit a network on ``DATA_DIR/train``, early-stop and threshold on ``DATA_DIR/val``, export.
+
+The output folder holds ``model.keras`` (for Grad-CAM and retraining), ``model.tflite``
+(what the worker runs; float32, input (N,S,S,1) in [0,1], dynamic batch, output (N,1)
+P(covid)), ``model_card.json``, ``history.csv`` and ``training_curves.png``.
+``DATA_DIR/test`` is never read here: ``evaluate --write-card`` adds the test figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training import CLASS_NAMES, POSITIVE_CLASS
+from training.data import (
+    PNEUMONIA_POLICY,
+    Augmentation,
+    Sample,
+    class_weights,
+    counts,
+    list_split,
+    make_dataset,
+    manifest_sha256,
+)
+from training.models import DEFAULT_SIZES, build_model
+from worker.imaging.pipeline import BORDER_FRACTION, PREPROCESSING_VERSION
+from worker.model import CARD_FILE, KERAS_FILE, TFLITE_FILE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET_SENSITIVITY = 0.97
+TFLITE_TOLERANCE = 1e-4
+
+
+@dataclass
+class TrainConfig:
+    data_dir: Path
+    out: Path
+    arch: str = "compact"
+    epochs: int = 35
+    image_size: int | None = None
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 8
+    seed: int = 0
+    weights: Path | None = None
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
+    name: str | None = None
+    version: str = "1.0.0"
+    time_budget_minutes: float | None = 25.0  # stop fitting before this (best epoch kept)
+    max_train: int | None = None  # subsample (stratified, seeded) for quick runs/tests
+    max_val: int | None = None
+    verbose: int | str = "auto"
+    augmentation: Augmentation = field(default_factory=Augmentation)
+
+    @property
+    def size(self) -> int:
+        return self.image_size or DEFAULT_SIZES[self.arch]
+
+
+def set_seeds(seed: int) -> None:
+    import keras
+    import tensorflow as tf
+
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)
+    keras.utils.set_random_seed(seed)
+
+
+def subsample(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
+    """A seeded, label-stratified subset of about ``n`` samples (all if n is None)."""
+    if n is None or n >= len(samples):
+        return samples
+    rng = np.random.default_rng(seed)
+    out: list[Sample] = []
+    for label in sorted({s.label for s in samples}):
+        group = [s for s in samples if s.label == label]
+        k = max(1, round(n * len(group) / len(samples)))
+        out += [group[i] for i in sorted(rng.choice(len(group), k, replace=False))]
+    return sorted(out, key=lambda s: str(s.path))
+
+
+def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    """Highest threshold t such that sensitivity of ``p >= t`` on (y, p) is >= target."""
+    positives = np.sort(p[y == 1])[::-1]
+    if len(positives) == 0:
+        raise ValueError("no positive (covid) images to choose a threshold on")
+    k = min(len(positives), max(1, math.ceil(target * len(positives))))
+    return float(positives[k - 1])
+
+
+def binary_summary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
+    from sklearn.metrics import roc_auc_score
+
+    pred = p >= threshold
+    tp = int(((y == 1) & pred).sum())
+    fn = int(((y == 1) & ~pred).sum())
+    tn = int(((y == 0) & ~pred).sum())
+    fp = int(((y == 0) & pred).sum())
+    return {
+        "n": len(y),
+        "n_covid": int((y == 1).sum()),
+        "n_normal": int((y == 0).sum()),
+        "auc": float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else None,
+        "sensitivity": tp / (tp + fn) if tp + fn else None,
+        "specificity": tn / (tn + fp) if tn + fp else None,
+        "accuracy": (tp + tn) / len(y) if len(y) else None,
+        "tp": tp,
+        "fn": fn,
+        "tn": tn,
+        "fp": fp,
+        "threshold": threshold,
+    }
+
+
+def predict_keras(model: Any, samples: list[Sample], size: int, batch_size: int) -> np.ndarray:
+    ds = make_dataset(samples, size, batch_size, training=False)
+    ys, ps = [], []
+    for x, y in ds:
+        ps.append(model(x, training=False).numpy().reshape(-1))
+        ys.append(y.numpy().reshape(-1))
+    return np.concatenate(ys).astype(int), np.concatenate(ps)
+
+
+def export_tflite(model: Any, path: Path) -> bytes:
+    """Float32 TFLite; the Keras input's batch dimension is None, so the batch is dynamic
+    (the worker sizes it with ``resize_tensor_input``)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    blob = converter.convert()
+    path.write_bytes(blob)
+    return blob
+
+
+def verify_tflite(model: Any, path: Path, inputs: np.ndarray) -> float:
+    """Max |keras - tflite| over ``inputs`` at two batch sizes; raises above tolerance."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    expected = model(inputs, training=False).numpy().reshape(-1)
+    interp = Interpreter(model_path=str(path), num_threads=1)
+    idx_in = interp.get_input_details()[0]["index"]
+    idx_out = interp.get_output_details()[0]["index"]
+    worst = 0.0
+    for n in (1, len(inputs)):
+        interp.resize_tensor_input(idx_in, [n, *inputs.shape[1:]])
+        interp.allocate_tensors()
+        interp.set_tensor(idx_in, inputs[:n].astype(np.float32))
+        interp.invoke()
+        got = interp.get_tensor(idx_out).reshape(-1)
+        worst = max(worst, float(np.abs(got - expected[:n]).max()))
+    if worst > TFLITE_TOLERANCE:
+        raise RuntimeError(f"TFLite export differs from Keras by {worst:.2e} > {TFLITE_TOLERANCE}")
+    return worst
+
+
+def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("loss", "train"), ("val_loss", "val")):
+        if key in history:
+            axes[0].plot(epochs, history[key], marker="o", label=label)
+    axes[0].set(title="loss (class-weighted BCE on train)", xlabel="epoch", ylabel="loss")
+    for key, label in (("auc", "train"), ("val_auc", "val")):
+        if key in history:
+            axes[1].plot(epochs, history[key], marker="o", label=label)
+    axes[1].set(title="ROC AUC", xlabel="epoch", ylabel="AUC")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def TimeBudget(seconds: float) -> Any:
+    """Stop before the next epoch would end past ``seconds`` of fitting (EarlyStopping
+    still restores the best epoch's weights at the end of training)."""
+    import keras
+
+    class _TimeBudget(keras.callbacks.Callback):
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.start = time.perf_counter()
+            self.last = self.start
+            self.stopped_epoch: int | None = None
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            now = time.perf_counter()
+            epoch_time, self.last = now - self.last, now
+            if now - self.start + epoch_time > seconds:
+                self.stopped_epoch = epoch + 1
+                self.model.stop_training = True
+                log.info("time budget of %.0f s reached after epoch %d", seconds, epoch + 1)
+
+    return _TimeBudget()
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training; returns the model card (also written to ``cfg.out``)."""
+    import keras
+
+    started = time.perf_counter()
+    set_seeds(cfg.seed)
+    size = cfg.size
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_samples = subsample(list_split(cfg.data_dir, "train"), cfg.max_train, cfg.seed)
+    val_samples = subsample(list_split(cfg.data_dir, "val"), cfg.max_val, cfg.seed)
+    if len({s.label for s in train_samples}) < 2 or len({s.label for s in val_samples}) < 2:
+        raise ValueError("train/ and val/ both need normal/ and covid/ images")
+    weights = class_weights(train_samples)
+    log.info(
+        "train %s, val %s, class weights %s", counts(train_samples), counts(val_samples), weights
+    )
+
+    train_ds = make_dataset(
+        train_samples,
+        size,
+        cfg.batch_size,
+        training=True,
+        seed=cfg.seed,
+        augmentation=cfg.augmentation,
+        with_weights=weights,
+    )
+    val_ds = make_dataset(val_samples, size, cfg.batch_size, training=False)
+
+    model = build_model(cfg.arch, size, cfg.weights)
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
+    )
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_auc",
+            mode="max",
+            patience=cfg.patience,
+            restore_best_weights=True,
+            verbose=1,
+        ),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-5, verbose=1
+        ),
+        keras.callbacks.CSVLogger(str(out / "history.csv")),
+    ]
+    if cfg.time_budget_minutes:
+        callbacks.append(TimeBudget(cfg.time_budget_minutes * 60))
+    fit_started = time.perf_counter()
+    hist = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg.epochs,
+        callbacks=callbacks,
+        verbose=cfg.verbose,
+    )
+    fit_seconds = time.perf_counter() - fit_started
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    best_epoch = int(np.argmax(history["val_auc"])) + 1
+
+    y_val, p_val = predict_keras(model, val_samples, size, cfg.batch_size)
+    threshold = threshold_for_sensitivity(y_val, p_val, cfg.target_sensitivity)
+    val_metrics = binary_summary(y_val, p_val, threshold)
+
+    # Export: an uncompiled copy keeps the optimizer state out of model.keras.
+    shipped = build_model(cfg.arch, size)
+    shipped.set_weights(model.get_weights())
+    shipped.save(out / KERAS_FILE)
+    export_tflite(shipped, out / TFLITE_FILE)
+    probe = np.stack(
+        [
+            x
+            for x, _ in make_dataset(val_samples[:8], size, 8, training=False)
+            .unbatch()
+            .take(8)
+            .as_numpy_iterator()
+        ]
+    )
+    tflite_diff = verify_tflite(shipped, out / TFLITE_FILE, probe)
+
+    plot_curves(
+        history,
+        out / "training_curves.png",
+        f"{cfg.arch} @ {size}px, best epoch {best_epoch} (val AUC {max(history['val_auc']):.4f})",
+    )
+    name = cfg.name or f"cxr-{cfg.arch}"
+    card: dict[str, Any] = {
+        "name": name,
+        "version": cfg.version,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "architecture": cfg.arch,
+        "input_size": size,
+        "input": "model_input(load_gray(path), input_size): (N,S,S,1) float32 in [0,1]",
+        "output": "(N,1) sigmoid probability of covid",
+        "preprocessing_version": PREPROCESSING_VERSION,
+        "preprocessing": f"worker.imaging.pipeline: {BORDER_FRACTION:.0%} border crop, resize, "
+        "histogram equalisation",
+        "class_names": list(CLASS_NAMES),
+        "positive_class": POSITIVE_CLASS,
+        "threshold": threshold,
+        "threshold_rule": f"highest threshold with sensitivity >= {cfg.target_sensitivity} on "
+        f"the validation split (predict covid when probability >= threshold)",
+        "target_sensitivity": cfg.target_sensitivity,
+        "training_manifest_sha256": manifest_sha256(train_samples, Path(cfg.data_dir)),
+        "training_manifest_rule": "sha256 of sorted '<path relative to DATA_DIR>\\t<label>\\n' "
+        "lines of the training images",
+        "training_counts": counts(train_samples),
+        "validation_counts": counts(val_samples),
+        "pneumonia_policy": PNEUMONIA_POLICY,
+        "class_weights": {CLASS_NAMES[k]: v for k, v in weights.items()},
+        "augmentation": asdict(cfg.augmentation),
+        "parameters": int(shipped.count_params()),
+        "training_seconds": round(time.perf_counter() - started, 1),
+        "fit_seconds": round(fit_seconds, 1),
+        "epochs_run": len(history["loss"]),
+        "best_epoch": best_epoch,
+        "hyperparameters": {
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "learning_rate": cfg.learning_rate,
+            "patience": cfg.patience,
+            "seed": cfg.seed,
+            "optimizer": "adam",
+            "lr_schedule": "ReduceLROnPlateau(val_auc, 0.3, 2)",
+            "early_stopping": f"val_auc, patience {cfg.patience}, restore best",
+            "time_budget_minutes": cfg.time_budget_minutes,
+            "weights": str(cfg.weights) if cfg.weights else None,
+        },
+        "tflite_max_abs_diff_vs_keras": tflite_diff,
+        "metrics": {"val": val_metrics, "test": None},
+    }
+    write_card(out, card)
+    return card
+
+
+def write_card(model_dir: Path, card: dict[str, Any]) -> None:
+    (Path(model_dir) / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
