@@ -62,6 +62,12 @@ def train_command(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     learning_rate: Annotated[float, typer.Option()] = 1e-3,
+    lr_schedule: Annotated[
+        str,
+        typer.Option(
+            help="plateau (ReduceLROnPlateau on val AUC) or cosine (warm-up + cosine decay)."
+        ),
+    ] = "plateau",
     patience: Annotated[int, typer.Option(min=1, help="Early-stopping patience (epochs).")] = 8,
     seed: Annotated[int, typer.Option(help="Seeds python, numpy and TensorFlow.")] = 0,
     weights: Annotated[
@@ -86,8 +92,10 @@ def train_command(
         str | None, typer.Option(help="Model name in the card [default: cxr-<arch>].")
     ] = None,
     version: Annotated[str, typer.Option(help="Model version in the card.")] = "1.0.0",
-    time_budget: Annotated[float | None, typer.Option(help="Stop fitting after about this many "
-                                                     "minutes (best epoch kept).")] = 25.0,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(help="Stop fitting after about this many minutes (best epoch kept)."),
+    ] = 25.0,
     max_train: Annotated[
         int | None,
         typer.Option(help="Use a stratified random subset of this many training images."),
@@ -109,6 +117,7 @@ def train_command(
         image_size=image_size,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        lr_schedule=lr_schedule,
         patience=patience,
         seed=seed,
         weights=weights,

@@ -18,7 +18,7 @@ from typing import Any
 
 ARCHITECTURES = ("compact", "alexnet", "vgg16", "inceptionv3")
 DEFAULT_SIZES = {"compact": 160, "alexnet": 224, "vgg16": 224, "inceptionv3": 299}
-MIN_SIZES = {"compact": 32, "alexnet": 64, "vgg16": 32, "inceptionv3": 75}
+MIN_SIZES = {"compact": 32, "alexnet": 96, "vgg16": 32, "inceptionv3": 75}
 
 
 def build_model(arch: str, image_size: int, weights: str | Path | None = None) -> Any:

@@ -51,6 +51,7 @@ class TrainConfig:
     image_size: int | None = None
     batch_size: int = 32
     learning_rate: float = 1e-3
+    lr_schedule: str = "plateau"  # "plateau" (ReduceLROnPlateau on val AUC) or "cosine"
     patience: int = 8
     seed: int = 0
     weights: Path | None = None
@@ -244,8 +245,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     val_ds = make_dataset(val_samples, size, cfg.batch_size, training=False)
 
     model = build_model(cfg.arch, size, cfg.weights)
+    steps = math.ceil(len(train_samples) / cfg.batch_size)
+    if cfg.lr_schedule == "cosine":
+        lr: Any = keras.optimizers.schedules.CosineDecay(
+            0.0,
+            decay_steps=max(1, (cfg.epochs - 1) * steps),
+            alpha=0.01,
+            warmup_target=cfg.learning_rate,
+            warmup_steps=steps,
+        )
+    elif cfg.lr_schedule == "plateau":
+        lr = cfg.learning_rate
+    else:
+        raise ValueError(f"unknown lr schedule {cfg.lr_schedule!r} (plateau or cosine)")
     model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate),
+        optimizer=keras.optimizers.Adam(lr),
         loss="binary_crossentropy",
         metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
     )
@@ -257,11 +271,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             restore_best_weights=True,
             verbose=1,
         ),
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-5, verbose=1
-        ),
         keras.callbacks.CSVLogger(str(out / "history.csv")),
     ]
+    if cfg.lr_schedule == "plateau":
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-5, verbose=1
+            )
+        )
     if cfg.time_budget_minutes:
         callbacks.append(TimeBudget(cfg.time_budget_minutes * 60))
     fit_started = time.perf_counter()
@@ -339,7 +356,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "patience": cfg.patience,
             "seed": cfg.seed,
             "optimizer": "adam",
-            "lr_schedule": "ReduceLROnPlateau(val_auc, 0.3, 2)",
+            "lr_schedule": "ReduceLROnPlateau(val_auc, 0.3, 2)"
+            if cfg.lr_schedule == "plateau"
+            else "1 epoch linear warm-up, then cosine decay to 1% over the remaining epochs",
             "early_stopping": f"val_auc, patience {cfg.patience}, restore best",
             "time_budget_minutes": cfg.time_budget_minutes,
             "weights": str(cfg.weights) if cfg.weights else None,

@@ -40,7 +40,10 @@ def test_card_fields(shipped_model: Path) -> None:
     assert len(card["training_manifest_sha256"]) == 64
     assert card["training_seconds"] < 30 * 60
     assert {"val", "test"} <= set(card["metrics"])
-    assert card["metrics"]["test"]["auc"] >= 0.99
+    for split in ("val", "test"):
+        figures = card["metrics"][split]
+        assert {"auc", "sensitivity", "specificity", "threshold"} <= set(figures), split
+        assert figures["threshold"] == card["threshold"]
     assert read_card(shipped_model).input_size == card["input_size"]
 
 

@@ -12,10 +12,10 @@ import pytest
 from training.train import subsample, threshold_for_sensitivity
 
 SIZE = 64
-MAX_TRAIN = 600
+MAX_TRAIN = 1000
 MAX_VAL = 160
-EPOCHS = 12
-AUC_BAR = 0.80  # chance is 0.5; this run reaches about 0.9
+EPOCHS = 10
+AUC_BAR = 0.80  # chance is 0.5; measured 0.88 (160 balanced test images) on 2 busy cores
 
 
 def test_threshold_for_sensitivity_is_the_highest_that_reaches_the_target() -> None:
@@ -91,6 +91,7 @@ def test_short_training_run_beats_chance(cxr_dir: Path, tmp_path: Path) -> None:
             (test / label / files[i].name).symlink_to(files[i])
     metrics = evaluate(test, out, tmp_path / "eval", n_bootstrap=200)
     elapsed = time.perf_counter() - started
+    print(metrics["text"], f"\nshort run + evaluation: {elapsed:.0f} s")
     assert metrics["n"] == 160
     assert metrics["auc"] > AUC_BAR, metrics["text"]
     assert (tmp_path / "eval" / "metrics.json").is_file()
