@@ -412,14 +412,20 @@ def gradcam_grid(
     fig, axes = plt.subplots(len(groups), per_row, figsize=(2.1 * per_row, 2.4 * len(groups)))
     shown = {}
     for row, (name, idx) in enumerate(groups.items()):
-        chosen = rng.choice(idx, min(per_row, len(idx)), replace=False) if len(idx) else []
+        chosen: np.ndarray = (
+            rng.choice(idx, min(per_row, len(idx)), replace=False) if len(idx) else idx[:0]
+        )
         shown[name] = len(idx)
         inputs = (
             np.stack([model_input(load_gray(samples[i].path), size) for i in chosen])
             if len(chosen)
             else np.zeros((0, size, size, 1), np.float32)
         )
-        cams = grad_cam(model, inputs, np.where(pred[chosen], 1.0, -1.0)) if len(chosen) else []
+        cams: np.ndarray = (
+            grad_cam(model, inputs, np.where(pred[chosen], 1.0, -1.0))
+            if len(chosen)
+            else np.zeros((0, size, size))
+        )
         for col in range(per_row):
             ax = axes[row, col]
             ax.axis("off")

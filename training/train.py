@@ -126,7 +126,9 @@ def binary_summary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
     }
 
 
-def predict_keras(model: Any, samples: list[Sample], size: int, batch_size: int) -> np.ndarray:
+def predict_keras(
+    model: Any, samples: list[Sample], size: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     ds = make_dataset(samples, size, batch_size, training=False)
     ys, ps = [], []
     for x, y in ds:
