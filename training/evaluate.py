@@ -446,7 +446,7 @@ def gradcam_grid(
         )
     fig.suptitle("Grad-CAM of the predicted class on the model input (test split)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=72)
     plt.close(fig)
     return shown
 
