@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from db.session import make_engine, safe_url, upgrade
+from training.cli import evaluate_command, predict_command, train_command
 from worker.cli_common import (
     DatabaseUrl,
     ModelDir,
@@ -97,3 +98,7 @@ def main() -> None:
 
 register_queue(app)
 register_report(app)
+# Training commands import TensorFlow inside the command only; the worker starts light.
+app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
+app.command("predict")(predict_command)
