@@ -210,9 +210,28 @@ def predict_command(
         typer.echo(f"wrote {n} rows to {csv}", err=True)
 
 
+def ensemble_command(
+    members: Annotated[list[Path], typer.Argument(help="Trained model folders to average.")],
+    data_dir: Annotated[Path, typer.Option("--data", help="DATA_DIR with val/ for the threshold.")],
+    out: Annotated[Path, typer.Option(help="Folder for the combined model.")],
+    version: Annotated[str, typer.Option(help="Version in the model card.")] = "1.0.0",
+) -> None:
+    """Average trained models into one (keras + tflite + card); threshold re-chosen on val."""
+    _quiet_tensorflow()
+    from training.ensemble import build_ensemble
+
+    card = build_ensemble(members, data_dir, out, version=version)
+    val = card["metrics"]["val"]
+    typer.echo(
+        f"wrote {out}: val AUC {val['auc']:.4f}, threshold {card['threshold']:.4f} "
+        f"(sens {val['sensitivity']:.3f}, spec {val['specificity']:.3f})"
+    )
+
+
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("predict")(predict_command)
+app.command("ensemble")(ensemble_command)
 
 if __name__ == "__main__":
     app()

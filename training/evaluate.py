@@ -364,11 +364,20 @@ def plot_reliability(m: dict[str, Any], path: Path, title: str) -> None:
 
 
 def grad_cam(model: Any, inputs: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """Grad-CAM maps (N,S,S) in [0,1] for the logit of covid (sign +1) or normal (-1)."""
+    """Grad-CAM maps (N,S,S) in [0,1] for the logit of covid (sign +1) or normal (-1).
+
+    For an ensemble (members nested as sub-models) the members' maps are averaged.
+    """
     import keras
     import tensorflow as tf
 
     from training.models import last_conv_layer
+
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if members:
+        cams = np.mean([grad_cam(member, inputs, signs) for member in members], axis=0)
+        peak = cams.reshape(len(cams), -1).max(axis=1).reshape(-1, 1, 1)
+        return np.asarray(cams / np.maximum(peak, 1e-8))
 
     head = model.layers[-1]
     features = keras.Model(

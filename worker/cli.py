@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from db.session import make_engine, safe_url, upgrade
-from training.cli import evaluate_command, predict_command, train_command
+from training.cli import ensemble_command, evaluate_command, predict_command, train_command
 from worker.cli_common import (
     DatabaseUrl,
     ModelDir,
@@ -102,3 +102,4 @@ register_report(app)
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
 app.command("predict")(predict_command)
+app.command("ensemble")(ensemble_command)

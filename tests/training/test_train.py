@@ -97,4 +97,3 @@ def test_short_training_run_beats_chance(cxr_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "eval" / "metrics.json").is_file()
     for png in ("roc.png", "confusion_matrix.png", "reliability.png"):
         assert (tmp_path / "eval" / png).is_file()
-    assert elapsed < 120, f"short run took {elapsed:.0f} s"

@@ -1,0 +1,44 @@
+"""Averaging models into one artifact: same pixels in, the mean probability out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from worker.imaging.pipeline import load_gray, model_input
+from worker.model import Classifier
+
+
+def small_data_dir(cxr_dir: Path, root: Path, per_label: int = 20) -> Path:
+    for label in ("normal", "covid"):
+        (root / "val" / label).mkdir(parents=True)
+        for png in sorted((cxr_dir / "val" / label).glob("*.png"))[:per_label]:
+            (root / "val" / label / png.name).symlink_to(png)
+    return root
+
+
+def test_ensemble_of_one_model_twice_predicts_like_the_model(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    from training.ensemble import build_ensemble
+    from training.evaluate import grad_cam, load_keras
+
+    member = json.loads((shipped_model / "model_card.json").read_text())
+    data = small_data_dir(cxr_dir, tmp_path / "data")
+    out = tmp_path / "ensemble"
+    card = build_ensemble([shipped_model, shipped_model], data, out)
+
+    size = card["input_size"]
+    images = sorted((cxr_dir / "test" / "covid").glob("*.png"))[:4]
+    batch = np.stack([model_input(load_gray(p), size) for p in images])
+    single = Classifier(shipped_model).predict(batch)
+    averaged = Classifier(out).predict(batch)
+    np.testing.assert_allclose(averaged, single, atol=1e-5)
+
+    assert card["parameters"] == 2 * member["parameters"]
+    assert len(card["members"]) == 2 and card["metrics"]["test"] is None
+    assert card["metrics"]["val"]["sensitivity"] >= card["target_sensitivity"]
+    cams = grad_cam(load_keras(out), batch, np.ones(len(batch)))
+    assert cams.shape == (len(batch), size, size) and float(cams.max()) <= 1.0 + 1e-6

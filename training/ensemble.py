@@ -1,0 +1,99 @@
+"""Averaging several trained models into one artifact.
+
+Networks trained from scratch on a few thousand radiographs vary from seed to seed; the
+mean of their probabilities is steadier than any one of them. The members become one
+Keras model (and one TFLite file), so the worker runs an ensemble like any other model.
+The threshold is chosen again, on the validation split, with the members' rule.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.data import list_split, make_dataset
+from training.evaluate import load_keras
+from training.train import (
+    binary_summary,
+    export_tflite,
+    predict_keras,
+    threshold_for_sensitivity,
+    verify_tflite,
+    write_card,
+)
+from worker.model import CARD_FILE, KERAS_FILE, TFLITE_FILE
+
+
+def combine(members: list[Any], size: int) -> Any:
+    """One Keras model whose output is the mean of the members' probabilities."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((size, size, 1), name="image")
+    for index, member in enumerate(members):
+        member.name = f"member_{index}"
+    outputs = layers.Average(name="mean_probability")([m(inputs) for m in members])
+    return keras.Model(inputs, outputs, name="cxr_ensemble")
+
+
+def build_ensemble(
+    member_dirs: list[Path], data_dir: Path, out: Path, *, version: str = "1.0.0"
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    cards = [json.loads((Path(d) / CARD_FILE).read_text()) for d in member_dirs]
+    sizes = {c["input_size"] for c in cards} | {c["preprocessing_version"] for c in cards}
+    if len({c["input_size"] for c in cards}) != 1 or len(sizes) != 2:
+        raise ValueError("ensemble members need one input size and one preprocessing version")
+    first = cards[0]
+    size = int(first["input_size"])
+    model = combine([load_keras(Path(d)) for d in member_dirs], size)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / KERAS_FILE)
+    export_tflite(model, out / TFLITE_FILE)
+
+    val_samples = list_split(data_dir, "val", include=("normal", "covid"))
+    y_val, p_val = predict_keras(model, val_samples, size, 32)
+    target = float(first["target_sensitivity"])
+    threshold = threshold_for_sensitivity(y_val, p_val, target)
+    probe = np.stack(
+        [
+            x
+            for x, _ in make_dataset(val_samples[:8], size, 8, training=False)
+            .unbatch()
+            .take(8)
+            .as_numpy_iterator()
+        ]
+    )
+    card = {
+        **first,
+        "version": version,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "architecture": f"mean of {len(cards)} x {first['architecture']} (seeds "
+        + ", ".join(str(c["hyperparameters"]["seed"]) for c in cards)
+        + ")",
+        "members": [
+            {
+                "seed": c["hyperparameters"]["seed"],
+                "val_auc": c["metrics"]["val"]["auc"],
+                "best_epoch": c["best_epoch"],
+                "epochs_run": c["epochs_run"],
+                "training_seconds": c["training_seconds"],
+            }
+            for c in cards
+        ],
+        "parameters": int(model.count_params()),
+        "training_seconds": round(sum(c["training_seconds"] for c in cards), 1),
+        "ensemble_seconds": round(time.perf_counter() - started, 1),
+        "threshold": threshold,
+        "tflite_max_abs_diff_vs_keras": verify_tflite(model, out / TFLITE_FILE, probe),
+        "metrics": {"val": binary_summary(y_val, p_val, threshold), "test": None},
+    }
+    for key in ("fit_seconds", "epochs_run", "best_epoch"):
+        card.pop(key, None)
+    write_card(out, card)
+    return card
