@@ -80,8 +80,8 @@ def build_ensemble(
             {
                 "seed": c["hyperparameters"]["seed"],
                 "val_auc": c["metrics"]["val"]["auc"],
-                "best_epoch": c["best_epoch"],
-                "epochs_run": c["epochs_run"],
+                "best_epoch": c.get("best_epoch"),
+                "epochs_run": c.get("epochs_run"),
                 "training_seconds": c["training_seconds"],
             }
             for c in cards
