@@ -27,6 +27,7 @@ from tests.conftest import REDIS_URL
 from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.worker.processes import PrivatePostgres, PrivateRedis, Worker, wait_for
 from tests.worker.test_imaging import EXPECTED_CODE
+from tests.worker.test_run import rows
 from worker.celery_app import QUEUE, SCREEN_TASK, make_app
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -40,15 +41,6 @@ def scalar(url: str, query: str) -> Any:
     try:
         with engine.connect() as conn:
             return conn.execute(text(query)).scalar()
-    finally:
-        engine.dispose()
-
-
-def rows(url: str, query: str) -> list[tuple[Any, ...]]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(query))]
     finally:
         engine.dispose()
 

@@ -136,3 +136,14 @@ def test_pixel_count_limit_guards_against_decompression_bombs(
     with pytest.raises(RejectedInput, match="over the limit") as caught:
         read_dicom_image(path, max_pixels=10_000)
     assert caught.value.code == RejectCode.UNSUPPORTED
+
+
+@pytest.mark.parametrize(
+    "content", [b"# a README\nnot an image\n", b"\x89PNG\r\n\x1a\n" + b"\0" * 64]
+)
+def test_files_that_are_not_dicom_say_so(content: bytes, tmp_path: Path) -> None:
+    path = tmp_path / "x.dcm"
+    path.write_bytes(content)
+    with pytest.raises(RejectedInput, match="not a DICOM file") as caught:
+        read_dicom_image(path, MAX_PIXELS)
+    assert caught.value.code == RejectCode.UNREADABLE

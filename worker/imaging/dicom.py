@@ -39,6 +39,7 @@ CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})
 FRONTAL_VIEWS = frozenset({"PA", "AP", "APS", "AP SUPINE", ""})
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
+STANDARD_GROUPS = frozenset({0x0008, 0x0010, 0x0018, 0x0020, 0x0028})
 
 # Real exports break value-length and VR rules all the time; that is not our gate.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -71,7 +72,21 @@ def read_dataset(path: str | Path, *, pixels: bool) -> Dataset:
             RejectCode.UNREADABLE,
             "no DICOM data elements could be parsed (empty, truncated or not DICOM)",
         )
+    if not looks_like_dicom(ds):
+        raise RejectedInput(RejectCode.UNREADABLE, "not a DICOM file (no DICOM header found)")
     return ds
+
+
+def looks_like_dicom(ds: Dataset) -> bool:
+    """``force=True`` turns any bytes into "elements"; real DICOM has standard groups.
+
+    A file without the preamble (ACR-NEMA style) still has identifying (0008), patient
+    (0010), study (0020) or image (0028) elements; a text file or a PNG does not.
+    """
+    if getattr(ds, "preamble", None) is not None or getattr(ds, "file_meta", None):
+        return True
+    # keys(), not the Dataset itself: iterating a Dataset decodes every element's value.
+    return any(tag.group in STANDARD_GROUPS for tag in ds.keys())  # noqa: SIM118
 
 
 def is_dicomdir(ds: Dataset) -> bool:
