@@ -245,6 +245,16 @@ def _init_limit(model: str) -> None:
     _classifier = Classifier(Path(model), threads=1)
 
 
+def limit_pool(model: Path, workers: int) -> ProcessPoolExecutor:
+    """Fork processes that each load the model once: the pool of the limit and the soak."""
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_init_limit,
+        initargs=(str(model),),
+    )
+
+
 def _limit_task(uid: str, files: list[str]) -> tuple[Any, ...]:
     from worker.screening import screen_study
 
@@ -279,12 +289,7 @@ def soak(files: Sequence[Path], model: Path, workers: int, studies: int) -> dict
     """Memory over a long run: ``studies`` studies cycling over ``files``, RSS sampled."""
     samples: dict[int, list[tuple[int, float]]] = {}
     start = time.perf_counter()
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("fork"),
-        initializer=_init_limit,
-        initargs=(str(model),),
-    ) as pool:
+    with limit_pool(model, workers) as pool:
         uids = [f"soak-{i}" for i in range(studies)]
         paths = [[str(files[i % len(files)])] for i in range(studies)]
         for done, (pid, rss) in enumerate(pool.map(_soak_task, uids, paths, chunksize=8), 1):
@@ -325,12 +330,7 @@ def measure_limit(files: Sequence[Path], model: Path, workers: int) -> PathResul
     result = PathResult("limit")
     start = time.perf_counter()
     rows = []
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("fork"),
-        initializer=_init_limit,
-        initargs=(str(model),),
-    ) as pool:
+    with limit_pool(model, workers) as pool:
         futures = [pool.submit(_limit_task, uid, paths) for uid, paths in studies]
         for future in as_completed(futures):
             row = future.result()
