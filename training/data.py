@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,9 +183,39 @@ def make_dataset(
     seed: int = 0,
     augmentation: Augmentation | None = None,
     with_weights: dict[int, float] | None = None,
+    cache_dir: Path | None = None,
 ) -> Any:
     """A tf.data pipeline streaming from disk: list -> (shuffle) -> parallel decode ->
-    drop unreadable -> batch -> (augment) -> prefetch. Yields (x, y) or (x, y, w)."""
+    drop unreadable -> batch -> (augment) -> prefetch. Yields (x, y) or (x, y, w).
+
+    With ``cache_dir`` the decoded inputs are computed once into an ``InputCache`` file
+    there and read back row by row (still one image at a time, reshuffled every epoch):
+    the decode is most of an epoch's data cost and gives the same pixels every time."""
+    import tensorflow as tf
+
+    if cache_dir is not None:
+        ds = _cached_inputs(InputCache.build(samples, size, Path(cache_dir)), training, seed)
+    else:
+        ds = _decoded_inputs(samples, size, training, seed)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    if training:
+        augment = build_augmenter(size, augmentation or Augmentation(), seed)
+
+        def _augment(x: Any, y: Any) -> tuple[Any, Any]:
+            return augment(x), y
+
+        ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+    if with_weights is not None:
+        w0, w1 = float(with_weights[0]), float(with_weights[1])
+
+        def _weigh(x: Any, y: Any) -> tuple[Any, Any, Any]:
+            return x, y, tf.where(y > 0.5, w1, w0)
+
+        ds = ds.map(_weigh)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _decoded_inputs(samples: Sequence[Sample], size: int, training: bool, seed: int) -> Any:
     import tensorflow as tf
 
     paths = [str(s.path) for s in samples]
@@ -209,23 +240,68 @@ def make_dataset(
         return x, tf.reshape(y, (1,))
 
     ds = ds.map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.filter(_readable).map(_drop_flag)
-    ds = ds.batch(batch_size, drop_remainder=False)
+    return ds.filter(_readable).map(_drop_flag)
+
+
+def _cached_inputs(cache: InputCache, training: bool, seed: int) -> Any:
+    import tensorflow as tf
+
+    rows = np.arange(len(cache.targets), dtype=np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((rows, cache.targets))
     if training:
-        augment = build_augmenter(size, augmentation or Augmentation(), seed)
+        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
 
-        def _augment(x: Any, y: Any) -> tuple[Any, Any]:
-            return augment(x), y
+    def _read(row: Any, y: Any) -> tuple[Any, Any]:
+        x = tf.numpy_function(cache.row, [row], tf.float32, stateful=False)
+        x.set_shape(cache.shape)
+        return x, tf.reshape(y, (1,))
 
-        ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
-    if with_weights is not None:
-        w0, w1 = float(with_weights[0]), float(with_weights[1])
+    return ds.map(_read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
-        def _weigh(x: Any, y: Any) -> tuple[Any, Any, Any]:
-            return x, y, tf.where(y > 0.5, w1, w0)
 
-        ds = ds.map(_weigh)
-    return ds.prefetch(tf.data.AUTOTUNE)
+@dataclass(frozen=True)
+class InputCache:
+    """``model_input`` of every readable sample in one float32 file on disk (a memmap,
+    so only the rows being read are in memory), with their targets."""
+
+    inputs: np.memmap
+    targets: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.inputs.shape[1:])
+
+    def row(self, i: np.int64) -> np.ndarray:
+        return np.asarray(self.inputs[int(i)])
+
+    @classmethod
+    def build(cls, samples: Sequence[Sample], size: int, folder: Path) -> InputCache:
+        folder.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256(
+            f"{size}\n".encode() + "".join(f"{s.path}\t{s.label}\n" for s in samples).encode()
+        ).hexdigest()[:16]
+        path, targets_path = folder / f"inputs-{key}.f32", folder / f"targets-{key}.npy"
+        if not targets_path.exists():
+            cls._write(samples, size, path, targets_path)
+        targets = np.load(targets_path)
+        inputs = np.memmap(path, np.float32, "r", shape=(len(targets), size, size, 1))
+        return cls(inputs, targets)
+
+    @staticmethod
+    def _write(samples: Sequence[Sample], size: int, path: Path, targets_path: Path) -> None:
+        out = np.memmap(path, np.float32, "w+", shape=(len(samples), size, size, 1))
+        kept: list[float] = []
+        for i, sample in enumerate(samples):
+            x, ok = try_load(sample.path, size)
+            if ok:
+                out[len(kept)] = x
+                kept.append(float(sample.target))
+            if (i + 1) % 1000 == 0:
+                log.info("decoded %d/%d images into the input cache", i + 1, len(samples))
+        out.flush()
+        del out
+        os.truncate(path, len(kept) * size * size * 4)
+        np.save(targets_path, np.array(kept, np.float32))
 
 
 def build_augmenter(size: int, aug: Augmentation, seed: int) -> Any:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TARGET_SENSITIVITY = 0.97
 TFLITE_TOLERANCE = 1e-4
+INPUT_CACHE_DIR = ".input-cache"
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TrainConfig:
     time_budget_minutes: float | None = 25.0  # stop fitting before this (best epoch kept)
     max_train: int | None = None  # subsample (stratified, seeded) for quick runs/tests
     max_val: int | None = None
+    cache_inputs: bool = True  # decode each image once into a file under out/ (removed after)
     verbose: int | str = "auto"
     augmentation: Augmentation = field(default_factory=Augmentation)
 
@@ -235,6 +238,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "train %s, val %s, class weights %s", counts(train_samples), counts(val_samples), weights
     )
 
+    cache_dir = out / INPUT_CACHE_DIR if cfg.cache_inputs else None
     train_ds = make_dataset(
         train_samples,
         size,
@@ -243,8 +247,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         seed=cfg.seed,
         augmentation=cfg.augmentation,
         with_weights=weights,
+        cache_dir=cache_dir,
     )
-    val_ds = make_dataset(val_samples, size, cfg.batch_size, training=False)
+    val_ds = make_dataset(val_samples, size, cfg.batch_size, training=False, cache_dir=cache_dir)
 
     model = build_model(cfg.arch, size, cfg.weights)
     steps = math.ceil(len(train_samples) / cfg.batch_size)
@@ -292,6 +297,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         verbose=cfg.verbose,
     )
     fit_seconds = time.perf_counter() - fit_started
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     best_epoch = int(np.argmax(history["val_auc"])) + 1
 

@@ -91,3 +91,30 @@ def test_tf_dataset_streams_and_augments_only_in_training(
     np.testing.assert_array_equal(w.reshape(-1), np.where(y.reshape(-1) > 0.5, 2.0, 0.5))
     clean = np.stack([load_input(s.path, 48) for s in samples[:12]])
     assert not any(np.allclose(xi, ci, atol=1e-3) for xi in x for ci in clean)
+
+
+def test_the_input_cache_gives_the_decoded_pixels_and_is_built_once(
+    cxr_dir: Path, bad_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from training.data import InputCache, make_dataset
+
+    samples = list_split(cxr_dir, "val")[:5] + list_split(cxr_dir, "val")[-5:]
+    samples.insert(3, Sample(bad_files["truncated_dicom"], "covid"))  # dropped, not a crash
+    cache_dir = tmp_path / "cache"
+    cached = list(make_dataset(samples, 40, 4, training=False, cache_dir=cache_dir))
+    decoded = list(make_dataset(samples, 40, 4, training=False))
+    for (xc, yc), (xd, yd) in zip(cached, decoded, strict=True):
+        np.testing.assert_array_equal(xc.numpy(), xd.numpy())
+        np.testing.assert_array_equal(yc.numpy(), yd.numpy())
+    assert sum(len(x) for x, _ in cached) == 10
+
+    files = sorted(cache_dir.iterdir())
+    assert len(files) == 2 and files[0].stat().st_size == 10 * 40 * 40 * 4
+    stamp = files[0].stat().st_mtime_ns
+    again = InputCache.build(samples, 40, cache_dir)
+    assert files[0].stat().st_mtime_ns == stamp and again.shape == (40, 40, 1)
+
+    train = make_dataset(samples, 40, 10, training=True, seed=3, cache_dir=cache_dir)
+    labels = np.sort(np.concatenate([y.numpy().reshape(-1) for _, y in decoded]))
+    for _ in range(2):  # every epoch sees every cached image once
+        np.testing.assert_array_equal(np.sort(next(iter(train))[1].numpy().reshape(-1)), labels)
