@@ -50,14 +50,17 @@ def train_command(
     out: Annotated[
         Path | None, typer.Option(help="Output model folder [default: runs/<arch>].")
     ] = None,
-    arch: Annotated[str, typer.Option(help="compact | alexnet | vgg16 | inceptionv3")] = "compact",
+    arch: Annotated[
+        str, typer.Option(help="compact | residual | alexnet | vgg16 | inceptionv3")
+    ] = "compact",
     epochs: Annotated[
         int, typer.Option(min=1, help="Maximum epochs (early stopping on val AUC).")
     ] = 35,
     image_size: Annotated[
         int | None,
         typer.Option(
-            help="Input side in pixels [default: 160 compact, 224 alexnet/vgg16, 299 inceptionv3]."
+            help="Input side in pixels [default: 160 compact/residual, 224 alexnet/vgg16, "
+            "299 inceptionv3]."
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,

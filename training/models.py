@@ -16,15 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ARCHITECTURES = ("compact", "alexnet", "vgg16", "inceptionv3")
-DEFAULT_SIZES = {"compact": 160, "alexnet": 224, "vgg16": 224, "inceptionv3": 299}
-MIN_SIZES = {"compact": 32, "alexnet": 96, "vgg16": 32, "inceptionv3": 75}
+ARCHITECTURES = ("compact", "residual", "alexnet", "vgg16", "inceptionv3")
+DEFAULT_SIZES = {"compact": 160, "residual": 160, "alexnet": 224, "vgg16": 224, "inceptionv3": 299}
+MIN_SIZES = {"compact": 32, "residual": 32, "alexnet": 96, "vgg16": 32, "inceptionv3": 75}
 
 
 def build_model(arch: str, image_size: int, weights: str | Path | None = None) -> Any:
     """A Keras model taking (N, S, S, 1) floats in [0, 1], returning (N, 1) P(covid)."""
     builders: dict[str, Callable[[int], Any]] = {
         "compact": compact,
+        "residual": residual,
         "alexnet": alexnet,
         "vgg16": lambda s: _application("vgg16", s),
         "inceptionv3": lambda s: _application("inceptionv3", s),
@@ -67,6 +68,49 @@ def compact(size: int, width: int = 16, dropout: float = 0.3) -> Any:
     x = layers.Dropout(dropout, name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", name="covid")(x)
     return keras.Model(inputs, outputs, name="cxr_compact")
+
+
+def residual(
+    size: int,
+    widths: tuple[int, ...] = (32, 64, 128, 192),
+    blocks: tuple[int, ...] = (1, 2, 2, 1),
+    dropout: float = 0.3,
+) -> Any:
+    """A small ResNet for one-channel radiographs: two strided 3x3 convolutions take the
+    image to 1/4 resolution at once (full-resolution feature maps are where a CPU's time
+    goes), then basic residual blocks, one stage per width, halving resolution between
+    stages. At 160 px: about 1.27 M parameters and ~30% less training compute than
+    ``compact``."""
+    import keras
+    from keras import layers
+
+    def conv_bn(x: Any, filters: int, stride: int, name: str, relu: bool = True) -> Any:
+        x = layers.Conv2D(
+            filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv"
+        )(x)
+        x = layers.BatchNormalization(name=f"{name}_bn")(x)
+        return layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+    def block(x: Any, filters: int, stride: int, name: str) -> Any:
+        y = conv_bn(x, filters, stride, f"{name}a")
+        y = conv_bn(y, filters, 1, f"{name}b", relu=False)
+        if stride != 1 or x.shape[-1] != filters:
+            x = layers.Conv2D(filters, 1, strides=stride, use_bias=False, name=f"{name}_proj")(x)
+            x = layers.BatchNormalization(name=f"{name}_proj_bn")(x)
+        return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([x, y]))
+
+    inputs = keras.Input((size, size, 1), name="image")
+    x = layers.Rescaling(2.0, offset=-1.0, name="centre")(inputs)
+    x = conv_bn(x, 24, 2, "stem1")
+    x = conv_bn(x, widths[0], 2, "stem2")
+    for stage, (filters, count) in enumerate(zip(widths, blocks, strict=True)):
+        for k in range(count):
+            stride = 2 if stage > 0 and k == 0 else 1
+            x = block(x, filters, stride, f"s{stage + 1}b{k + 1}")
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(1, activation="sigmoid", name="covid")(x)
+    return keras.Model(inputs, outputs, name="cxr_residual")
 
 
 def alexnet(size: int) -> Any:
