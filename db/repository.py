@@ -122,9 +122,7 @@ def _upsert(
 ) -> None:
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(table)
+    statement = _insert(session)(table)
     excluded = statement.excluded
     if update is not None:
         changes: dict[str, Any] = {column: excluded[column] for column in update}
@@ -132,18 +130,25 @@ def _upsert(
         skip = {*keys, "id", "created_at"}
         columns = update_keys or [c for c in rows[0] if c not in skip]
         changes = {column: excluded[column] for column in columns}
-    condition = None
-    if only_if_not_final:
-        # Plain comparisons, not NOT IN: an expanding IN cannot run as executemany.
-        condition = (table.c.status != StudyStatus.SCREENED.value) & (
-            table.c.status != StudyStatus.REJECTED.value
-        )
+    condition = _not_final() if only_if_not_final else None
     statement = statement.on_conflict_do_update(
         index_elements=keys, index_where=where, set_=changes, where=condition
     )
     # Rows of one statement must share their keys; group by column set.
     for group in _by_columns(rows):
         session.execute(statement, group)
+
+
+def _insert(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+def _not_final() -> Any:
+    # Plain comparisons, not NOT IN: an expanding IN cannot run as executemany.
+    return (STUDIES.c.status != StudyStatus.SCREENED.value) & (
+        STUDIES.c.status != StudyStatus.REJECTED.value
+    )
 
 
 def _by_columns(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -222,44 +227,39 @@ def mark_processing(
     files: Sequence[str],
     *,
     force: bool = False,
-) -> tuple[str | None, int]:
+) -> int | None:
     """A worker takes a study: ``processing``, ``started_at`` now, ``attempts`` + 1.
 
-    Returns the status the study had before and the new attempt count. A study that
-    already has a final result is left alone (unless ``force``): the caller skips it.
+    Returns the new attempt count, or None when the study already has a final result:
+    that row is left alone (unless ``force``) and the caller skips the study. One
+    statement (an upsert returning the count), so the marker costs one round trip and
+    concurrent deliveries of the same study serialise on the row.
     """
-    key = (Study.study_instance_uid == study_instance_uid) & (Study.model_version == model_version)
-    query = select(Study.status, Study.attempts).where(key)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update()
-    previous = session.execute(query).first()
-    if previous is not None and previous.status in FINAL_STATUSES and not force:
-        return previous.status, previous.attempts or 0
     now = utcnow()
-    if previous is None:
-        session.execute(
-            STUDIES.insert().values(
-                study_instance_uid=study_instance_uid,
-                model_version=model_version,
-                status=StudyStatus.PROCESSING.value,
-                files=list(files),
-                n_instances=len(files),
-                n_screened=0,
-                n_rejected=0,
-                n_failed=0,
-                attempts=1,
-                queued_at=now,
-                started_at=now,
-            )
-        )
-        return None, 1
-    attempts = (previous.attempts or 0) + 1
-    session.execute(
-        STUDIES.update()
-        .where(key)
-        .values(status=StudyStatus.PROCESSING.value, started_at=now, attempts=attempts)
+    statement = _insert(session)(STUDIES).values(
+        study_instance_uid=study_instance_uid,
+        model_version=model_version,
+        status=StudyStatus.PROCESSING.value,
+        files=list(files),
+        n_instances=len(files),
+        n_screened=0,
+        n_rejected=0,
+        n_failed=0,
+        attempts=1,
+        queued_at=now,
+        started_at=now,
     )
-    return previous.status, attempts
+    statement = statement.on_conflict_do_update(
+        index_elements=["study_instance_uid", "model_version"],
+        set_={
+            "status": StudyStatus.PROCESSING.value,
+            "started_at": now,
+            "attempts": func.coalesce(STUDIES.c.attempts, 0) + 1,
+        },
+        where=None if force else _not_final(),
+    ).returning(STUDIES.c.attempts)
+    attempts: int | None = session.execute(statement).scalar_one_or_none()
+    return attempts
 
 
 def mark_failed(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,11 @@ class DatabaseError(Exception):
 
 
 def make_engine(url: str) -> Engine:
+    # No pool_pre_ping: it costs a round trip per transaction. A connection that died
+    # with the server fails its next statement as "invalidated", which callers treat as
+    # transient (the worker retries the study), and the pool replaces it.
     try:
-        engine = create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url)
     except (ArgumentError, ImportError, ValueError) as exc:
         raise DatabaseError(f"invalid database URL {safe_url(url)}: {exc}") from exc
     if engine.dialect.name == "sqlite":
@@ -59,6 +64,15 @@ def open_database(url: str) -> sessionmaker[Session]:
     engine = make_engine(url)
     upgrade(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def autocommit(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session in which each statement commits on its own, for single-statement
+    writes: no BEGIN and COMMIT round trips around it."""
+    with sessions() as session:
+        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield session
 
 
 def safe_url(url: str) -> str:

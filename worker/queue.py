@@ -17,7 +17,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import redis
-from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -33,7 +32,7 @@ from db.repository import (
     save_study,
     study_status_counts,
 )
-from db.session import DatabaseError
+from db.session import DatabaseError, autocommit
 from worker.discovery import discover
 from worker.errors import UserError
 from worker.metrics import metrics
@@ -256,16 +255,6 @@ def check_ingest_root(settings: Settings) -> None:
         raise IngestRootUnavailable(f"ingest root {root} is not mounted on this worker")
 
 
-def relax_durability(session: Session) -> None:
-    """Commit without waiting for the disk: for the ``processing`` marker only.
-
-    Losing it in a database crash costs one attempt count, never a result, and saves a
-    disk flush per study (the results transaction keeps full durability).
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-
-
 def process_study(
     task: StudyTask,
     *,
@@ -290,11 +279,10 @@ def process_study(
         )
     check_ingest_root(settings)
     files = worker_paths(task.files, settings.ingest_root)
-    with sessions.begin() as session:
-        relax_durability(session)
-        before, attempts = mark_processing(session, uid, version, sorted(files), force=task.force)
-    if before in ("screened", "rejected") and not task.force:
-        log.info("study %s already %s for model %s; skipped", uid, before, version)
+    with autocommit(sessions) as session:
+        attempts = mark_processing(session, uid, version, sorted(files), force=task.force)
+    if attempts is None:
+        log.info("study %s already has a final result for model %s; skipped", uid, version)
         return "skipped"
     if attempts > delivery_limit(settings):
         reason = (

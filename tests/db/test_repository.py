@@ -1,0 +1,78 @@
+"""The bookkeeping writes a worker makes per study, on both databases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import text
+
+from config.settings import Settings
+from db.repository import mark_failed, mark_processing, queue_studies
+from db.session import open_database
+from worker.model import Classifier
+from worker.queue import StudyTask, delivery_limit, process_study
+
+UID, VERSION = "1.2.826.0.1.3680043.8.498.1", "m-1"
+
+
+def study_row(sessions: object, uid: str = UID) -> tuple[str, int]:
+    with sessions() as session:  # type: ignore[operator]
+        row = session.execute(
+            text("SELECT status, attempts FROM studies WHERE study_instance_uid = :u"), {"u": uid}
+        ).one()
+    return row.status, row.attempts
+
+
+def test_the_processing_marker_counts_deliveries_and_leaves_final_studies_alone(
+    database_url: str,
+) -> None:
+    sessions = open_database(database_url)
+    with sessions.begin() as session:
+        queue_studies(session, [{"study_instance_uid": UID, "files": ["a.dcm"]}], VERSION)
+    counts = []
+    for _ in range(3):
+        with sessions.begin() as session:
+            counts.append(mark_processing(session, UID, VERSION, ["a.dcm"]))
+    assert counts == [1, 2, 3]
+    assert study_row(sessions) == ("processing", 3)
+
+    with sessions.begin() as session:
+        session.execute(text("UPDATE studies SET status = 'screened'"))
+        assert mark_processing(session, UID, VERSION, ["a.dcm"]) is None
+    assert study_row(sessions) == ("screened", 3)
+    with sessions.begin() as session:
+        assert mark_processing(session, UID, VERSION, ["a.dcm"], force=True) == 4
+    assert study_row(sessions) == ("processing", 4)
+
+
+def test_the_marker_creates_the_row_of_a_study_nobody_queued(database_url: str) -> None:
+    sessions = open_database(database_url)
+    with sessions.begin() as session:
+        assert mark_processing(session, UID, VERSION, ["b.dcm", "a.dcm"]) == 1
+    with sessions() as session:
+        row = session.execute(text("SELECT status, n_instances, files FROM studies")).one()
+    assert row.status == "processing" and row.n_instances == 2
+    with sessions.begin() as session:
+        mark_failed(session, UID, VERSION, "lost")
+        assert mark_processing(session, UID, VERSION, ["a.dcm"]) == 2
+
+
+def test_a_study_delivered_past_the_limit_is_failed_not_screened(
+    sqlite_url: str, model_dir: Path, dicom_dir: Path
+) -> None:
+    settings = Settings(database_url=sqlite_url, model=model_dir)
+    sessions = open_database(sqlite_url)
+    classifier = Classifier(model_dir)
+    files = [str(next((dicom_dir / "cxr").glob("*.dcm")))]
+    task = StudyTask(UID, tuple(files), classifier.model_version)
+    with sessions.begin() as session:
+        for _ in range(delivery_limit(settings)):
+            mark_processing(session, UID, classifier.model_version, files)
+    assert process_study(task, settings=settings, classifier=classifier, sessions=sessions) == (
+        "failed"
+    )
+    status, attempts = study_row(sessions)
+    assert (status, attempts) == ("failed", delivery_limit(settings) + 1)
+    with sessions() as session:
+        reason = session.execute(text("SELECT reason FROM studies")).scalar_one()
+    assert reason.startswith(f"gave up after {delivery_limit(settings)} deliveries")
