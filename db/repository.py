@@ -7,6 +7,7 @@ rewrites the same rows instead of adding new ones.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -122,26 +123,61 @@ def _upsert(
 ) -> None:
     if not rows:
         return
-    statement = _insert(session)(table)
-    excluded = statement.excluded
     if update is not None:
-        changes: dict[str, Any] = {column: excluded[column] for column in update}
+        columns = tuple(update)
     else:
         skip = {*keys, "id", "created_at"}
-        columns = update_keys or [c for c in rows[0] if c not in skip]
-        changes = {column: excluded[column] for column in columns}
-    condition = _not_final() if only_if_not_final else None
-    statement = statement.on_conflict_do_update(
-        index_elements=keys, index_where=where, set_=changes, where=condition
+        columns = tuple(update_keys or [c for c in rows[0] if c not in skip])
+    statement = _upsert_statement(
+        _dialect(session), table, tuple(keys), columns, where, only_if_not_final
     )
     # Rows of one statement must share their keys; group by column set.
     for group in _by_columns(rows):
-        session.execute(statement, group)
+        session.execute(statement, group[0] if len(group) == 1 else group)
 
 
-def _insert(session: Session) -> Any:
-    dialect = session.get_bind().dialect.name
+def _dialect(session: Session) -> str:
+    return str(session.get_bind().dialect.name)
+
+
+def _insert(dialect: str) -> Any:
     return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+# Statements are built once and reused: building one costs ~0.2 ms, a reused one hits
+# SQLAlchemy's compiled cache at once (its cache key is memoised on the object).
+@functools.cache
+def _upsert_statement(
+    dialect: str,
+    table: Table,
+    keys: tuple[str, ...],
+    columns: tuple[str, ...],
+    where: Any,
+    only_if_not_final: bool,
+) -> Any:
+    statement = _insert(dialect)(table)
+    excluded = statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=list(keys),
+        index_where=where,
+        set_={column: excluded[column] for column in columns},
+        where=_not_final() if only_if_not_final else None,
+    )
+
+
+@functools.cache
+def _marker_statement(dialect: str, force: bool) -> Any:
+    statement = _insert(dialect)(STUDIES)
+    excluded = statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=["study_instance_uid", "model_version"],
+        set_={
+            "status": excluded.status,
+            "started_at": excluded.started_at,
+            "attempts": func.coalesce(STUDIES.c.attempts, 0) + 1,
+        },
+        where=None if force else _not_final(),
+    ).returning(STUDIES.c.attempts)
 
 
 def _not_final() -> Any:
@@ -236,29 +272,21 @@ def mark_processing(
     concurrent deliveries of the same study serialise on the row.
     """
     now = utcnow()
-    statement = _insert(session)(STUDIES).values(
-        study_instance_uid=study_instance_uid,
-        model_version=model_version,
-        status=StudyStatus.PROCESSING.value,
-        files=list(files),
-        n_instances=len(files),
-        n_screened=0,
-        n_rejected=0,
-        n_failed=0,
-        attempts=1,
-        queued_at=now,
-        started_at=now,
-    )
-    statement = statement.on_conflict_do_update(
-        index_elements=["study_instance_uid", "model_version"],
-        set_={
-            "status": StudyStatus.PROCESSING.value,
-            "started_at": now,
-            "attempts": func.coalesce(STUDIES.c.attempts, 0) + 1,
-        },
-        where=None if force else _not_final(),
-    ).returning(STUDIES.c.attempts)
-    attempts: int | None = session.execute(statement).scalar_one_or_none()
+    row = {
+        "study_instance_uid": study_instance_uid,
+        "model_version": model_version,
+        "status": StudyStatus.PROCESSING.value,
+        "files": list(files),
+        "n_instances": len(files),
+        "n_screened": 0,
+        "n_rejected": 0,
+        "n_failed": 0,
+        "attempts": 1,
+        "queued_at": now,
+        "started_at": now,
+    }
+    statement = _marker_statement(_dialect(session), force)
+    attempts: int | None = session.execute(statement, row).scalar_one_or_none()
     return attempts
 
 
