@@ -101,7 +101,10 @@ def register(app: typer.Typer) -> None:
         from worker.celery_app import QUEUE
         from worker.celery_app import app as celery
 
+        # No mingle or gossip: workers share no revoked-task or clock state, and mingle
+        # alone waits about a second for replies at every start.
         argv = ["worker", "--pool", "prefork", "-Q", QUEUE, "--loglevel", settings.log_level]
+        argv += ["--without-mingle", "--without-gossip"]
         if concurrency:
             argv += ["--concurrency", str(concurrency)]
         celery.worker_main(argv)
