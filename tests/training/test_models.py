@@ -7,7 +7,8 @@ from training.models import ARCHITECTURES, build_model, last_conv_layer
 
 
 @pytest.mark.parametrize(
-    ("arch", "size"), [("compact", 64), ("alexnet", 96), ("vgg16", 32), ("inceptionv3", 75)]
+    ("arch", "size"),
+    [("compact", 64), ("residual", 64), ("alexnet", 96), ("vgg16", 32), ("inceptionv3", 75)],
 )
 def test_architectures_map_grey_batches_to_probabilities(arch: str, size: int) -> None:
     model = build_model(arch, size)
@@ -21,12 +22,20 @@ def test_compact_is_small() -> None:
     assert build_model("compact", 192).count_params() < 1_000_000
 
 
+def test_residual_blocks_add_a_shortcut_and_halve_resolution_per_stage() -> None:
+    model = build_model("residual", 160)
+    adds = [layer for layer in model.layers if layer.name.endswith("_add")]
+    assert len(adds) == 6  # blocks (1, 2, 2, 1)
+    assert model.get_layer("s1b1_out").output.shape[1:] == (40, 40, 32)
+    assert model.get_layer("s4b1_out").output.shape[1:] == (5, 5, 192)
+
+
 def test_unknown_architecture_and_missing_weights_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("resnet", 64)
     with pytest.raises(FileNotFoundError):
         build_model("compact", 64, weights=tmp_path / "none.weights.h5")
-    assert set(ARCHITECTURES) == {"compact", "alexnet", "vgg16", "inceptionv3"}
+    assert set(ARCHITECTURES) == {"compact", "residual", "alexnet", "vgg16", "inceptionv3"}
 
 
 def test_whole_model_weights_file_round_trip(tmp_path) -> None:
