@@ -194,6 +194,7 @@ class PathResult:
     latencies_ms: list[float] = field(default_factory=list)
     rss_mb: dict[str, float] = field(default_factory=dict)  # per worker process
     probabilities: dict[str, float] = field(default_factory=dict)
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU per study, by process role
     note: str = ""
 
     @property
@@ -258,7 +259,9 @@ def limit_pool(model: Path, workers: int) -> ProcessPoolExecutor:
 def _limit_task(uid: str, files: list[str]) -> tuple[Any, ...]:
     from worker.screening import screen_study
 
+    cpu = time.process_time()
     outcome = screen_study(uid, files, _classifier, max_pixels=MAX_PIXELS)
+    cpu = time.process_time() - cpu
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return (
         uid,
@@ -268,6 +271,7 @@ def _limit_task(uid: str, files: list[str]) -> tuple[Any, ...]:
         outcome.n_screened,
         os.getpid(),
         rss_mb,
+        cpu,
     )
 
 
@@ -329,7 +333,7 @@ def measure_limit(files: Sequence[Path], model: Path, workers: int) -> PathResul
     studies = sorted(grouped.items())
     result = PathResult("limit")
     start = time.perf_counter()
-    rows = []
+    rows, cpu = [], 0.0
     with limit_pool(model, workers) as pool:
         futures = [pool.submit(_limit_task, uid, paths) for uid, paths in studies]
         for future in as_completed(futures):
@@ -339,7 +343,9 @@ def measure_limit(files: Sequence[Path], model: Path, workers: int) -> PathResul
             rows.append(row[:5])
             pid, rss = str(row[5]), float(row[6])
             result.rss_mb[pid] = max(rss, result.rss_mb.get(pid, 0.0))
+            cpu += row[7]
     result.wall_seconds = time.perf_counter() - start
+    result.cpu_ms = {"pool processes": 1000 * cpu / max(1, len(rows))}
     return _from_rows(result, rows)
 
 
@@ -369,6 +375,35 @@ def _vm_hwm_mb(pid: int) -> float | None:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (0 once it has gone)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def _pids_named(name: str) -> list[int]:
+    found = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().strip() == name:
+                found.append(int(comm.parent.name))
+    return found
+
+
+def cpu_by_role(worker_root: int) -> dict[str, float]:
+    """CPU seconds so far of the worker's main process, its pool processes, and every
+    PostgreSQL and Redis server process on this machine (they share its cores)."""
+    pool = [pid for pid in _tree(worker_root) if pid != worker_root]
+    return {
+        "worker main process": _cpu_seconds(worker_root),
+        "pool processes": sum(_cpu_seconds(pid) for pid in pool),
+        "PostgreSQL": sum(_cpu_seconds(pid) for pid in _pids_named("postgres")),
+        "Redis": sum(_cpu_seconds(pid) for pid in _pids_named("redis-server")),
+    }
 
 
 class TreeWatcher:
@@ -535,13 +570,19 @@ def measure_distributed(
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=scratch)
         watcher = TreeWatcher(proc.pid, exclude_root=False)
+        cpu_at_first: tuple[int, dict[str, float]] | None = None
         try:
             while True:
                 watcher.sample()
                 finished = _finished(url)
                 if finished and result.first_result_s is None:
                     result.first_result_s = time.perf_counter() - start
+                    cpu_at_first = finished, cpu_by_role(proc.pid)
                 if finished >= expected:
+                    if cpu_at_first is not None and finished > cpu_at_first[0]:
+                        result.cpu_ms = _cpu_per_study(
+                            cpu_at_first[1], cpu_by_role(proc.pid), finished - cpu_at_first[0]
+                        )
                     break
                 if proc.poll() is not None:
                     result.note = f"worker exited {proc.returncode}, see {scratch / 'worker.log'}"
@@ -557,6 +598,13 @@ def measure_distributed(
         result.rss_mb = watcher.peaks
         result.note = (result.note + f" ingest {ingest_s:.1f} s").strip()
         return _from_rows(result, _rows(url, STUDY_ROWS))
+
+
+def _cpu_per_study(
+    before: dict[str, float], after: dict[str, float], studies: int
+) -> dict[str, float]:
+    """ms of CPU per study by role, from the first result to the last (start-up left out)."""
+    return {role: 1000 * (after[role] - before[role]) / studies for role in after}
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
@@ -780,6 +828,12 @@ def print_table(encoding: str, results: dict[str, PathResult]) -> None:
         f"run/limit {_ratio(run, limit)}, distributed/baseline {_ratio(dist, base)}, "
         f"limit/baseline {_ratio(limit, base)}"
     )
+    for name in ("limit", "distributed"):
+        r = results.get(name)
+        if r is not None and r.cpu_ms:
+            parts = ", ".join(f"{role} {ms:.1f}" for role, ms in r.cpu_ms.items())
+            total = sum(r.cpu_ms.values())
+            print(f"CPU ms per study ({encoding}, {name}): {parts}; total {total:.1f}")
     agree = _agreement(results)
     if agree:
         print(f"agreement ({encoding}): {agree}")
