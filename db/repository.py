@@ -136,6 +136,28 @@ def _upsert(
         session.execute(statement, group[0] if len(group) == 1 else group)
 
 
+def _new_study(
+    study_instance_uid: str,
+    model_version: str,
+    status: StudyStatus,
+    now: dt.datetime,
+    files: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The columns of a study row that nothing has screened yet."""
+    return {
+        "study_instance_uid": study_instance_uid,
+        "model_version": model_version,
+        "status": status.value,
+        "files": list(files) if files is not None else None,
+        "n_instances": len(files or ()),
+        "n_screened": 0,
+        "n_rejected": 0,
+        "n_failed": 0,
+        "attempts": 0,
+        "queued_at": now,
+    }
+
+
 def _dialect(session: Session) -> str:
     return str(session.get_bind().dialect.name)
 
@@ -161,7 +183,7 @@ def _upsert_statement(
         index_elements=list(keys),
         index_where=where,
         set_={column: excluded[column] for column in columns},
-        where=_not_final() if only_if_not_final else None,
+        where=_not_final(table) if only_if_not_final else None,
     )
 
 
@@ -176,14 +198,14 @@ def _marker_statement(dialect: str, force: bool) -> Any:
             "started_at": excluded.started_at,
             "attempts": func.coalesce(STUDIES.c.attempts, 0) + 1,
         },
-        where=None if force else _not_final(),
+        where=None if force else _not_final(STUDIES),
     ).returning(STUDIES.c.attempts)
 
 
-def _not_final() -> Any:
+def _not_final(table: Table) -> Any:
     # Plain comparisons, not NOT IN: an expanding IN cannot run as executemany.
-    return (STUDIES.c.status != StudyStatus.SCREENED.value) & (
-        STUDIES.c.status != StudyStatus.REJECTED.value
+    return (table.c.status != StudyStatus.SCREENED.value) & (
+        table.c.status != StudyStatus.REJECTED.value
     )
 
 
@@ -233,14 +255,9 @@ def queue_studies(
     now = utcnow()
     rows = [
         {
-            "model_version": model_version,
-            "status": StudyStatus.QUEUED.value,
-            "queued_at": now,
-            "n_instances": len(study["files"]),
-            "n_screened": 0,
-            "n_rejected": 0,
-            "n_failed": 0,
-            "attempts": 0,
+            **_new_study(
+                study["study_instance_uid"], model_version, StudyStatus.QUEUED, now, study["files"]
+            ),
             "reason": None,
             **study,
         }
@@ -273,21 +290,12 @@ def mark_processing(
     """
     now = utcnow()
     row = {
-        "study_instance_uid": study_instance_uid,
-        "model_version": model_version,
-        "status": StudyStatus.PROCESSING.value,
-        "files": list(files),
-        "n_instances": len(files),
-        "n_screened": 0,
-        "n_rejected": 0,
-        "n_failed": 0,
+        **_new_study(study_instance_uid, model_version, StudyStatus.PROCESSING, now, files),
         "attempts": 1,
-        "queued_at": now,
         "started_at": now,
     }
     statement = _marker_statement(_dialect(session), force)
-    attempts: int | None = session.execute(statement, row).scalar_one_or_none()
-    return attempts
+    return session.execute(statement, row).scalar_one_or_none()
 
 
 def mark_failed(
@@ -300,19 +308,10 @@ def mark_failed(
 ) -> None:
     """Record a study as ``failed`` with the last error, unless it already has a result."""
     now = utcnow()
-    row: dict[str, Any] = {
-        "study_instance_uid": study_instance_uid,
-        "model_version": model_version,
-        "status": StudyStatus.FAILED.value,
+    row = {
+        **_new_study(study_instance_uid, model_version, StudyStatus.FAILED, now, files),
         "reason": reason[:2000],
         "finished_at": now,
-        "queued_at": now,
-        "n_instances": len(files or ()),
-        "n_screened": 0,
-        "n_rejected": 0,
-        "n_failed": 0,
-        "attempts": 0,
-        "files": list(files) if files is not None else None,
     }
     _upsert(
         session,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,32 +129,32 @@ def load_input(path: str | Path, size: int) -> np.ndarray:
     return model_input(load_gray(path), size)
 
 
-def try_load(path: str | Path, size: int) -> tuple[np.ndarray, bool]:
+def load_or_reason(
+    path: str | Path, size: int, transform: Callable[[np.ndarray], np.ndarray] | None = None
+) -> tuple[np.ndarray | None, str]:
+    """``(input, "")``, or ``(None, why)`` for a file the pipeline rejects or cannot read.
+
+    ``transform`` alters the grey image before ``model_input`` (the shortcut audit).
+    Never raises: one corrupt file must not stop a long run.
+    """
     try:
-        return load_input(path, size), True
+        gray = load_gray(path)
+        if transform is not None:
+            gray = transform(gray)
+        return model_input(gray, size), ""
     except RejectedInput as exc:
-        log.warning("skipping %s: %s", path, exc)
-    except Exception as exc:  # a corrupt file must not stop a long run
-        log.warning("skipping %s: unreadable (%s)", path, exc)
-    return np.zeros((size, size, 1), np.float32), False
+        return None, f"{exc.code.value}: {exc.reason}"
+    except Exception as exc:
+        return None, f"unreadable: {type(exc).__name__}: {exc}"
 
 
-def iter_batches(
-    paths: Sequence[Path], size: int, batch_size: int = 16
-) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-    """Numpy batches without TensorFlow: (indices, inputs, [(index, reason) rejected])."""
-    for start in range(0, len(paths), batch_size):
-        ok_idx, arrays, rejected = [], [], []
-        for i in range(start, min(start + batch_size, len(paths))):
-            try:
-                arrays.append(load_input(paths[i], size))
-                ok_idx.append(i)
-            except RejectedInput as exc:
-                rejected.append((i, f"{exc.code.value}: {exc.reason}"))
-            except Exception as exc:
-                rejected.append((i, f"unreadable: {type(exc).__name__}: {exc}"))
-        batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 1), np.float32)
-        yield ok_idx, batch, rejected
+def try_load(path: str | Path, size: int) -> tuple[np.ndarray, bool]:
+    """The input and True, or zeros and False (logged) for a file that is skipped."""
+    x, reason = load_or_reason(path, size)
+    if x is None:
+        log.warning("skipping %s: %s", path, reason)
+        return np.zeros((size, size, 1), np.float32), False
+    return x, True
 
 
 # --------------------------------------------------------------------------- tf.data

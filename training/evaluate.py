@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from training import CLASS_NAMES
-from training.data import Sample, list_samples, split_dir
-from worker.imaging.errors import RejectedInput
+from training.data import Sample, list_samples, load_or_reason, split_dir
 from worker.imaging.pipeline import load_gray, model_input
 from worker.model import CARD_FILE, KERAS_FILE, Classifier, read_card
 
@@ -87,16 +86,12 @@ def score_files(
     for start in range(0, len(paths), BATCH):
         idx, arrays = [], []
         for i in range(start, min(start + BATCH, len(paths))):
-            try:
-                gray = load_gray(paths[i])
-                if transform is not None:
-                    gray = transform(gray)
-                arrays.append(model_input(gray, size))
+            x, reason = load_or_reason(paths[i], size, transform)
+            if x is None:
+                rejected.append((paths[i], reason))
+            else:
+                arrays.append(x)
                 idx.append(i)
-            except RejectedInput as exc:
-                rejected.append((paths[i], f"{exc.code.value}: {exc.reason}"))
-            except Exception as exc:
-                rejected.append((paths[i], f"unreadable: {type(exc).__name__}: {exc}"))
         if arrays:
             probs[idx] = scorer(np.stack(arrays))
     return probs, rejected

@@ -19,9 +19,8 @@ from typing import TextIO
 import numpy as np
 
 from training import CLASS_NAMES
+from training.data import load_or_reason
 from worker.imaging.enum import Status
-from worker.imaging.errors import RejectedInput
-from worker.imaging.pipeline import load_gray, model_input
 from worker.model import Classifier
 
 COLUMNS = ("path", "covid_probability", "predicted_label", "status", "reason")
@@ -80,14 +79,10 @@ def predict_paths(
         pending.clear()
 
     for path in expand(paths):
-        try:
-            if not path.exists():
-                raise FileNotFoundError("no such file")
-            pending.append((path, model_input(load_gray(path), size), ""))
-        except RejectedInput as exc:
-            pending.append((path, None, f"{exc.code.value}: {exc.reason}"))
-        except Exception as exc:  # never crash on one bad file
-            pending.append((path, None, f"unreadable: {type(exc).__name__}: {exc}"))
+        if path.exists():
+            pending.append((path, *load_or_reason(path, size)))
+        else:
+            pending.append((path, None, "unreadable: FileNotFoundError: no such file"))
         if len(pending) >= BATCH:
             yield from flush()
     yield from flush()

@@ -130,9 +130,13 @@ def binary_summary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
 
 
 def predict_keras(
-    model: Any, samples: list[Sample], size: int, batch_size: int
+    model: Any,
+    samples: list[Sample],
+    size: int,
+    batch_size: int,
+    cache_dir: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    ds = make_dataset(samples, size, batch_size, training=False)
+    ds = make_dataset(samples, size, batch_size, training=False, cache_dir=cache_dir)
     ys, ps = [], []
     for x, y in ds:
         ps.append(model(x, training=False).numpy().reshape(-1))
@@ -219,40 +223,10 @@ def TimeBudget(seconds: float) -> Any:
     return _TimeBudget()
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run one training; returns the model card (also written to ``cfg.out``)."""
+def compile_model(model: Any, cfg: TrainConfig, steps: int) -> None:
+    """Adam with the configured schedule, class-weighted BCE, AUC as the metric."""
     import keras
 
-    started = time.perf_counter()
-    set_seeds(cfg.seed)
-    size = cfg.size
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    train_samples = subsample(list_split(cfg.data_dir, "train"), cfg.max_train, cfg.seed)
-    val_samples = subsample(list_split(cfg.data_dir, "val"), cfg.max_val, cfg.seed)
-    if len({s.label for s in train_samples}) < 2 or len({s.label for s in val_samples}) < 2:
-        raise ValueError("train/ and val/ both need normal/ and covid/ images")
-    weights = class_weights(train_samples)
-    log.info(
-        "train %s, val %s, class weights %s", counts(train_samples), counts(val_samples), weights
-    )
-
-    cache_dir = out / INPUT_CACHE_DIR if cfg.cache_inputs else None
-    train_ds = make_dataset(
-        train_samples,
-        size,
-        cfg.batch_size,
-        training=True,
-        seed=cfg.seed,
-        augmentation=cfg.augmentation,
-        with_weights=weights,
-        cache_dir=cache_dir,
-    )
-    val_ds = make_dataset(val_samples, size, cfg.batch_size, training=False, cache_dir=cache_dir)
-
-    model = build_model(cfg.arch, size, cfg.weights)
-    steps = math.ceil(len(train_samples) / cfg.batch_size)
     if cfg.lr_schedule == "cosine":
         lr: Any = keras.optimizers.schedules.CosineDecay(
             0.0,
@@ -270,7 +244,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loss="binary_crossentropy",
         metrics=[keras.metrics.AUC(name="auc", num_thresholds=1000)],
     )
-    callbacks = [
+
+
+def callbacks(cfg: TrainConfig, out: Path) -> list[Any]:
+    """Early stopping on val AUC (best epoch restored), the CSV log, the schedule, the budget."""
+    import keras
+
+    found: list[Any] = [
         keras.callbacks.EarlyStopping(
             monitor="val_auc",
             mode="max",
@@ -281,28 +261,67 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         keras.callbacks.CSVLogger(str(out / "history.csv")),
     ]
     if cfg.lr_schedule == "plateau":
-        callbacks.append(
+        found.append(
             keras.callbacks.ReduceLROnPlateau(
                 monitor="val_auc", mode="max", factor=0.3, patience=2, min_lr=1e-5, verbose=1
             )
         )
     if cfg.time_budget_minutes:
-        callbacks.append(TimeBudget(cfg.time_budget_minutes * 60))
-    fit_started = time.perf_counter()
-    hist = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=cfg.epochs,
-        callbacks=callbacks,
-        verbose=cfg.verbose,
+        found.append(TimeBudget(cfg.time_budget_minutes * 60))
+    return found
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one training; returns the model card (also written to ``cfg.out``)."""
+
+    started = time.perf_counter()
+    set_seeds(cfg.seed)
+    size = cfg.size
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_samples = subsample(list_split(cfg.data_dir, "train"), cfg.max_train, cfg.seed)
+    val_samples = subsample(list_split(cfg.data_dir, "val"), cfg.max_val, cfg.seed)
+    if len({s.label for s in train_samples}) < 2 or len({s.label for s in val_samples}) < 2:
+        raise ValueError("train/ and val/ both need normal/ and covid/ images")
+    weights = class_weights(train_samples)
+    log.info(
+        "train %s, val %s, class weights %s", counts(train_samples), counts(val_samples), weights
     )
-    fit_seconds = time.perf_counter() - fit_started
-    if cache_dir is not None:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    cache_dir = out / INPUT_CACHE_DIR if cfg.cache_inputs else None
+    try:
+        train_ds = make_dataset(
+            train_samples,
+            size,
+            cfg.batch_size,
+            training=True,
+            seed=cfg.seed,
+            augmentation=cfg.augmentation,
+            with_weights=weights,
+            cache_dir=cache_dir,
+        )
+        val_ds = make_dataset(
+            val_samples, size, cfg.batch_size, training=False, cache_dir=cache_dir
+        )
+        model = build_model(cfg.arch, size, cfg.weights)
+        compile_model(model, cfg, steps=math.ceil(len(train_samples) / cfg.batch_size))
+        fit_started = time.perf_counter()
+        hist = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.epochs,
+            callbacks=callbacks(cfg, out),
+            verbose=cfg.verbose,
+        )
+        fit_seconds = time.perf_counter() - fit_started
+        y_val, p_val = predict_keras(model, val_samples, size, cfg.batch_size, cache_dir)
+    finally:
+        if cache_dir is not None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     best_epoch = int(np.argmax(history["val_auc"])) + 1
 
-    y_val, p_val = predict_keras(model, val_samples, size, cfg.batch_size)
     threshold = threshold_for_sensitivity(y_val, p_val, cfg.target_sensitivity)
     val_metrics = binary_summary(y_val, p_val, threshold)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -28,9 +29,9 @@ DUPLICATE_INSTANCE = "duplicate_instance"
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_allocator_tuned = False
 
 
+@functools.cache
 def keep_image_buffers() -> None:
     """Let the C allocator reuse image-sized buffers instead of returning them each time.
 
@@ -41,10 +42,6 @@ def keep_image_buffers() -> None:
     only above 256 MB keeps those pages mapped and reused: 10 ms per image, about 4 MB
     more resident memory, flat over a long run. Once per process; a no-op off glibc.
     """
-    global _allocator_tuned
-    if _allocator_tuned:
-        return
-    _allocator_tuned = True
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone

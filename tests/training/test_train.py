@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.train import subsample, threshold_for_sensitivity
+from training.train import INPUT_CACHE_DIR, subsample, threshold_for_sensitivity
 
 SIZE = 64
 MAX_TRAIN = 1000
@@ -76,6 +76,7 @@ def test_short_training_run_beats_chance(cxr_dir: Path, tmp_path: Path) -> None:
         "history.csv",
     ):
         assert (out / name).is_file(), name
+    assert not (out / INPUT_CACHE_DIR).exists()  # the decoded-input cache is removed
     card = json.loads((out / "model_card.json").read_text())
     assert card["input_size"] == SIZE and 0 < card["threshold"] < 1
     assert card["metrics"]["val"]["sensitivity"] >= card["target_sensitivity"]
