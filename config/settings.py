@@ -52,7 +52,13 @@ class Settings(BaseSettings):
     hash_key: str = Field(
         "change-me", description="Secret key for the patient-ID and accession hashes."
     )
-    task_time_limit: int = Field(300, description="Hard limit in seconds for one study task.")
+    studies_per_message: int = Field(
+        8,
+        ge=1,
+        description="Most studies `ingest` puts in one queue message (fewer when the "
+        "ingest is small, so that it still makes at least 16 messages).",
+    )
+    task_time_limit: int = Field(300, description="Hard limit in seconds for one task.")
     task_max_retries: int = Field(5, description="Retries of a transient failure.")
     visibility_timeout: int = Field(
         3600, description="Redis visibility timeout (s); must exceed the longest task."

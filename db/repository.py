@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Table, func, select, text
@@ -199,7 +199,7 @@ def _marker_statement(dialect: str, force: bool) -> Any:
             "attempts": func.coalesce(STUDIES.c.attempts, 0) + 1,
         },
         where=None if force else _not_final(STUDIES),
-    ).returning(STUDIES.c.attempts)
+    ).returning(STUDIES.c.study_instance_uid, STUDIES.c.attempts)
 
 
 def _not_final(table: Table) -> Any:
@@ -284,18 +284,37 @@ def mark_processing(
     """A worker takes a study: ``processing``, ``started_at`` now, ``attempts`` + 1.
 
     Returns the new attempt count, or None when the study already has a final result:
-    that row is left alone (unless ``force``) and the caller skips the study. One
-    statement (an upsert returning the count), so the marker costs one round trip and
-    concurrent deliveries of the same study serialise on the row.
+    that row is left alone (unless ``force``) and the caller skips the study.
+    """
+    taken = mark_processing_many(session, {study_instance_uid: files}, model_version, force=force)
+    return taken.get(study_instance_uid)
+
+
+def mark_processing_many(
+    session: Session,
+    files_by_study: Mapping[str, Sequence[str]],
+    model_version: str,
+    *,
+    force: bool = False,
+) -> dict[str, int]:
+    """``mark_processing`` for several studies; the attempt count of each one taken.
+
+    Studies with a final result are missing from the answer. One statement (an upsert
+    returning the counts), so the markers cost one round trip and concurrent deliveries
+    of the same study serialise on its row.
     """
     now = utcnow()
-    row = {
-        **_new_study(study_instance_uid, model_version, StudyStatus.PROCESSING, now, files),
-        "attempts": 1,
-        "started_at": now,
-    }
+    rows = [
+        {
+            **_new_study(uid, model_version, StudyStatus.PROCESSING, now, files),
+            "attempts": 1,
+            "started_at": now,
+        }
+        for uid, files in files_by_study.items()
+    ]
     statement = _marker_statement(_dialect(session), force)
-    return session.execute(statement, row).scalar_one_or_none()
+    result = session.execute(statement, rows[0] if len(rows) == 1 else rows)
+    return {uid: attempts for uid, attempts in result}
 
 
 def mark_failed(

@@ -16,6 +16,7 @@ from config.settings import Settings, get_settings
 
 QUEUE = "cxr-screen"
 SCREEN_TASK = "cxr_screen.screen_study"
+SCREEN_BATCH_TASK = "cxr_screen.screen_studies"
 
 
 def soft_time_limit(settings: Settings) -> int:

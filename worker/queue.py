@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +27,7 @@ from db.repository import (
     final_study_uids,
     mark_failed,
     mark_processing,
+    mark_processing_many,
     oldest_queued_at,
     queue_studies,
     save_instances,
@@ -37,12 +39,17 @@ from worker.discovery import discover
 from worker.errors import UserError
 from worker.metrics import metrics
 from worker.model import Classifier, read_card
-from worker.screening import screen_study
+from worker.screening import StudyOutcome, screen_study
 
 log = logging.getLogger(__name__)
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MESSAGE_KEYS = frozenset({"study_instance_uid", "files", "model_version", "force"})
+BATCH_KEYS = frozenset({"studies", "model_version", "force"})
+BATCH_STUDY_KEYS = frozenset({"study_instance_uid", "files"})
+# Ingest never makes fewer messages than this by batching: a small ingest still spreads
+# over every worker process.
+MIN_MESSAGES = 16
 BACKOFF_BASE = 2.0  # seconds; the n-th retry waits about BASE * 2**n (with jitter)
 BACKOFF_MAX = 300.0
 
@@ -152,6 +159,50 @@ def parse_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyTask:
     return StudyTask(uid, tuple(files), version, force)
 
 
+@dataclass(frozen=True)
+class StudyBatch:
+    """Several studies in one message: the broker and bookkeeping cost is paid once."""
+
+    studies: tuple[StudyTask, ...]
+
+    def message(self) -> dict[str, Any]:
+        shared = self.studies[0].message()
+        studies = [
+            {"study_instance_uid": t.study_instance_uid, "files": list(t.files)}
+            for t in self.studies
+        ]
+        return {"studies": studies, **{k: v for k, v in shared.items() if k in BATCH_KEYS}}
+
+
+def parse_batch_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyBatch:
+    """Validate a batch message: ``{studies: [{study_instance_uid, files}], model_version}``."""
+    if args:
+        raise MalformedTask(f"expected keyword arguments only, got {len(args)} positional")
+    unknown = set(kwargs) - BATCH_KEYS
+    if unknown:
+        raise MalformedTask(f"unknown fields {sorted(unknown)}")
+    studies = kwargs.get("studies")
+    if not isinstance(studies, list) or not studies:
+        raise MalformedTask("studies must be a non-empty list")
+    shared: dict[str, Any] = {k: kwargs[k] for k in ("model_version", "force") if k in kwargs}
+    tasks = []
+    for study in studies:
+        if not isinstance(study, dict) or set(study) - BATCH_STUDY_KEYS:
+            raise MalformedTask(f"a study must be {{study_instance_uid, files}}: {str(study)[:80]}")
+        tasks.append(parse_message((), {**study, **shared}))
+    if len({t.study_instance_uid for t in tasks}) != len(tasks):
+        raise MalformedTask("a study appears twice in one message")
+    return StudyBatch(tuple(tasks))
+
+
+def study_messages(tasks: Sequence[StudyTask], per_message: int) -> list[dict[str, Any]]:
+    """Messages for ``tasks``: up to ``per_message`` studies each, yet at least
+    ``MIN_MESSAGES`` messages (or one per study) so that small ingests still spread."""
+    size = max(1, min(per_message, math.ceil(len(tasks) / MIN_MESSAGES)))
+    chunks = [tasks[i : i + size] for i in range(0, len(tasks), size)]
+    return [c[0].message() if len(c) == 1 else StudyBatch(tuple(c)).message() for c in chunks]
+
+
 def message_paths(files: Iterable[str], ingest_root: Path | None) -> list[str]:
     """Paths as carried in messages: relative to the ingest root when one is set."""
     if ingest_root is None:
@@ -206,7 +257,7 @@ def ingest(
     force: bool = False,
     progress: IngestProgress | None = None,
 ) -> IngestSummary:
-    """Header-only scan, ``queued`` rows, one message per study.
+    """Header-only scan, ``queued`` rows, messages of one or a few studies each.
 
     Safe to repeat: studies with a final result for this model are skipped (unless
     ``force``); a study queued twice is screened twice into the same rows.
@@ -237,12 +288,14 @@ def ingest(
     summary.skipped_studies = len(done)
     # Rows first, then messages: a crash in between leaves studies `queued` without a
     # message, and the next ingest (or requeue) sends them.
-    for task in tasks:
-        send(StudyTask(task.study_instance_uid, task.files, model_version, force).message())
-        summary.queued_studies += 1
-        summary.queued_files += len(task.files)
-        summary.uids.append(task.study_instance_uid)
-        progress.on_queued(task.study_instance_uid)
+    tasks = [StudyTask(t.study_instance_uid, t.files, model_version, force) for t in tasks]
+    for message in study_messages(tasks, settings.studies_per_message):
+        send(message)
+        for study in message.get("studies", [message]):
+            summary.queued_studies += 1
+            summary.queued_files += len(study["files"])
+            summary.uids.append(study["study_instance_uid"])
+            progress.on_queued(study["study_instance_uid"])
     return summary
 
 
@@ -267,16 +320,7 @@ def process_study(
     Raises on transient failures (the task retries); bad input is never an exception.
     """
     uid, version = task.study_instance_uid, classifier.model_version
-    if task.model_version != version:
-        # Policy: the worker's model is the one that screens. The results go under the
-        # worker's model version; the row the ingest created for the other version is
-        # marked failed with the reason, so `status --failed` shows the mismatch.
-        log.warning(
-            "study %s was queued for model %s; this worker runs %s and screens with it",
-            uid,
-            task.model_version,
-            version,
-        )
+    warn_if_other_model(task, version)
     check_ingest_root(settings)
     files = worker_paths(task.files, settings.ingest_root)
     with autocommit(sessions) as session:
@@ -297,18 +341,97 @@ def process_study(
         uid, files, classifier, max_pixels=settings.max_pixels, batch_size=settings.batch_size
     )
     with metrics().timing_db_write(), sessions.begin() as session:
-        save_study(
-            session, outcome, patient_id_mode=settings.patient_id_mode, hash_key=settings.hash_key
+        save_outcome(session, task, outcome, settings)
+    report_outcome(outcome)
+    return outcome.status.value
+
+
+def process_batch(
+    batch: StudyBatch,
+    *,
+    settings: Settings,
+    classifier: Classifier,
+    sessions: sessionmaker[Session],
+    send: Send,
+) -> str:
+    """Screen the studies of one message: one marker statement, one results transaction.
+
+    A batch delivered before (a study in it crashed, hung or hit a transient error) is
+    split into single-study messages instead, so each study gets its own delivery
+    count and time limit and one bad study holds back no other.
+    """
+    version = classifier.model_version
+    warn_if_other_model(batch.studies[0], version)
+    check_ingest_root(settings)
+    files = {
+        t.study_instance_uid: sorted(worker_paths(t.files, settings.ingest_root))
+        for t in batch.studies
+    }
+    with autocommit(sessions) as session:
+        attempts = mark_processing_many(session, files, version, force=batch.studies[0].force)
+    todo = [t for t in batch.studies if t.study_instance_uid in attempts]
+    for uid in sorted(files.keys() - attempts.keys()):
+        log.info("study %s already has a final result for model %s; skipped", uid, version)
+    if any(attempts[t.study_instance_uid] > 1 for t in todo):
+        split_batch(todo, send)
+        return "split"
+    outcomes = [
+        screen_study(
+            t.study_instance_uid,
+            files[t.study_instance_uid],
+            classifier,
+            max_pixels=settings.max_pixels,
+            batch_size=settings.batch_size,
         )
-        if task.model_version != version:
-            mark_failed(
-                session,
-                uid,
-                task.model_version,
-                f"model version mismatch: queued for {task.model_version}, "
-                f"screened by a worker running {version} (results stored under {version})",
-            )
+        for t in todo
+    ]
+    with metrics().timing_db_write(), sessions.begin() as session:
+        for task, outcome in zip(todo, outcomes, strict=True):
+            save_outcome(session, task, outcome, settings)
+    for outcome in outcomes:
+        report_outcome(outcome)
+    return f"{len(outcomes)} screened"
+
+
+def split_batch(tasks: Sequence[StudyTask], send: Send) -> None:
+    log.warning("a batch of %d studies came back; sending them one per message", len(tasks))
+    for task in tasks:
+        send(task.message())
+
+
+def warn_if_other_model(task: StudyTask, version: str) -> None:
+    if task.model_version != version:
+        # Policy: the worker's model is the one that screens. The results go under the
+        # worker's model version; the row the ingest created for the other version is
+        # marked failed with the reason, so `status --failed` shows the mismatch.
+        log.warning(
+            "study %s was queued for model %s; this worker runs %s and screens with it",
+            task.study_instance_uid,
+            task.model_version,
+            version,
+        )
+
+
+def save_outcome(
+    session: Session, task: StudyTask, outcome: StudyOutcome, settings: Settings
+) -> None:
+    save_study(
+        session, outcome, patient_id_mode=settings.patient_id_mode, hash_key=settings.hash_key
+    )
+    if task.model_version != outcome.model_version:
+        mark_failed(
+            session,
+            task.study_instance_uid,
+            task.model_version,
+            f"model version mismatch: queued for {task.model_version}, "
+            f"screened by a worker running {outcome.model_version} "
+            f"(results stored under {outcome.model_version})",
+        )
+
+
+def report_outcome(outcome: StudyOutcome) -> None:
     metrics().observe(outcome)
+    uid = outcome.study_instance_uid
     log.info(
         "study %s %s (%d instances)",
         uid,
@@ -316,7 +439,6 @@ def process_study(
         len(outcome.instances),
         extra={"study_instance_uid": uid, "status": outcome.status.value},
     )
-    return outcome.status.value
 
 
 def record_failure(

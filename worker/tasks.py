@@ -1,5 +1,6 @@
-"""Thin Celery tasks: validate the message, call ``worker.queue.process_study``, and
-turn its failures into retries (transient) or a recorded ``failed`` study (final).
+"""Thin Celery tasks: validate the message, call ``worker.queue.process_study`` (or
+``process_batch``), and turn failures into retries (transient) or a recorded ``failed``
+study (final); a batch that fails is split into single-study messages instead.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import get_settings
 from db.session import open_database
-from worker.celery_app import QUEUE, SCREEN_TASK, app
+from worker.celery_app import QUEUE, SCREEN_BATCH_TASK, SCREEN_TASK, app
 from worker.model import Classifier
 from worker.queue import (
     MalformedTask,
     backoff,
     is_transient,
+    parse_batch_message,
     parse_message,
+    process_batch,
     process_study,
     record_failure,
+    split_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -71,22 +75,7 @@ def screen_study_task(self: Task, *args: Any, **kwargs: Any) -> str:
         error = f"{type(exc).__name__}: {exc}".strip()[:1000]
         retries = self.request.retries
         if is_transient(exc) and retries < settings.task_max_retries:
-            countdown = backoff(retries, settings)
-            log.warning(
-                "study %s: transient failure (%s); retry %d of %d in %.1f s",
-                task.study_instance_uid,
-                error,
-                retries + 1,
-                settings.task_max_retries,
-                countdown,
-            )
-            try:
-                retry = self.retry(countdown=countdown, exc=exc, throw=False)
-            except Reject:
-                # The retry could not be published (broker down too): put the message
-                # back instead of dropping it.
-                raise Reject(exc, requeue=True) from exc
-            raise retry from exc
+            retry_later(self, exc, task.study_instance_uid)
         if is_transient(exc):
             reason = f"gave up after {retries} retries: {error}"
         else:
@@ -96,6 +85,58 @@ def screen_study_task(self: Task, *args: Any, **kwargs: Any) -> str:
         return "failed"
 
 
+@app.task(bind=True, name=SCREEN_BATCH_TASK, max_retries=get_settings().task_max_retries)
+def screen_batch_task(self: Task, *args: Any, **kwargs: Any) -> str:
+    """Screen several studies.
+
+    Message: ``{studies: [{study_instance_uid, files}], model_version}``.
+    """
+    try:
+        batch = parse_batch_message(args, kwargs)
+    except MalformedTask as exc:
+        log.error("malformed task %s rejected: %s", self.request.id, exc)
+        return "malformed"
+    settings = get_settings()
+    classifier = load_worker_state()
+    try:
+        return process_batch(
+            batch, settings=settings, classifier=classifier, sessions=database(), send=enqueue
+        )
+    except Exception as exc:
+        label = f"batch of {len(batch.studies)} studies"
+        if is_transient(exc) and self.request.retries < settings.task_max_retries:
+            retry_later(self, exc, label)
+        # A time limit, an unexpected error, retries used up: each study goes on alone
+        # and meets its own fate, without the others.
+        log.warning("%s: %s: %s", label, type(exc).__name__, str(exc)[:1000])
+        split_batch(batch.studies, enqueue)
+        return "split"
+
+
+def retry_later(task: Task, exc: Exception, label: str) -> None:
+    """Raise Celery's retry for a transient failure, after an exponential backoff."""
+    settings = get_settings()
+    retries = task.request.retries
+    countdown = backoff(retries, settings)
+    log.warning(
+        "%s: transient failure (%s: %s); retry %d of %d in %.1f s",
+        label,
+        type(exc).__name__,
+        str(exc)[:1000],
+        retries + 1,
+        settings.task_max_retries,
+        countdown,
+    )
+    try:
+        retry = task.retry(countdown=countdown, exc=exc, throw=False)
+    except Reject:
+        # The retry could not be published (broker down too): put the message back
+        # instead of dropping it.
+        raise Reject(exc, requeue=True) from exc
+    raise retry from exc
+
+
 def enqueue(message: dict[str, Any]) -> None:
-    """Publish one study message (JSON), retrying while the broker is unreachable."""
-    screen_study_task.apply_async(kwargs=message, queue=QUEUE)
+    """Publish one message (JSON), retrying while the broker is unreachable."""
+    task = screen_batch_task if "studies" in message else screen_study_task
+    task.apply_async(kwargs=message, queue=QUEUE)

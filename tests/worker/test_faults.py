@@ -445,3 +445,35 @@ def test_fault6_zoo_through_the_queue(
         assert worker.alive()
     finally:
         worker.stop()
+
+
+# --- 7. a pool process killed in the middle of a batch ---------------------------------
+
+
+def test_fault7_batch_killed_midway_is_split_and_finished(
+    broker: str, postgres_url: str, model_dir: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    n, per = 2 * 9, 2  # ingest puts 2 studies in each of 9 messages
+    make_studies(tmp_path / "export", cxr_dir, n, per, large=True)
+    env = worker_env(broker, postgres_url, model_dir)
+    out = ingest(tmp_path / "export", env)
+    assert redis.Redis.from_url(broker).llen(QUEUE) == 9, out
+    worker = Worker(env, tmp_path / "worker.log")
+    processing = "SELECT study_instance_uid FROM studies WHERE status = 'processing'"
+    try:
+        wait_for(lambda: len(rows(postgres_url, processing)) == 2, 120, "a batch in progress", 0.05)
+        batch = {uid for (uid,) in rows(postgres_url, processing)}
+        os.kill(worker.children()[0], signal.SIGKILL)
+        waited = wait_for(lambda: all_final(postgres_url, n), 180, "every study to finish")
+        attempts = dict(rows(postgres_url, "SELECT study_instance_uid, attempts FROM studies"))
+        print(
+            f"\nfault 7: {out.strip()}; SIGKILLed the pool process screening a batch of 2; "
+            f"all {n} studies final {waited:.1f} s later; attempts {sorted(attempts.values())}"
+        )
+        assert status_counts(postgres_url) == {"screened": n}
+        assert_exactly_once(postgres_url, n, n * per)
+        assert all(attempts[uid] == 3 for uid in batch), attempts  # batch, again, alone
+        assert "sending them one per message" in worker.log()
+        assert worker.alive()
+    finally:
+        worker.stop()

@@ -20,14 +20,18 @@ from tests.worker.test_run import predictions
 from worker.celery_app import celery_config
 from worker.model import Classifier
 from worker.queue import (
+    MIN_MESSAGES,
     IngestError,
     MalformedTask,
     StudyTask,
     backoff,
     message_paths,
+    parse_batch_message,
     parse_message,
+    process_batch,
     process_study,
     requeue_failed,
+    study_messages,
     worker_paths,
 )
 from worker.queue import (
@@ -74,6 +78,62 @@ def test_messages_round_trip_and_paths_are_relative_to_the_ingest_root(tmp_path:
         message_paths(["/elsewhere/1.dcm"], root)
 
 
+BATCH = {
+    "studies": [
+        {"study_instance_uid": "1.2.3.4", "files": ["a/b.dcm"]},
+        {"study_instance_uid": "1.2.3.5", "files": ["a/c.dcm", "a/d.dcm"]},
+    ],
+    "model_version": "m-1",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"studies": []}, "non-empty list"),
+        ({"studies": [{"study_instance_uid": "1.2", "files": ["x"], "pixels": 1}]}, "must be"),
+        ({"studies": [{"study_instance_uid": "1.2; DROP", "files": ["x"]}]}, "not a DICOM UID"),
+        ({"studies": [{"study_instance_uid": "1.2", "files": ["x"]}] * 2}, "appears twice"),
+        ({"model_version": ""}, "model_version"),
+        ({"queue": "other"}, "unknown fields"),
+    ],
+)
+def test_malformed_batch_messages_are_refused_with_a_reason(
+    change: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(MalformedTask, match=message):
+        parse_batch_message((), {**BATCH, **change})
+
+
+def test_batch_messages_round_trip() -> None:
+    batch = parse_batch_message((), BATCH)
+    assert [t.study_instance_uid for t in batch.studies] == ["1.2.3.4", "1.2.3.5"]
+    assert batch.studies[1] == StudyTask("1.2.3.5", ("a/c.dcm", "a/d.dcm"), "m-1")
+    assert parse_batch_message((), batch.message()) == batch
+
+
+@pytest.mark.parametrize(
+    ("n_studies", "per_message", "expected_sizes"),
+    [
+        (3, 8, [1, 1, 1]),
+        (MIN_MESSAGES, 8, [1] * MIN_MESSAGES),
+        (40, 8, [3] * 13 + [1]),
+        (160, 8, [8] * 20),
+        (1000, 8, [8] * 125),
+        (160, 1, [1] * 160),
+    ],
+)
+def test_ingest_batches_a_backlog_but_spreads_a_small_one(
+    n_studies: int, per_message: int, expected_sizes: list[int]
+) -> None:
+    tasks = [StudyTask(f"1.2.{i}", (f"{i}.dcm",), "m-1") for i in range(n_studies)]
+    messages = study_messages(tasks, per_message)
+    sizes = [len(m["studies"]) if "studies" in m else 1 for m in messages]
+    assert sizes == expected_sizes
+    sent = [t for m in messages for t in m.get("studies", [m])]
+    assert [m["study_instance_uid"] for m in sent] == [t.study_instance_uid for t in tasks]
+
+
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
     settings = Settings(visibility_timeout=3600)
     rng = random.Random(1)
@@ -116,6 +176,48 @@ def test_ingest_and_one_study_in_process(
     assert again == []
     assert rows(sqlite_url, "SELECT count(*) FROM studies") == [(3,)]
     assert rows(sqlite_url, "SELECT max(attempts) FROM studies") == [(1,)]
+
+
+def test_a_batch_in_process_and_a_batch_delivered_twice_is_split(
+    sqlite_url: str, model_dir: Path, dicom_dir: Path
+) -> None:
+    from db.repository import mark_processing
+
+    settings = Settings(database_url=sqlite_url, model=model_dir)
+    sessions = open_database(sqlite_url)
+    sent: list[dict[str, Any]] = []
+    summary = ingest_studies([dicom_dir], settings, sent.append, sessions=sessions)
+    batches = [parse_batch_message((), m) for m in sent if "studies" in m]
+    assert len(batches) >= 2 and summary.queued_studies > len(sent)
+    classifier = Classifier(model_dir)
+
+    def deliver(batch: Any, resent: list[dict[str, Any]]) -> str:
+        return process_batch(
+            batch, settings=settings, classifier=classifier, sessions=sessions, send=resent.append
+        )
+
+    first, second = batches[0], batches[1]
+    resent: list[dict[str, Any]] = []
+    assert deliver(first, resent) == f"{len(first.studies)} screened" and resent == []
+    assert deliver(first, resent) == "0 screened" and resent == []  # delivered again: skipped
+    # A study of the second batch was taken before (its worker died): the batch is split
+    # into one message per study, and screening those finishes the job.
+    victim = second.studies[0]
+    with sessions.begin() as session:
+        mark_processing(session, victim.study_instance_uid, classifier.model_version, [])
+    assert deliver(second, resent) == "split"
+    assert [parse_message((), m) for m in resent] == list(second.studies)
+    for message in resent:
+        task = parse_message((), message)
+        process_study(task, settings=settings, classifier=classifier, sessions=sessions)
+    uids = [t.study_instance_uid for t in (*first.studies, *second.studies)]
+    these = f"FROM studies WHERE study_instance_uid IN ({', '.join(repr(u) for u in uids)})"
+    statuses = rows(sqlite_url, f"SELECT status {these}")
+    assert len(statuses) == len(uids) and {s for (s,) in statuses} <= {"screened", "rejected"}
+    attempts = dict(rows(sqlite_url, f"SELECT study_instance_uid, attempts {these}"))
+    assert attempts[victim.study_instance_uid] == 3
+    assert {attempts[t.study_instance_uid] for t in second.studies[1:]} == {2}
+    assert {attempts[t.study_instance_uid] for t in first.studies} == {1}
 
 
 def test_a_model_mismatch_screens_with_the_workers_model_and_says_so(
