@@ -2,7 +2,7 @@
 
 Start workers with ``cxr-screen worker`` or ``celery -A worker.celery_app worker``.
 The settings below make delivery at-least-once; the upserts in ``db/repository.py``
-make the results exactly-once. See docs/distributed.md for why each one is set.
+make the results exactly-once. The README (Reliability) says why each one is set.
 """
 
 from __future__ import annotations

@@ -358,7 +358,7 @@ def test_fault5_malformed_messages_and_missing_files(
         send_raw(broker, kwargs={"study_instance_uid": "1.2.3"}, serializer="pickle")
         # Not sent: raw non-JSON bytes pushed onto the Redis list by a foreign client.
         # Kombu cannot decode the envelope and the worker exits (a supervisor restarts
-        # it; the item is already consumed). See docs/distributed.md.
+        # it; the item is already consumed). See the README, Limitations.
         version = scalar_model_version(model_dir)
         send_raw(
             broker,

@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 
-Analysts query these directly (examples in docs/operations.md); ``cxr-screen report``
+Analysts query these directly (examples in the README); ``cxr-screen report``
 reads ``daily_summary`` too, so the command and the SQL give the same figures.
 
 One SQL text serves both dialects; only two expressions differ (the UTC date of a
