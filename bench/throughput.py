@@ -14,7 +14,8 @@ One run, one machine, the same files for every path:
    modality LUT + window, full-resolution scikit-image anti-aliased resize, one Keras
    ``model.predict`` per image;
 5. a table per encoding, then 1 vs 2 processes and 1,024^2 / 2,048^2 / 3,000^2 images,
-   and the model runtimes (LiteRT vs Keras) measured side by side.
+   and the model runtimes (Keras, tf.function, LiteRT, and ONNX Runtime when installed)
+   measured side by side.
 
 Throughput ("img/s") is measured the same way for every path: images divided by the
 span from the first study's start to the last study's finish, taken from the study
@@ -740,12 +741,32 @@ def _runtimes(keras_model: Any, model: Path, size: int, tf: Any, source: str) ->
     interp.invoke()
     lite = interp.get_tensor(interp.get_output_details()[0]["index"]).reshape(-1)
     figures["max |p keras - p litert|"] = float(np.abs(reference - lite).max())
-    try:
-        import tf2onnx  # noqa: F401
+    figures.update(_onnxruntime(compiled, batch, reference, tf))
+    return figures
 
-        figures["onnxruntime"] = "tf2onnx present but conversion not scripted"
+
+def _onnxruntime(compiled: Any, batch: np.ndarray, reference: Any, tf: Any) -> dict[str, Any]:
+    """ONNX Runtime on the same network, when tf2onnx and onnxruntime are installed (they
+    are not dependencies: ``pip install tf2onnx onnxruntime`` to measure it)."""
+    try:
+        import onnxruntime as ort
+        import tf2onnx
     except ImportError:
-        figures["onnxruntime"] = "skipped: tf2onnx is not installed (no cheap conversion)"
+        return {"onnxruntime": "skipped: pip install tf2onnx onnxruntime to measure it"}
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    spec = (tf.TensorSpec((None, *batch.shape[1:]), tf.float32, name="x"),)
+    tf2onnx.convert.from_function(compiled, input_signature=spec, opset=17, output_path=str(path))
+    figures: dict[str, Any] = {}
+    for threads in (1, 2):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        figures[f"ONNX Runtime {threads} thread(s), batch 16"] = _timeit(
+            lambda session=session, name=name: session.run(None, {name: batch}), 16
+        )
+    out = np.asarray(session.run(None, {name: batch})[0]).reshape(-1)
+    figures["max |p keras - p onnxruntime|"] = float(np.abs(reference - out).max())
     return figures
 
 
