@@ -5,11 +5,13 @@ the end-to-end equivalence of ``ingest`` + ``worker`` with ``run``.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from db.session import open_database
@@ -22,6 +24,7 @@ from worker.model import Classifier
 from worker.queue import (
     MIN_MESSAGES,
     IngestError,
+    IngestSummary,
     MalformedTask,
     StudyTask,
     backoff,
@@ -144,13 +147,29 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
     assert backoff(20, Settings(visibility_timeout=10), rng) <= 5
 
 
-def test_ingest_and_one_study_in_process(
-    tmp_path: Path, sqlite_url: str, model_dir: Path, dicom_dir: Path
-) -> None:
+@dataclass
+class Ingested:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    sent: list[dict[str, Any]]
+    summary: IngestSummary
+
+
+def ingest_in_process(folder: Path, sqlite_url: str, model_dir: Path) -> Ingested:
+    """``ingest`` into SQLite, the messages collected in a list instead of sent."""
     settings = Settings(database_url=sqlite_url, model=model_dir)
     sessions = open_database(sqlite_url)
     sent: list[dict[str, Any]] = []
-    summary = ingest_studies([dicom_dir / "cxr"], settings, sent.append, sessions=sessions)
+    summary = ingest_studies([folder], settings, sent.append, sessions=sessions)
+    return Ingested(settings, sessions, sent, summary)
+
+
+def test_ingest_and_one_study_in_process(
+    tmp_path: Path, sqlite_url: str, model_dir: Path, dicom_dir: Path
+) -> None:
+    done = ingest_in_process(dicom_dir / "cxr", sqlite_url, model_dir)
+    settings, sessions, sent = done.settings, done.sessions, done.sent
+    summary = done.summary
     assert summary.queued_studies == len(sent) == 3
     assert rows(sqlite_url, "SELECT DISTINCT status FROM studies") == [("queued",)]
     assert {r[0] for r in rows(sqlite_url, "SELECT status FROM predictions")} <= {"rejected"}
@@ -183,10 +202,9 @@ def test_a_batch_in_process_and_a_batch_delivered_twice_is_split(
 ) -> None:
     from db.repository import mark_processing
 
-    settings = Settings(database_url=sqlite_url, model=model_dir)
-    sessions = open_database(sqlite_url)
-    sent: list[dict[str, Any]] = []
-    summary = ingest_studies([dicom_dir], settings, sent.append, sessions=sessions)
+    done = ingest_in_process(dicom_dir, sqlite_url, model_dir)
+    settings, sessions, sent = done.settings, done.sessions, done.sent
+    summary = done.summary
     batches = [parse_batch_message((), m) for m in sent if "studies" in m]
     assert len(batches) >= 2 and summary.queued_studies > len(sent)
     classifier = Classifier(model_dir)
@@ -223,10 +241,8 @@ def test_a_batch_in_process_and_a_batch_delivered_twice_is_split(
 def test_a_model_mismatch_screens_with_the_workers_model_and_says_so(
     sqlite_url: str, model_dir: Path, dicom_dir: Path
 ) -> None:
-    settings = Settings(database_url=sqlite_url, model=model_dir)
-    sessions = open_database(sqlite_url)
-    sent: list[dict[str, Any]] = []
-    ingest_studies([dicom_dir / "cxr"], settings, sent.append, sessions=sessions)
+    done = ingest_in_process(dicom_dir / "cxr", sqlite_url, model_dir)
+    settings, sessions, sent = done.settings, done.sessions, done.sent
     old = StudyTask(**{**parse_message((), sent[0]).__dict__, "model_version": "old-0.1"})
     classifier = Classifier(model_dir)
     process_study(old, settings=settings, classifier=classifier, sessions=sessions)
@@ -243,10 +259,8 @@ def test_a_model_mismatch_screens_with_the_workers_model_and_says_so(
 def test_failed_studies_are_requeued(sqlite_url: str, model_dir: Path, dicom_dir: Path) -> None:
     from db.repository import mark_failed
 
-    settings = Settings(database_url=sqlite_url, model=model_dir)
-    sessions = open_database(sqlite_url)
-    sent: list[dict[str, Any]] = []
-    ingest_studies([dicom_dir / "cxr"], settings, sent.append, sessions=sessions)
+    done = ingest_in_process(dicom_dir / "cxr", sqlite_url, model_dir)
+    settings, sessions, sent = done.settings, done.sessions, done.sent
     uid = sent[0]["study_instance_uid"]
     with sessions.begin() as session:
         mark_failed(session, uid, sent[0]["model_version"], "OperationalError: db down")
