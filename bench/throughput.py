@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -276,10 +277,11 @@ def _limit_task(uid: str, files: list[str]) -> tuple[Any, ...]:
     )
 
 
-def _vm_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+def _vm_rss_mb(pid: int | str = "self") -> float:
+    with contextlib.suppress(OSError):  # a process that has just exited
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
     return 0.0
 
 
@@ -611,6 +613,57 @@ def measure_distributed(
         result.rss_mb = watcher.peaks
         result.note = (result.note + f" ingest {ingest_s:.1f} s").strip()
         return _from_rows(result, _rows(url, STUDY_ROWS))
+
+
+def soak_distributed(
+    files: Sequence[Path], model: Path, workers: int, scratch: Path, worker_cmd: str, studies: int
+) -> dict[str, Any]:
+    """The Celery worker's memory over ``studies`` studies: ``ingest --force`` of the same
+    folder, round after round (each once the queue is empty), RSS of every process sampled."""
+    from worker.celery_app import QUEUE
+    from worker.queue import broker_queue_length
+
+    folder = folder_of(files, scratch)
+    rounds = max(1, math.ceil(studies / len(files)))
+    _flush_redis(REDIS_URL)
+    samples: list[tuple[int, dict[int, float]]] = []  # (studies sent, {pid: RSS MB})
+    with throwaway_postgres() as url:
+        env = _env(model, CXR_BROKER_URL=REDIS_URL, CXR_DATABASE_URL=url)
+        cmd = [
+            part.replace("{python}", sys.executable).replace("{workers}", str(workers))
+            for part in shlex.split(worker_cmd)
+        ]
+        log = (scratch / "soak-worker.log").open("w")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=scratch)
+        start = time.perf_counter()
+        try:
+            for done in range(rounds):
+                ingest = [*_cli(), "ingest", str(folder), "--force"]
+                subprocess.run(ingest, env=env, capture_output=True, check=True, cwd=scratch)
+                while broker_queue_length(REDIS_URL, QUEUE) != (0, 0):
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"worker exited, see {scratch / 'soak-worker.log'}")
+                    time.sleep(0.05)
+                rss = {pid: _vm_rss_mb(pid) for pid in _tree(proc.pid)}
+                samples.append(((done + 1) * len(files), rss))
+        finally:
+            _stop(proc)
+            log.close()
+    seconds = time.perf_counter() - start
+    sent = samples[-1][0]
+    print(f"\n## worker memory over {sent} studies (ingest --force x {rounds}, {seconds:.0f} s)")
+    print("| studies | main process RSS MB | pool processes RSS MB | pool process ids |")
+    print("|---:|---:|---:|---|")
+    marks = sorted({0, len(samples) // 10, len(samples) // 2, len(samples) - 1})
+    out: dict[str, Any] = {"studies": sent, "seconds": seconds, "samples": []}
+    for i in marks:
+        count, rss = samples[i]
+        main = rss.get(proc.pid, 0.0)
+        pool = {pid: mb for pid, mb in rss.items() if pid != proc.pid}
+        out["samples"].append({"studies": count, "main_mb": main, "pool_mb": pool})
+        figures = ", ".join(f"{mb:.0f}" for mb in pool.values())
+        print(f"| {count} | {main:.0f} | {figures} | {', '.join(map(str, pool))} |")
+    return out
 
 
 def _cpu_per_study(
@@ -995,6 +1048,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.soak and not args.input:
         raw = generate(workdir, args.studies, SHAPE, ["raw"], args.workers)["raw"]
         report["soak"] = soak(raw, model, args.workers, args.soak)
+        if not args.skip_distributed:
+            report["soak_distributed"] = soak_distributed(
+                raw, model, args.workers, scratch, args.worker_cmd, args.soak
+            )
     if runtimes:
         print("\n## model runtimes (same network, ms per image)")
         for name, value in runtimes.items():
