@@ -554,6 +554,14 @@ def _flush_redis(url: str) -> None:
     client.close()
 
 
+def worker_command(template: str, workers: int) -> list[str]:
+    """``--worker-cmd`` with ``{python}`` and ``{workers}`` filled in."""
+    return [
+        part.replace("{python}", sys.executable).replace("{workers}", str(workers))
+        for part in shlex.split(template)
+    ]
+
+
 def measure_distributed(
     files: Sequence[Path],
     model: Path,
@@ -577,10 +585,7 @@ def measure_distributed(
         if done.returncode != 0:
             result.note = f"ingest failed: {(done.stderr or done.stdout).strip()[-300:]}"
             return result
-        cmd = [
-            part.replace("{python}", sys.executable).replace("{workers}", str(workers))
-            for part in shlex.split(worker_cmd)
-        ]
+        cmd = worker_command(worker_cmd, workers)
         log = (scratch / "worker.log").open("w")
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=scratch)
@@ -629,10 +634,7 @@ def soak_distributed(
     samples: list[tuple[int, dict[int, float]]] = []  # (studies sent, {pid: RSS MB})
     with throwaway_postgres() as url:
         env = _env(model, CXR_BROKER_URL=REDIS_URL, CXR_DATABASE_URL=url)
-        cmd = [
-            part.replace("{python}", sys.executable).replace("{workers}", str(workers))
-            for part in shlex.split(worker_cmd)
-        ]
+        cmd = worker_command(worker_cmd, workers)
         log = (scratch / "soak-worker.log").open("w")
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=scratch)
         start = time.perf_counter()

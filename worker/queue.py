@@ -337,12 +337,7 @@ def process_study(
             mark_failed(session, uid, version, reason, files=sorted(files))
         log.error("study %s: %s", uid, reason)
         return "failed"
-    outcome = screen_study(
-        uid, files, classifier, max_pixels=settings.max_pixels, batch_size=settings.batch_size
-    )
-    with metrics().timing_db_write(), sessions.begin() as session:
-        save_outcome(session, task, outcome, settings)
-    report_outcome(outcome)
+    (outcome,) = screen_and_save({task: files}, settings, classifier, sessions)
     return outcome.status.value
 
 
@@ -363,34 +358,43 @@ def process_batch(
     version = classifier.model_version
     warn_if_other_model(batch.studies[0], version)
     check_ingest_root(settings)
-    files = {
-        t.study_instance_uid: sorted(worker_paths(t.files, settings.ingest_root))
-        for t in batch.studies
-    }
+    files = {t: worker_paths(t.files, settings.ingest_root) for t in batch.studies}
+    markers = {t.study_instance_uid: sorted(paths) for t, paths in files.items()}
     with autocommit(sessions) as session:
-        attempts = mark_processing_many(session, files, version, force=batch.studies[0].force)
-    todo = [t for t in batch.studies if t.study_instance_uid in attempts]
-    for uid in sorted(files.keys() - attempts.keys()):
+        attempts = mark_processing_many(session, markers, version, force=batch.studies[0].force)
+    todo = {t: paths for t, paths in files.items() if t.study_instance_uid in attempts}
+    for uid in sorted(markers.keys() - attempts.keys()):
         log.info("study %s already has a final result for model %s; skipped", uid, version)
     if any(attempts[t.study_instance_uid] > 1 for t in todo):
-        split_batch(todo, send)
+        split_batch(list(todo), send)
         return "split"
+    return f"{len(screen_and_save(todo, settings, classifier, sessions))} screened"
+
+
+def screen_and_save(
+    files: dict[StudyTask, list[str]],
+    settings: Settings,
+    classifier: Classifier,
+    sessions: sessionmaker[Session],
+) -> list[StudyOutcome]:
+    """Screen each study (its files in message order), then write all their rows in one
+    transaction; metrics and logs only once they are committed."""
     outcomes = [
         screen_study(
-            t.study_instance_uid,
-            files[t.study_instance_uid],
+            task.study_instance_uid,
+            paths,
             classifier,
             max_pixels=settings.max_pixels,
             batch_size=settings.batch_size,
         )
-        for t in todo
+        for task, paths in files.items()
     ]
     with metrics().timing_db_write(), sessions.begin() as session:
-        for task, outcome in zip(todo, outcomes, strict=True):
+        for task, outcome in zip(files, outcomes, strict=True):
             save_outcome(session, task, outcome, settings)
     for outcome in outcomes:
         report_outcome(outcome)
-    return f"{len(outcomes)} screened"
+    return outcomes
 
 
 def split_batch(tasks: Sequence[StudyTask], send: Send) -> None:
