@@ -104,14 +104,23 @@ def train_command(
         typer.Option(help="Use a stratified random subset of this many training images."),
     ] = None,
     max_val: Annotated[int | None, typer.Option(help="Same for val/.")] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (mixed_bfloat16 where the CPU has bf16 instructions, else float32), "
+            "float32 or mixed_bfloat16. The exported model is float32 either way."
+        ),
+    ] = "auto",
 ) -> None:
     """Fit on DATA_DIR/train, early-stop and pick the threshold on DATA_DIR/val, export."""
     _quiet_tensorflow()
     from training.models import ARCHITECTURES
-    from training.train import TrainConfig, train
+    from training.train import PRECISIONS, TrainConfig, train
 
     if arch not in ARCHITECTURES:
         raise typer.BadParameter(f"choose one of {', '.join(ARCHITECTURES)}", param_hint="--arch")
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
     cfg = TrainConfig(
         data_dir=data_dir,
         out=out or Path("runs") / arch,
@@ -130,6 +139,7 @@ def train_command(
         time_budget_minutes=time_budget,
         max_train=max_train,
         max_val=max_val,
+        precision=precision,
     )
     card = train(cfg)
     val = card["metrics"]["val"]

@@ -66,7 +66,7 @@ def compact(size: int, width: int = 16, dropout: float = 0.3) -> Any:
     x = conv_bn(x, width * 12, name="s4b")
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="covid")(x)
+    outputs = _probability(x)
     return keras.Model(inputs, outputs, name="cxr_compact")
 
 
@@ -109,7 +109,7 @@ def residual(
             x = block(x, filters, stride, f"s{stage + 1}b{k + 1}")
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="covid")(x)
+    outputs = _probability(x)
     return keras.Model(inputs, outputs, name="cxr_residual")
 
 
@@ -135,7 +135,7 @@ def alexnet(size: int) -> Any:
     x = layers.Dropout(0.5, name="drop6")(x)
     x = layers.Dense(4096, activation="relu", name="fc7")(x)
     x = layers.Dropout(0.5, name="drop7")(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="covid")(x)
+    outputs = _probability(x)
     return keras.Model(inputs, outputs, name="alexnet")
 
 
@@ -159,7 +159,7 @@ def _application(name: str, size: int) -> Any:
     x = base(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     x = layers.Dropout(0.5, name="dropout")(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="covid")(x)
+    outputs = _probability(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -175,6 +175,14 @@ def _load_weights(model: Any, path: Path) -> None:
         if base is None:
             raise ValueError(f"{path} does not match {model.name}") from whole_model_error
         base.load_weights(str(path), skip_mismatch=False)
+
+
+def _probability(x: Any) -> Any:
+    """The sigmoid unit, always computed in float32 (under a mixed bfloat16 policy a bf16
+    probability would have 8 bits of mantissa)."""
+    from keras import layers
+
+    return layers.Dense(1, activation="sigmoid", dtype="float32", name="covid")(x)
 
 
 def last_conv_layer(model: Any) -> str:

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.train import INPUT_CACHE_DIR, subsample, threshold_for_sensitivity
+from training.train import (
+    INPUT_CACHE_DIR,
+    cpu_has_bf16,
+    resolve_precision,
+    subsample,
+    threshold_for_sensitivity,
+)
 
 SIZE = 64
 MAX_TRAIN = 1000
@@ -24,6 +30,20 @@ def test_threshold_for_sensitivity_is_the_highest_that_reaches_the_target() -> N
     t = threshold_for_sensitivity(y, p, 0.95)
     assert ((p >= t) & (y == 1)).sum() / 20 >= 0.95
     assert ((p >= np.nextafter(t, 1)) & (y == 1)).sum() / 20 < 0.95
+
+
+def test_precision_auto_follows_the_cpu_flags(tmp_path: Path) -> None:
+    amx = tmp_path / "amx"
+    amx.write_text("flags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
+    plain = tmp_path / "plain"
+    plain.write_text("flags\t\t: fpu sse2 avx2\n")
+    assert cpu_has_bf16(amx) and not cpu_has_bf16(plain)
+    assert not cpu_has_bf16(tmp_path / "missing")
+    expected = "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("float32") == "float32"
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("float16")
 
 
 def test_subsample_is_seeded_and_stratified(cxr_dir: Path) -> None:
@@ -81,6 +101,10 @@ def test_short_training_run_beats_chance(cxr_dir: Path, tmp_path: Path) -> None:
     assert card["input_size"] == SIZE and 0 < card["threshold"] < 1
     assert card["metrics"]["val"]["sensitivity"] >= card["target_sensitivity"]
     assert card["tflite_max_abs_diff_vs_keras"] <= 1e-4
+    assert card["hyperparameters"]["precision"] == resolve_precision("auto")
+    import keras
+
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after training
 
     # evaluation on a balanced, seeded sample of the test split the run never saw
     test = tmp_path / "test"
