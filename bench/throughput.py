@@ -562,6 +562,25 @@ def worker_command(template: str, workers: int) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def running_worker(
+    template: str, workers: int, env: dict[str, str], log_path: Path
+) -> Iterator[subprocess.Popen[Any]]:
+    """The ``--worker-cmd`` process, its output in ``log_path``; stopped on the way out."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            worker_command(template, workers),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=log_path.parent,
+        )
+        try:
+            yield proc
+        finally:
+            _stop(proc)
+
+
 def measure_distributed(
     files: Sequence[Path],
     model: Path,
@@ -585,13 +604,10 @@ def measure_distributed(
         if done.returncode != 0:
             result.note = f"ingest failed: {(done.stderr or done.stdout).strip()[-300:]}"
             return result
-        cmd = worker_command(worker_cmd, workers)
-        log = (scratch / "worker.log").open("w")
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=scratch)
-        watcher = TreeWatcher(proc.pid, exclude_root=False)
-        cpu_at_first: tuple[int, dict[str, float]] | None = None
-        try:
+        with running_worker(worker_cmd, workers, env, scratch / "worker.log") as proc:
+            watcher = TreeWatcher(proc.pid, exclude_root=False)
+            cpu_at_first: tuple[int, dict[str, float]] | None = None
             while True:
                 watcher.sample()
                 finished = _finished(url)
@@ -612,9 +628,6 @@ def measure_distributed(
                     break
                 time.sleep(0.1)
             result.wall_seconds = time.perf_counter() - start + ingest_s
-        finally:
-            _stop(proc)
-            log.close()
         result.rss_mb = watcher.peaks
         result.note = (result.note + f" ingest {ingest_s:.1f} s").strip()
         return _from_rows(result, _rows(url, STUDY_ROWS))
@@ -634,11 +647,8 @@ def soak_distributed(
     samples: list[tuple[int, dict[int, float]]] = []  # (studies sent, {pid: RSS MB})
     with throwaway_postgres() as url:
         env = _env(model, CXR_BROKER_URL=REDIS_URL, CXR_DATABASE_URL=url)
-        cmd = worker_command(worker_cmd, workers)
-        log = (scratch / "soak-worker.log").open("w")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=scratch)
         start = time.perf_counter()
-        try:
+        with running_worker(worker_cmd, workers, env, scratch / "soak-worker.log") as proc:
             for done in range(rounds):
                 ingest = [*_cli(), "ingest", str(folder), "--force"]
                 subprocess.run(ingest, env=env, capture_output=True, check=True, cwd=scratch)
@@ -648,9 +658,6 @@ def soak_distributed(
                     time.sleep(0.05)
                 rss = {pid: _vm_rss_mb(pid) for pid in _tree(proc.pid)}
                 samples.append(((done + 1) * len(files), rss))
-        finally:
-            _stop(proc)
-            log.close()
     seconds = time.perf_counter() - start
     sent = samples[-1][0]
     print(f"\n## worker memory over {sent} studies (ingest --force x {rounds}, {seconds:.0f} s)")
