@@ -171,6 +171,14 @@ def evaluate_command(
             help="Also measure AUC on border-only / lungs-hidden images and draw a Grad-CAM grid.",
         ),
     ] = False,
+    robustness: Annotated[
+        bool,
+        typer.Option(
+            "--robustness",
+            help="Also score under acquisition shifts (framing, aspect, resolution, JPEG, "
+            "noise, rotation) and plot robustness.png.",
+        ),
+    ] = False,
     use_keras: Annotated[
         bool, typer.Option("--keras", help="Score with model.keras instead of model.tflite.")
     ] = False,
@@ -197,6 +205,7 @@ def evaluate_command(
         out or model_dir / "evaluation",
         split=split,
         shortcut_audit=shortcut_audit,
+        robustness=robustness,
         use_keras=use_keras,
         write_card=write_card,
         n_bootstrap=bootstrap,

@@ -14,6 +14,10 @@ card threshold). Scoring uses the worker's LiteRT ``Classifier`` on
   with the image mean. AUC should fall sharply.
 
 and draws a Grad-CAM grid of correctly and wrongly classified images (needs model.keras).
+
+``robustness`` re-scores under the acquisition shifts of ``training.robustness`` (other
+framing, aspect ratio, resolution, compression, noise, positioning) and reports AUC,
+sensitivity and specificity at the card threshold for each, with a bar chart.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 
 from training import CLASS_NAMES
 from training.data import Sample, list_samples, load_or_reason, split_dir
+from training.robustness import SHIFTS, GrayTransform
 from worker.imaging.pipeline import load_gray, model_input
 from worker.model import CARD_FILE, KERAS_FILE, Classifier, read_card
 
@@ -71,9 +76,6 @@ def load_keras(model_dir: Path) -> Any:
     return keras.models.load_model(path, compile=False)
 
 
-GrayTransform = Callable[[np.ndarray], np.ndarray]
-
-
 def score_files(
     paths: Sequence[Path],
     scorer: Callable[[np.ndarray], np.ndarray],
@@ -95,6 +97,31 @@ def score_files(
         if arrays:
             probs[idx] = scorer(np.stack(arrays))
     return probs, rejected
+
+
+def score_altered(
+    table: dict[str, tuple[GrayTransform, str]],
+    paths: Sequence[Path],
+    y: np.ndarray,
+    scorer: Callable[[np.ndarray], np.ndarray],
+    size: int,
+    threshold: float,
+) -> dict[str, dict[str, Any]]:
+    """AUC, and sensitivity / specificity at ``threshold``, with each grey-image transform."""
+    from sklearn.metrics import roc_auc_score
+
+    found: dict[str, dict[str, Any]] = {}
+    for key, (transform, what) in table.items():
+        p, _ = score_files(paths, scorer, size, transform)
+        keep = ~np.isnan(p)
+        yk, flagged = y[keep], p[keep] >= threshold
+        found[key] = {
+            "auc": float(roc_auc_score(yk, p[keep])),
+            "sensitivity": float(flagged[yk == 1].mean()),
+            "specificity": float(1 - flagged[yk == 0].mean()),
+            "what": what,
+        }
+    return found
 
 
 def _box(
@@ -297,6 +324,32 @@ def plot_roc(y: np.ndarray, p: np.ndarray, m: dict[str, Any], path: Path, title:
     plt.close(fig)
 
 
+def plot_robustness(full: dict[str, Any], shifts: dict[str, Any], path: Path) -> None:
+    """AUC per acquisition shift as bars, sensitivity / specificity at the threshold as labels."""
+    plt = _plt()
+    names = ["full image", *shifts]
+    rows = [full, *shifts.values()]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.2))
+    ax.barh(names, [r["auc"] for r in rows], color=["#4c72b0"] + ["#dd8452"] * len(shifts))
+    left = max(0.5, min(r["auc"] for r in rows) - 0.05)
+    for i, r in enumerate(rows):
+        ax.text(
+            left + 0.002,
+            i,
+            f"AUC {r['auc']:.3f}  sens {r['sensitivity']:.2f}  spec {r['specificity']:.2f}",
+            va="center",
+            color="white",
+            fontsize=8,
+        )
+    ax.set_xlim(left, 1.0)
+    ax.invert_yaxis()
+    ax.set_xlabel("ROC AUC (sensitivity / specificity at the card threshold)")
+    ax.set_title("Acquisition-shift robustness")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_confusion(m: dict[str, Any], path: Path, title: str) -> None:
     plt = _plt()
     cm = np.array(m["confusion_matrix"]["matrix"])
@@ -465,6 +518,7 @@ def evaluate(
     *,
     split: str = "test",
     shortcut_audit: bool = False,
+    robustness: bool = False,
     use_keras: bool = False,
     write_card: bool = False,
     n_bootstrap: int = 2000,
@@ -514,13 +568,8 @@ def evaluate(
     )
 
     if shortcut_audit:
-        from sklearn.metrics import roc_auc_score
-
         audit: dict[str, Any] = {"full_image_auc": m["auc"]}
-        for key, (transform, what) in AUDITS.items():
-            pa, _ = score_files(paths, scorer, size, transform)
-            keep = ~np.isnan(pa)
-            audit[key] = {"auc": float(roc_auc_score(y_all[keep], pa[keep])), "what": what}
+        audit.update(score_altered(AUDITS, paths, y_all, scorer, size, threshold))
         audit["examples_png"] = "audit_examples.png"
         plot_audit_examples(samples, size, out / "audit_examples.png")
         model_k = scorer.keras_model
@@ -535,6 +584,11 @@ def evaluate(
         else:
             audit["gradcam_png"] = None
         metrics["shortcut_audit"] = audit
+
+    if robustness:
+        shifts = score_altered(SHIFTS, paths, y_all, scorer, size, threshold)
+        metrics["robustness"] = {**shifts, "png": "robustness.png"}
+        plot_robustness(m, shifts, out / "robustness.png")
 
     metrics["text"] = summary_text(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -596,6 +650,10 @@ def _store_in_card(model_dir: Path, split: str, metrics: dict[str, Any]) -> None
             for k, v in metrics["shortcut_audit"].items()
             if isinstance(v, dict) and "auc" in v
         }
+    if "robustness" in metrics:
+        entry["robustness_auc"] = {
+            k: v["auc"] for k, v in metrics["robustness"].items() if isinstance(v, dict)
+        }
     card.setdefault("metrics", {})[split] = entry
     card_path.write_text(json.dumps(card, indent=2) + "\n")
 
@@ -631,6 +689,15 @@ def summary_text(m: dict[str, Any]) -> str:
             "shortcut audit (AUC): "
             + ", ".join(
                 f"{k} {v['auc']:.4f}" for k, v in a.items() if isinstance(v, dict) and "auc" in v
+            )
+        )
+    if "robustness" in m:
+        lines.append(
+            "acquisition shifts (AUC / sens / spec): "
+            + ", ".join(
+                f"{k} {v['auc']:.4f} / {v['sensitivity']:.3f} / {v['specificity']:.3f}"
+                for k, v in m["robustness"].items()
+                if isinstance(v, dict)
             )
         )
     return "\n".join(lines)

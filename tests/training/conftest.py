@@ -7,8 +7,10 @@ The shared data lives next to the repository (``<repo>/../shared/data``) or wher
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,3 +67,20 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     fake_dcm = tmp_path / "truncated.dcm"
     fake_dcm.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
     return {"empty": empty, "text": text, "truncated_dicom": fake_dcm}
+
+
+@pytest.fixture()
+def test_sample(cxr_dir: Path, tmp_path: Path) -> Callable[[int], Path]:
+    """A folder of symlinks to a seeded sample of the shared test split: n per label."""
+
+    def make(per_label: int) -> Path:
+        folder = tmp_path / "test-sample"
+        rng = np.random.default_rng(0)
+        for label in ("normal", "covid"):
+            files = sorted((cxr_dir / "test" / label).glob("*.png"))
+            (folder / label).mkdir(parents=True)
+            for i in rng.choice(len(files), per_label, replace=False):
+                (folder / label / files[i].name).symlink_to(files[i])
+        return folder
+
+    return make

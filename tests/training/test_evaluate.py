@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,9 +14,11 @@ from training.evaluate import (
     border_only,
     calibration,
     centre_only,
+    evaluate,
     lungs_hidden,
     predictive_values,
 )
+from training.robustness import SHIFTS
 
 
 def test_predictive_values_follow_bayes() -> None:
@@ -55,3 +62,32 @@ def test_audit_masks() -> None:
     assert np.all(h[40, 15:35] == pytest.approx(gray.mean()))
     np.testing.assert_array_equal(h[:15], gray[:15])
     np.testing.assert_array_equal(h[:, 38:42], gray[:, 38:42])  # mediastinum visible
+
+
+def test_evaluate_audits_the_shipped_model_and_records_them_in_a_card_copy(
+    shipped_model: Path, test_sample: Callable[[int], Path], tmp_path: Path
+) -> None:
+    """Shortcut audit and acquisition shifts on a seeded test sample, written to a copy of
+    the shipped card: hiding the lungs must cost far more than any acquisition shift."""
+    model = tmp_path / "model"
+    shutil.copytree(shipped_model, model, ignore=shutil.ignore_patterns("evaluation"))
+    m = evaluate(
+        test_sample(30),
+        model,
+        tmp_path / "eval",
+        shortcut_audit=True,
+        robustness=True,
+        write_card=True,
+        n_bootstrap=200,
+    )
+    shifts = {k: v for k, v in m["robustness"].items() if isinstance(v, dict)}
+    assert set(shifts) == set(SHIFTS)
+    for v in shifts.values():
+        assert 0 <= v["sensitivity"] <= 1 and 0 <= v["specificity"] <= 1
+    assert m["auc"] > 0.95
+    assert m["shortcut_audit"]["lungs_hidden"]["auc"] < min(v["auc"] for v in shifts.values())
+    for png in ("robustness.png", "audit_examples.png", "gradcam_grid.png"):
+        assert (tmp_path / "eval" / png).is_file(), png
+    card = json.loads((model / "model_card.json").read_text())
+    assert set(card["metrics"]["test"]["robustness_auc"]) == set(SHIFTS)
+    assert "acquisition shifts" in m["text"]

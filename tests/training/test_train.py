@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,9 @@ def test_subsample_is_seeded_and_stratified(cxr_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_short_training_run_beats_chance(cxr_dir: Path, tmp_path: Path) -> None:
+def test_short_training_run_beats_chance(
+    cxr_dir: Path, test_sample: Callable[[int], Path], tmp_path: Path
+) -> None:
     from typer.testing import CliRunner
 
     from training.cli import app
@@ -107,14 +110,7 @@ def test_short_training_run_beats_chance(cxr_dir: Path, tmp_path: Path) -> None:
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after training
 
     # evaluation on a balanced, seeded sample of the test split the run never saw
-    test = tmp_path / "test"
-    rng = np.random.default_rng(0)
-    for label in ("normal", "covid"):
-        files = sorted((cxr_dir / "test" / label).glob("*.png"))
-        (test / label).mkdir(parents=True)
-        for i in rng.choice(len(files), 80, replace=False):
-            (test / label / files[i].name).symlink_to(files[i])
-    metrics = evaluate(test, out, tmp_path / "eval", n_bootstrap=200)
+    metrics = evaluate(test_sample(80), out, tmp_path / "eval", n_bootstrap=200)
     elapsed = time.perf_counter() - started
     print(metrics["text"], f"\nshort run + evaluation: {elapsed:.0f} s")
     assert metrics["n"] == 160

@@ -1,0 +1,91 @@
+"""Acquisition shifts: the same films as another hospital might produce them.
+
+Hospitals differ less in their patients than in how they take and store the film: how
+tightly the beam is collimated, the detector's aspect ratio (Kaggle squashed every film to
+a square; a 14 x 17 inch portrait film squashed to a square is wider than a landscape
+one), the resolution and compression of the archive copy, noise and patient positioning.
+``evaluate --robustness`` re-scores the split under each shift below (applied to the grey
+image BEFORE ``model_input``, so the pipeline's own crop and equalisation still run) and
+reports AUC, sensitivity and specificity at the card threshold: a model that holds on
+other hospitals' films should lose little under any of them.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image
+from skimage.transform import resize, rotate
+
+GrayTransform = Callable[[np.ndarray], np.ndarray]
+
+
+def wider_field(gray: np.ndarray, scale: float = 0.8) -> np.ndarray:
+    """Wider collimation: the film shrunk to ``scale`` of its size inside a black frame."""
+    rows, cols = gray.shape
+    h, w = round(rows * scale), round(cols * scale)
+    out = np.zeros_like(gray)
+    top, left = (rows - h) // 2, (cols - w) // 2
+    out[top : top + h, left : left + w] = resize(gray, (h, w), anti_aliasing=True)
+    return out
+
+
+def tighter_field(gray: np.ndarray, keep: float = 0.85) -> np.ndarray:
+    """Tighter collimation: only the central ``keep`` of each side."""
+    rows, cols = gray.shape
+    dr, dc = round(rows * (1 - keep) / 2), round(cols * (1 - keep) / 2)
+    return gray[dr : rows - dr, dc : cols - dc]
+
+
+def portrait_film(gray: np.ndarray, cut: float = 0.10) -> np.ndarray:
+    """A taller film: ``cut`` of the width removed on each side, so the squashed square
+    shows the chest wider than in training."""
+    d = round(gray.shape[1] * cut)
+    return gray[:, d : gray.shape[1] - d]
+
+
+def landscape_film(gray: np.ndarray, cut: float = 0.10) -> np.ndarray:
+    """A wider film: ``cut`` of the height removed at top and bottom."""
+    d = round(gray.shape[0] * cut)
+    return gray[d : gray.shape[0] - d, :]
+
+
+def low_resolution(gray: np.ndarray, side: int = 100) -> np.ndarray:
+    """An archive copy at ``side`` pixels, scaled back up."""
+    small = resize(gray, (side, side), anti_aliasing=True)
+    return resize(small, gray.shape, order=1)
+
+
+def jpeg_compressed(gray: np.ndarray, quality: int = 25) -> np.ndarray:
+    """An 8-bit lossy JPEG copy at ``quality``."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(np.clip(gray, 0, 1) * 255).astype(np.uint8)).save(
+        buffer, "JPEG", quality=quality
+    )
+    return np.asarray(Image.open(buffer), dtype=np.float32) / 255.0
+
+
+def noisy(gray: np.ndarray, sigma: float = 0.04) -> np.ndarray:
+    """Quantum noise of a lower dose: gaussian, the same pattern for every call."""
+    noise = np.random.default_rng(0).normal(0.0, sigma, gray.shape)
+    return np.clip(gray + noise, 0.0, 1.0).astype(np.float32)
+
+
+def rotated(gray: np.ndarray, degrees: float = 10.0) -> np.ndarray:
+    """Patient positioned ``degrees`` off vertical (counter-clockwise)."""
+    return rotate(gray, degrees, mode="edge").astype(np.float32)
+
+
+SHIFTS: dict[str, tuple[GrayTransform, str]] = {
+    "wider_field": (wider_field, "film shrunk to 80% inside a black frame"),
+    "tighter_field": (tighter_field, "central 85% of each side only"),
+    "portrait_film": (portrait_film, "10% of the width cut on each side"),
+    "landscape_film": (landscape_film, "10% of the height cut at top and bottom"),
+    "low_resolution": (low_resolution, "down to 100 px and back up"),
+    "jpeg_q25": (jpeg_compressed, "8-bit JPEG, quality 25"),
+    "noise_0.04": (noisy, "gaussian noise, sigma 0.04 of full scale"),
+    "rotated_10": (rotated, "rotated 10 degrees counter-clockwise"),
+    "rotated_-10": (lambda g: rotated(g, -10.0), "rotated 10 degrees clockwise"),
+}
