@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,19 +129,13 @@ def load_input(path: str | Path, size: int) -> np.ndarray:
     return model_input(load_gray(path), size)
 
 
-def load_or_reason(
-    path: str | Path, size: int, transform: Callable[[np.ndarray], np.ndarray] | None = None
-) -> tuple[np.ndarray | None, str]:
+def load_or_reason(path: str | Path, size: int) -> tuple[np.ndarray | None, str]:
     """``(input, "")``, or ``(None, why)`` for a file the pipeline rejects or cannot read.
 
-    ``transform`` alters the grey image before ``model_input`` (the shortcut audit).
     Never raises: one corrupt file must not stop a long run.
     """
     try:
-        gray = load_gray(path)
-        if transform is not None:
-            gray = transform(gray)
-        return model_input(gray, size), ""
+        return load_input(path, size), ""
     except RejectedInput as exc:
         return None, f"{exc.code.value}: {exc.reason}"
     except Exception as exc:

@@ -33,6 +33,7 @@ import numpy as np
 from training import CLASS_NAMES
 from training.data import Sample, list_samples, load_or_reason, split_dir
 from training.robustness import SHIFTS, GrayTransform
+from training.train import binary_summary
 from worker.imaging.pipeline import load_gray, model_input
 from worker.model import CARD_FILE, KERAS_FILE, Classifier, read_card
 
@@ -80,7 +81,6 @@ def score_files(
     paths: Sequence[Path],
     scorer: Callable[[np.ndarray], np.ndarray],
     size: int,
-    transform: GrayTransform | None = None,
 ) -> tuple[np.ndarray, list[tuple[Path, str]]]:
     """Probabilities (NaN for rejected files) and the rejected (path, reason) list."""
     probs = np.full(len(paths), np.nan, dtype=np.float64)
@@ -88,7 +88,7 @@ def score_files(
     for start in range(0, len(paths), BATCH):
         idx, arrays = [], []
         for i in range(start, min(start + BATCH, len(paths))):
-            x, reason = load_or_reason(paths[i], size, transform)
+            x, reason = load_or_reason(paths[i], size)
             if x is None:
                 rejected.append((paths[i], reason))
             else:
@@ -107,20 +107,20 @@ def score_altered(
     size: int,
     threshold: float,
 ) -> dict[str, dict[str, Any]]:
-    """AUC, and sensitivity / specificity at ``threshold``, with each grey-image transform."""
-    from sklearn.metrics import roc_auc_score
-
+    """AUC, and sensitivity / specificity at ``threshold``, with each grey-image transform
+    (applied before ``model_input``). ``paths`` are files the pipeline has read already;
+    each is decoded once for all the transforms."""
+    probs = {key: np.empty(len(paths)) for key in table}
+    for start in range(0, len(paths), BATCH):
+        grays = [load_gray(path) for path in paths[start : start + BATCH]]
+        for key, (transform, _) in table.items():
+            batch = np.stack([model_input(transform(gray), size) for gray in grays])
+            probs[key][start : start + len(grays)] = scorer(batch)
     found: dict[str, dict[str, Any]] = {}
-    for key, (transform, what) in table.items():
-        p, _ = score_files(paths, scorer, size, transform)
-        keep = ~np.isnan(p)
-        yk, flagged = y[keep], p[keep] >= threshold
-        found[key] = {
-            "auc": float(roc_auc_score(yk, p[keep])),
-            "sensitivity": float(flagged[yk == 1].mean()),
-            "specificity": float(1 - flagged[yk == 0].mean()),
-            "what": what,
-        }
+    for key, (_, what) in table.items():
+        summary = binary_summary(y, probs[key], threshold)
+        found[key] = {k: summary[k] for k in ("auc", "sensitivity", "specificity")}
+        found[key]["what"] = what
     return found
 
 
@@ -540,6 +540,8 @@ def evaluate(
     ok = ~np.isnan(probs)
     y_all = np.array([s.target for s in samples])
     y, p = y_all[ok], probs[ok]
+    good = [s for s, k in zip(samples, ok, strict=True) if k]
+    readable = [s.path for s in good]
     m = binary_metrics(y, p, threshold, n_bootstrap, seed)
     metrics: dict[str, Any] = {
         "model": scorer.card.model_version,
@@ -569,14 +571,13 @@ def evaluate(
 
     if shortcut_audit:
         audit: dict[str, Any] = {"full_image_auc": m["auc"]}
-        audit.update(score_altered(AUDITS, paths, y_all, scorer, size, threshold))
+        audit.update(score_altered(AUDITS, readable, y, scorer, size, threshold))
         audit["examples_png"] = "audit_examples.png"
         plot_audit_examples(samples, size, out / "audit_examples.png")
         model_k = scorer.keras_model
         if model_k is None and (model_dir / KERAS_FILE).is_file():
             model_k = load_keras(model_dir)
         if model_k is not None:
-            good = [s for s, k in zip(samples, ok, strict=True) if k]
             audit["gradcam_groups"] = gradcam_grid(
                 model_k, good, y, p, threshold, size, out / "gradcam_grid.png", seed=seed
             )
@@ -586,8 +587,8 @@ def evaluate(
         metrics["shortcut_audit"] = audit
 
     if robustness:
-        shifts = score_altered(SHIFTS, paths, y_all, scorer, size, threshold)
-        metrics["robustness"] = {**shifts, "png": "robustness.png"}
+        shifts = score_altered(SHIFTS, readable, y, scorer, size, threshold)
+        metrics["robustness"] = {"shifts": shifts, "png": "robustness.png"}
         plot_robustness(m, shifts, out / "robustness.png")
 
     metrics["text"] = summary_text(metrics)
@@ -651,9 +652,7 @@ def _store_in_card(model_dir: Path, split: str, metrics: dict[str, Any]) -> None
             if isinstance(v, dict) and "auc" in v
         }
     if "robustness" in metrics:
-        entry["robustness_auc"] = {
-            k: v["auc"] for k, v in metrics["robustness"].items() if isinstance(v, dict)
-        }
+        entry["robustness_auc"] = {k: v["auc"] for k, v in metrics["robustness"]["shifts"].items()}
     card.setdefault("metrics", {})[split] = entry
     card_path.write_text(json.dumps(card, indent=2) + "\n")
 
@@ -696,8 +695,7 @@ def summary_text(m: dict[str, Any]) -> str:
             "acquisition shifts (AUC / sens / spec): "
             + ", ".join(
                 f"{k} {v['auc']:.4f} / {v['sensitivity']:.3f} / {v['specificity']:.3f}"
-                for k, v in m["robustness"].items()
-                if isinstance(v, dict)
+                for k, v in m["robustness"]["shifts"].items()
             )
         )
     return "\n".join(lines)
