@@ -3,7 +3,8 @@
 Hospitals differ less in their patients than in how they take and store the film: how
 tightly the beam is collimated, the detector's aspect ratio (Kaggle squashed every film to
 a square; a 14 x 17 inch portrait film squashed to a square is wider than a landscape
-one), the resolution and compression of the archive copy, noise and patient positioning.
+one), the resolution and compression of the archive copy, noise, patient positioning and
+the detector's own image processing (edge and local-contrast enhancement, smoothing).
 ``evaluate --robustness`` re-scores the split under each shift below (applied to the grey
 image BEFORE ``model_input``, so the pipeline's own crop and equalisation still run) and
 reports AUC, sensitivity and specificity at the card threshold: a model that holds on
@@ -17,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
+from skimage.filters import gaussian, unsharp_mask
 from skimage.transform import resize, rotate
 
 GrayTransform = Callable[[np.ndarray], np.ndarray]
@@ -78,6 +80,18 @@ def rotated(gray: np.ndarray, degrees: float = 10.0) -> np.ndarray:
     return rotate(gray, degrees, mode="edge").astype(np.float32)
 
 
+def sharpened(gray: np.ndarray, radius: float) -> np.ndarray:
+    """Unsharp masking (amount 1) with a gaussian of ``radius`` times the longer side:
+    small radii enhance edges, large ones local contrast (multi-scale detector processing)."""
+    sigma = radius * max(gray.shape)
+    return np.clip(unsharp_mask(gray, radius=sigma, amount=1.0), 0.0, 1.0).astype(np.float32)
+
+
+def smoothed(gray: np.ndarray, radius: float) -> np.ndarray:
+    """A softer detector or processing: gaussian blur, sigma ``radius`` times the longer side."""
+    return gaussian(gray, sigma=radius * max(gray.shape)).astype(np.float32)
+
+
 SHIFTS: dict[str, tuple[GrayTransform, str]] = {
     "wider_field": (wider_field, "film shrunk to 80% inside a black frame"),
     "tighter_field": (tighter_field, "central 85% of each side only"),
@@ -88,4 +102,8 @@ SHIFTS: dict[str, tuple[GrayTransform, str]] = {
     "noise_0.04": (noisy, "gaussian noise, sigma 0.04 of full scale"),
     "rotated_10": (rotated, "rotated 10 degrees counter-clockwise"),
     "rotated_-10": (lambda g: rotated(g, -10.0), "rotated 10 degrees clockwise"),
+    "edges_enhanced": (lambda g: sharpened(g, 0.008), "unsharp mask, sigma 0.8% of the side"),
+    "contrast_enhanced": (lambda g: sharpened(g, 0.03), "unsharp mask, sigma 3% of the side"),
+    "smoothed_0.4": (lambda g: smoothed(g, 0.004), "gaussian blur, sigma 0.4% of the side"),
+    "smoothed_0.8": (lambda g: smoothed(g, 0.008), "gaussian blur, sigma 0.8% of the side"),
 }

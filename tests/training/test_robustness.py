@@ -8,6 +8,8 @@ from training.robustness import (
     jpeg_compressed,
     landscape_film,
     portrait_film,
+    sharpened,
+    smoothed,
     tighter_field,
     wider_field,
 )
@@ -49,3 +51,14 @@ def test_jpeg_copy_is_close_but_lossy(gray: np.ndarray) -> None:
     lost = np.abs(out - gray).mean()
     assert 0.005 < lost < 0.05  # 0.05 = the whole checker detail gone
     assert np.corrcoef(out.ravel(), gray.ravel())[0, 1] > 0.9
+
+
+def test_processing_shifts_enhance_or_soften_detail(gray: np.ndarray) -> None:
+    def detail(x: np.ndarray) -> float:
+        return float(np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean())
+
+    assert detail(sharpened(gray, 0.008)) > 1.2 * detail(gray)
+    assert detail(smoothed(gray, 0.008)) < 0.5 * detail(gray)
+    coarse = sharpened(gray, 0.03)
+    assert coarse.shape == gray.shape and coarse.dtype == np.float32
+    assert smoothed(gray, 0.004).mean() == pytest.approx(gray.mean(), abs=0.01)
