@@ -111,9 +111,19 @@ def train_command(
             "float32 or mixed_bfloat16. The exported model is float32 either way."
         ),
     ] = "auto",
+    processing_augmentation: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of training images given random unsharp masking or smoothing "
+            "(detector processing varies between hospitals); 0 = off.",
+        ),
+    ] = 0.0,
 ) -> None:
     """Fit on DATA_DIR/train, early-stop and pick the threshold on DATA_DIR/val, export."""
     _quiet_tensorflow()
+    from training.data import Augmentation
     from training.models import ARCHITECTURES
     from training.train import PRECISIONS, TrainConfig, train
 
@@ -140,6 +150,7 @@ def train_command(
         max_train=max_train,
         max_val=max_val,
         precision=precision,
+        augmentation=Augmentation(unsharp_prob=processing_augmentation),
     )
     card = train(cfg)
     val = card["metrics"]["val"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -156,7 +157,13 @@ def try_load(path: str | Path, size: int) -> tuple[np.ndarray, bool]:
 
 @dataclass(frozen=True)
 class Augmentation:
-    """Geometry (small) and intensity (strong) jitter, applied after ``model_input``."""
+    """Geometry (small), intensity and image-processing jitter, applied after ``model_input``.
+
+    ``unsharp_*``: hospitals' detectors apply their own edge and local-contrast
+    enhancement (unsharp masking at several scales). With probability ``unsharp_prob``
+    an image gets ``x + a * (x - blur_sigma(x))`` with ``a ~ U(unsharp_amount)`` (negative
+    values smooth) and ``sigma`` log-uniform in ``unsharp_sigma`` pixels at 160 px (scaled
+    with the input size), so that no one hospital's processing can stand for a label."""
 
     rotation_deg: float = 7.0
     zoom: float = 0.08
@@ -166,6 +173,9 @@ class Augmentation:
     brightness: float = 0.08
     noise_max: float = 0.03  # gaussian sigma ~ U(0, noise_max)
     blur_prob: float = 0.2
+    unsharp_prob: float = 0.0
+    unsharp_amount: tuple[float, float] = (-0.5, 1.0)
+    unsharp_sigma: tuple[float, float] = (1.0, 8.0)
 
 
 def make_dataset(
@@ -327,8 +337,38 @@ def build_augmenter(size: int, aug: Augmentation, seed: int) -> Any:
         x = x + rng.uniform(shape, -aug.brightness, aug.brightness)
         blurred = tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
         x = tf.where(rng.uniform(shape) < aug.blur_prob, blurred, x)
+        if aug.unsharp_prob > 0:
+            x = unsharp(x, rng, aug, size)
         sigma = rng.uniform(shape, 0.0, aug.noise_max)
         x = x + sigma * rng.normal(tf.shape(x))
         return tf.clip_by_value(x, 0.0, 1.0)
 
     return augment
+
+
+def gaussian_blur(x: Any, sigma: Any, radius: int) -> Any:
+    """Separable gaussian blur of a (N,S,S,1) batch with one ``sigma`` (a scalar tensor),
+    edges reflected; ``radius`` is the kernel half-width in pixels (at least ~2 sigma)."""
+    import tensorflow as tf
+
+    taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(taps / sigma))
+    kernel = kernel / tf.reduce_sum(kernel)
+    padded = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
+    rows = tf.nn.conv2d(padded, tf.reshape(kernel, (-1, 1, 1, 1)), strides=1, padding="VALID")
+    return tf.nn.conv2d(rows, tf.reshape(kernel, (1, -1, 1, 1)), strides=1, padding="VALID")
+
+
+def unsharp(x: Any, rng: Any, aug: Augmentation, size: int) -> Any:
+    """Random unsharp masking / smoothing (see ``Augmentation``): one radius per batch,
+    one amount per image, applied to about ``unsharp_prob`` of the images."""
+    import tensorflow as tf
+
+    scale = size / 160.0
+    low, high = (math.log(s * scale) for s in aug.unsharp_sigma)
+    sigma = tf.exp(rng.uniform((), low, high))
+    radius = max(1, math.ceil(2.5 * aug.unsharp_sigma[1] * scale))
+    shape = tf.stack([tf.shape(x)[0], 1, 1, 1])
+    amount = rng.uniform(shape, *aug.unsharp_amount)
+    amount = tf.where(rng.uniform(shape) < aug.unsharp_prob, amount, 0.0)
+    return x + amount * (x - gaussian_blur(x, sigma, radius))

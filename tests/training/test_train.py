@@ -88,6 +88,8 @@ def test_short_training_run_beats_chance(
             "0",
             "--patience",
             str(EPOCHS),
+            "--processing-augmentation",
+            "0.3",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -105,6 +107,7 @@ def test_short_training_run_beats_chance(
     assert card["metrics"]["val"]["sensitivity"] >= card["target_sensitivity"]
     assert card["tflite_max_abs_diff_vs_keras"] <= 1e-4
     assert card["hyperparameters"]["precision"] == resolve_precision("auto")
+    assert card["augmentation"]["unsharp_prob"] == 0.3
     import keras
 
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after training
