@@ -187,7 +187,7 @@ def evaluate_command(
         typer.Option(
             "--robustness",
             help="Also score under acquisition shifts (framing, aspect, resolution, JPEG, "
-            "noise, rotation) and plot robustness.png.",
+            "noise, rotation, detector sharpening/smoothing) and plot robustness.png.",
         ),
     ] = False,
     use_keras: Annotated[

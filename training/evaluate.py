@@ -16,8 +16,9 @@ card threshold). Scoring uses the worker's LiteRT ``Classifier`` on
 and draws a Grad-CAM grid of correctly and wrongly classified images (needs model.keras).
 
 ``robustness`` re-scores under the acquisition shifts of ``training.robustness`` (other
-framing, aspect ratio, resolution, compression, noise, positioning) and reports AUC,
-sensitivity and specificity at the card threshold for each, with a bar chart.
+framing, aspect ratio, resolution, compression, noise, positioning, detector processing)
+and reports AUC, sensitivity and specificity at the card threshold for each, with a bar
+chart.
 """
 
 from __future__ import annotations

@@ -84,3 +84,16 @@ def test_sample(cxr_dir: Path, tmp_path: Path) -> Callable[[int], Path]:
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session")
+def edge_energy() -> Callable[[np.ndarray], float]:
+    """Mean absolute difference between neighbouring pixels of a (..., H, W[, 1]) array."""
+
+    def measure(x: np.ndarray) -> float:
+        x = np.asarray(x)
+        if x.ndim > 2 and x.shape[-1] == 1:
+            x = x[..., 0]
+        return float(np.abs(np.diff(x, axis=-1)).mean() + np.abs(np.diff(x, axis=-2)).mean())
+
+    return measure
