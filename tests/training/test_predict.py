@@ -39,13 +39,23 @@ def test_bad_files_are_rejected_not_fatal(
     shipped_model: Path, sample_png: Path, bad_files: dict[str, Path], tmp_path: Path
 ) -> None:
     missing = tmp_path / "missing.png"
+    thumbnail = tmp_path / "thumbnail.png"
+    Image.open(sample_png).resize((40, 40)).save(thumbnail)
     rows = _rows(
-        [bad_files["empty"], sample_png, bad_files["text"], bad_files["truncated_dicom"], missing],
+        [
+            bad_files["empty"],
+            sample_png,
+            bad_files["text"],
+            bad_files["truncated_dicom"],
+            missing,
+            thumbnail,
+        ],
         shipped_model,
     )
     status = {Path(r["path"]).name: r for r in rows}
     assert status[sample_png.name]["status"] == "screened"
-    for name in ("empty.png", "notes.txt", "truncated.dcm", "missing.png"):
+    assert "too small" in status["thumbnail.png"]["reason"]
+    for name in ("empty.png", "notes.txt", "truncated.dcm", "missing.png", "thumbnail.png"):
         assert status[name]["status"] == "rejected"
         assert status[name]["reason"]
         assert status[name]["covid_probability"] == ""

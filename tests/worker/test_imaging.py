@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import shared
 from tests.dicom_factory import base_dataset, png_pixels, variants, write
@@ -136,6 +137,24 @@ def test_pixel_count_limit_guards_against_decompression_bombs(
     with pytest.raises(RejectedInput, match="over the limit") as caught:
         read_dicom_image(path, max_pixels=10_000)
     assert caught.value.code == RejectCode.UNSUPPORTED
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_pictures_pass_the_same_size_gate_as_dicom(
+    suffix: str, sample_png: Path, tmp_path: Path
+) -> None:
+    """A 40 px thumbnail would otherwise be upsampled and scored like a film."""
+    picture = Image.open(sample_png).convert("L")
+    tiny = tmp_path / f"tiny{suffix}"
+    picture.resize((40, 40)).save(tiny)
+    with pytest.raises(RejectedInput, match="40x40 is too small") as caught:
+        load_picture(tiny)
+    assert caught.value.code == RejectCode.UNSUPPORTED
+    film = tmp_path / f"film{suffix}"
+    picture.save(film)
+    with pytest.raises(RejectedInput, match="over the limit"):
+        load_picture(film, max_pixels=10_000)
+    assert load_picture(film).shape == (picture.height, picture.width)
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})
 FRONTAL_VIEWS = frozenset({"PA", "AP", "APS", "AP SUPINE", ""})
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
+MIN_SIDE = 64  # pixels; below this a radiograph carries too little to screen
 STANDARD_GROUPS = frozenset({0x0008, 0x0010, 0x0018, 0x0020, 0x0028})
 
 # Real exports break value-length and VR rules all the time; that is not our gate.
@@ -169,13 +170,17 @@ def check_decodable(ds: Dataset, max_pixels: int) -> None:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise RejectedInput(RejectCode.UNSUPPORTED, f"multi-frame image ({frames} frames)")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    check_dimensions(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), max_pixels)
+
+
+def check_dimensions(rows: int, cols: int, max_pixels: int) -> None:
+    """The size gate every image passes (DICOM or picture) before its pixels are decoded."""
     if rows * cols > max_pixels:
         raise RejectedInput(
             RejectCode.UNSUPPORTED,
             f"image of {rows}x{cols} pixels is over the limit of {max_pixels} pixels",
         )
-    if rows < 64 or cols < 64:
+    if rows < MIN_SIDE or cols < MIN_SIDE:
         raise RejectedInput(RejectCode.UNSUPPORTED, f"image of {rows}x{cols} is too small")
 
 

@@ -28,6 +28,7 @@ from skimage.transform import resize
 
 from worker.imaging.dicom import (
     InstanceHeader,
+    check_dimensions,
     decode_pixels,
     gate,
     header_or_none,
@@ -42,6 +43,7 @@ PREPROCESSING_VERSION = "2"
 WORKING_SIDE = 512
 BORDER_FRACTION = 0.10
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 50_000_000  # the default of CXR_MAX_PIXELS (config.settings)
 JPEG2000_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
 # Decoder plugins tried first where installed: CharLS (pyjpegls) decodes JPEG-LS about
 # 3.5x faster than libjpeg (2,048 x 2,500 12-bit: 74 ms vs 269 ms), same values.
@@ -170,10 +172,12 @@ def decode_jpeg2000_reduced(ds: Dataset, working_side: int) -> np.ndarray | None
     return None
 
 
-def load_picture(path: str | Path) -> np.ndarray:
-    """A PNG/JPEG (8- or 16-bit greyscale or colour) as grey in [0, 1]."""
+def load_picture(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A PNG/JPEG (8- or 16-bit greyscale or colour) as grey in [0, 1], after the same
+    size gate as DICOM (read from the header, before the pixels are decoded)."""
     try:
         with Image.open(path) as img:
+            check_dimensions(img.height, img.width, max_pixels)
             if img.mode in ("I;16", "I;16B", "I"):
                 array = np.asarray(img, dtype=np.float32)
                 return array / max(float(array.max()), 1.0)
@@ -186,8 +190,8 @@ def is_picture(path: str | Path) -> bool:
     return Path(path).suffix.lower() in PICTURE_SUFFIXES
 
 
-def load_gray(path: str | Path, max_pixels: int = 50_000_000) -> np.ndarray:
+def load_gray(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Any supported file -> grey in [0, 1]; DICOM goes through the full gate."""
     if is_picture(path):
-        return load_picture(path)
+        return load_picture(path, max_pixels)
     return read_dicom_image(path, max_pixels).gray
