@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "cxr-compact"
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class Settings(BaseSettings):
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
     workers: int = Field(0, description="Processes for `run` (0 = one per core).")
     batch_size: int = Field(16, description="Images per inference batch.")
     max_pixels: int = Field(
-        50_000_000, description="Largest Rows*Columns decoded (decompression-bomb guard)."
+        DEFAULT_MAX_PIXELS, description="Largest Rows*Columns decoded (decompression-bomb guard)."
     )
     patient_id_mode: Literal["hash", "none", "clear"] = Field(
         "hash", description="How patient IDs are stored: keyed hash, not at all, or in clear."

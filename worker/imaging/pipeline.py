@@ -26,6 +26,7 @@ from pydicom.uid import UID
 from skimage.exposure import equalize_hist
 from skimage.transform import resize
 
+from config.settings import DEFAULT_MAX_PIXELS
 from worker.imaging.dicom import (
     InstanceHeader,
     check_dimensions,
@@ -43,7 +44,6 @@ PREPROCESSING_VERSION = "2"
 WORKING_SIDE = 512
 BORDER_FRACTION = 0.10
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-DEFAULT_MAX_PIXELS = 50_000_000  # the default of CXR_MAX_PIXELS (config.settings)
 JPEG2000_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
 # Decoder plugins tried first where installed: CharLS (pyjpegls) decodes JPEG-LS about
 # 3.5x faster than libjpeg (2,048 x 2,500 12-bit: 74 ms vs 269 ms), same values.
