@@ -92,6 +92,25 @@ def variants(png: Path) -> dict[str, Dataset]:
         4095 - p8.astype(np.uint16) * 16, bits=12, photometric="MONOCHROME1"
     )
 
+    # A VOI LUT Sequence with 8-bit entries on 12-bit data (4096 entries, v -> v // 16):
+    # inputs above 255 must not wrap in the entries' 8-bit type.
+    ds = base_dataset(p8.astype(np.uint16) * 16, bits=12)
+    ds.VOILUTSequence = [lut_item(4096, 0, 8, np.arange(4096) // 16)]
+    out["voi_lut_8bit_entries"] = ds
+
+    # Empty LUT and rescale elements, as in real NEMA exports: they count as absent.
+    ds = base_dataset(p8.astype(np.uint16) * 16, bits=12)
+    ds.WindowCenter, ds.WindowWidth = 2040.5, 4081
+    ds.VOILUTSequence = []
+    ds.add_new(0x00281052, "DS", None)  # RescaleIntercept
+    ds.add_new(0x00281053, "DS", None)  # RescaleSlope
+    out["empty_lut_and_rescale"] = ds
+
+    # Inversion said by the Presentation LUT Shape instead of MONOCHROME1.
+    ds = base_dataset(255 - p8)
+    ds.PresentationLUTShape = "INVERSE"
+    out["mono2_presentation_inverse"] = ds
+
     rle = base_dataset(p8.astype(np.uint16) * 16, bits=12)
     rle.WindowCenter, rle.WindowWidth = 2040.5, 4081
     rle.compress(RLELossless)
@@ -101,6 +120,13 @@ def variants(png: Path) -> dict[str, Dataset]:
     j2k.compress(JPEG2000Lossless)
     out["j2k_mono1_8bit"] = j2k
     return out
+
+
+def lut_item(entries: int, first_mapped: int, bits: int, table: np.ndarray) -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [entries, first_mapped, bits]
+    item.add_new(0x00283006, "US", [int(v) for v in table])  # LUTData
+    return item
 
 
 def write(ds: Dataset, path: Path) -> Path:

@@ -15,8 +15,9 @@ from pydicom.dataset import Dataset
 from worker.imaging.dicom import (
     check_chest_radiograph,
     check_has_pixels,
-    header_or_none,
+    instance_header,
     is_dicomdir,
+    malformed,
     read_dataset,
 )
 from worker.imaging.enum import RejectCode
@@ -86,26 +87,36 @@ def discover(
             on_file(path)
         try:
             ds = read_dataset(path, pixels=False)
+            if is_dicomdir(ds):
+                _add_dicomdir(found, path, ds, queue, seen)
+            else:
+                _add_instance(found, path, ds)
         except RejectedInput as exc:
             found.rejected.append(rejected(path, exc.code, exc.reason))
-            continue
-        if is_dicomdir(ds):
-            found.rejected.append(
-                rejected(path, RejectCode.UNREADABLE, "DICOMDIR media directory, not an image")
-            )
-            for referenced in referenced_files(ds, Path(path).parent):
-                if str(referenced.resolve()) not in seen:
-                    seen.add(str(referenced.resolve()))
-                    queue.append(str(referenced.absolute()))
-            continue
-        _add_instance(found, path, ds)
+        except Exception as exc:  # pydicom parses an element on first access; it may be corrupt
+            rejection = malformed(exc)
+            found.rejected.append(rejected(path, rejection.code, rejection.reason))
     return found
 
 
+def _add_dicomdir(
+    found: Discovery, path: str, ds: Dataset, queue: list[str], seen: set[str]
+) -> None:
+    referenced = referenced_files(ds, Path(path).parent)
+    found.rejected.append(
+        rejected(path, RejectCode.UNREADABLE, "DICOMDIR media directory, not an image")
+    )
+    for target in referenced:
+        if str(target.resolve()) not in seen:
+            seen.add(str(target.resolve()))
+            queue.append(str(target.absolute()))
+
+
 def _add_instance(found: Discovery, path: str, ds: Dataset) -> None:
-    header = header_or_none(ds)
-    if header is None:
-        found.rejected.append(_unidentified(path))
+    try:
+        header = instance_header(ds)
+    except RejectedInput as exc:
+        found.rejected.append(_unidentified(path, exc))
         return
     study = found.studies.setdefault(
         header.study_instance_uid, StudyFiles(header.study_instance_uid)
@@ -114,8 +125,9 @@ def _add_instance(found: Discovery, path: str, ds: Dataset) -> None:
     study.accession_number = study.accession_number or header.accession_number
 
 
-def _unidentified(path: str) -> InstanceResult:
-    """A file without UIDs: the gate's own verdict first, so the reason is the true one.
+def _unidentified(path: str, missing_uid: RejectedInput) -> InstanceResult:
+    """A file without usable UIDs: the gate's own verdict first, so the reason is the
+    true one (a broken MR is "not a chest radiograph").
 
     Rare enough to afford a second, full read: a header-only read cannot tell whether
     there is pixel data.
@@ -126,9 +138,7 @@ def _unidentified(path: str) -> InstanceResult:
         check_chest_radiograph(ds)
     except RejectedInput as exc:
         return rejected(path, exc.code, exc.reason)
-    return rejected(
-        path, RejectCode.UNREADABLE, "no SOPInstanceUID or StudyInstanceUID in the header"
-    )
+    return rejected(path, missing_uid.code, missing_uid.reason)
 
 
 def referenced_files(ds: Dataset, base: Path) -> list[Path]:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless
 
 from tests.conftest import shared
 from tests.dicom_factory import base_dataset, png_pixels, variants, write
+from worker.discovery import discover
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pipeline import load_picture, model_input, read_dicom_image
@@ -85,6 +90,9 @@ def variant_names() -> list[str]:
         "mono1_12bit_nowindow",
         "rle_12bit_window",
         "j2k_mono1_8bit",
+        "voi_lut_8bit_entries",
+        "empty_lut_and_rescale",
+        "mono2_presentation_inverse",
     ]
 
 
@@ -164,5 +172,81 @@ def test_files_that_are_not_dicom_say_so(content: bytes, tmp_path: Path) -> None
     path = tmp_path / "x.dcm"
     path.write_bytes(content)
     with pytest.raises(RejectedInput, match="not a DICOM file") as caught:
+        read_dicom_image(path, MAX_PIXELS)
+    assert caught.value.code == RejectCode.UNREADABLE
+
+
+@pytest.mark.parametrize("window", [None, (2040.5, 4081)])
+def test_blank_image_is_rejected_whatever_the_display_path(
+    window: tuple[float, float] | None, tmp_path: Path
+) -> None:
+    ds = base_dataset(np.full((256, 256), 1000, dtype=np.uint16), bits=12)
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    with pytest.raises(RejectedInput, match="blank") as caught:
+        read_dicom_image(write(ds, tmp_path / "blank.dcm"), MAX_PIXELS)
+    assert caught.value.code == RejectCode.UNREADABLE
+
+
+def test_window_that_clips_every_pixel_is_rejected(sample_png: Path, tmp_path: Path) -> None:
+    ds = base_dataset(png_pixels(sample_png).astype(np.uint16) * 16, bits=12)
+    ds.WindowCenter, ds.WindowWidth = 60000, 100
+    with pytest.raises(RejectedInput, match="blank"):
+        read_dicom_image(write(ds, tmp_path / "clipped.dcm"), MAX_PIXELS)
+
+
+def _patch_j2k_size(frame: bytearray, side: int) -> None:
+    siz = frame.find(b"\xff\x4f\xff\x51")
+    frame[siz + 8 : siz + 16] = struct.pack(">II", side, side)  # Xsiz, Ysiz
+
+
+def _patch_jpeg_ls_size(frame: bytearray, side: int) -> None:
+    sof55 = frame.find(b"\xff\xf7")
+    frame[sof55 + 5 : sof55 + 9] = struct.pack(">HH", side, side)  # Y, X
+
+
+@pytest.mark.parametrize(
+    ("syntax", "patch"),
+    [(JPEG2000Lossless, _patch_j2k_size), (JPEGLSLossless, _patch_jpeg_ls_size)],
+    ids=["jpeg2000", "jpeg-ls"],
+)
+def test_compressed_stream_larger_than_the_header_is_rejected_before_decoding(
+    syntax: UID, patch: Callable[[bytearray, int], None], sample_png: Path, tmp_path: Path
+) -> None:
+    """Decoders allocate for the stream's own size; the header's size gate must hold."""
+    ds = base_dataset(png_pixels(sample_png))
+    ds.compress(syntax)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    patch(frame, 60_000)
+    ds.PixelData = encapsulate([bytes(frame)])
+    with pytest.raises(RejectedInput, match="60000x60000 pixels but the header says"):
+        read_dicom_image(write(ds, tmp_path / "bomb.dcm"), MAX_PIXELS)
+
+
+def test_study_uid_that_is_not_a_dicom_uid_is_rejected_at_discovery(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    """The queue carries only digits-and-dots UIDs; such a study would never be screened."""
+    ds = base_dataset(png_pixels(sample_png), study_uid="1.2.826.0.1.ABC")
+    path = write(ds, tmp_path / "x.dcm")
+    found = discover([path])
+    assert not found.studies
+    assert [(r.reason_code, r.reason) for r in found.rejected] == [
+        (
+            "unreadable",
+            "StudyInstanceUID is not a DICOM UID (digits and dots, at most 64 characters)",
+        )
+    ]
+
+
+def test_element_that_cannot_be_parsed_is_a_rejection_not_a_crash(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    path = write(base_dataset(png_pixels(sample_png)), tmp_path / "x.dcm")
+    data = path.read_bytes()
+    samples_per_pixel = b"\x28\x00\x02\x00US"  # explicit VR little endian
+    assert data.count(samples_per_pixel) == 1
+    path.write_bytes(data.replace(samples_per_pixel, b"\x28\x00\x02\x00\x55\xf5"))
+    with pytest.raises(RejectedInput, match="malformed header element") as caught:
         read_dicom_image(path, MAX_PIXELS)
     assert caught.value.code == RejectCode.UNREADABLE

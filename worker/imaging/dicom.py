@@ -8,6 +8,8 @@ the pixel layout, then decoding.
 from __future__ import annotations
 
 import datetime as dt
+import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
@@ -39,8 +42,20 @@ CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})
 FRONTAL_VIEWS = frozenset({"PA", "AP", "APS", "AP SUPINE", ""})
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 MIN_SIDE = 64  # pixels; below this a radiograph carries too little to screen
 STANDARD_GROUPS = frozenset({0x0008, 0x0010, 0x0018, 0x0020, 0x0028})
+JPEG_SYNTAXES = frozenset(
+    {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81)}  # JPEG, JPEG-LS
+)
+JPEG2000_SYNTAXES = frozenset(
+    {f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 201, 202, 203)}  # JPEG 2000, HTJ2K
+)
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+# SOF0-3, 5-7, 9-11, 13-15 (ITU T.81) and SOF55 (JPEG-LS, T.87)
+JPEG_START_OF_FRAME = frozenset(
+    {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+)
 
 # Real exports break value-length and VR rules all the time; that is not our gate.
 pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
@@ -66,7 +81,15 @@ def read_dataset(path: str | Path, *, pixels: bool) -> Dataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+    except (
+        InvalidDicomError,
+        OSError,
+        ValueError,
+        EOFError,
+        KeyError,
+        TypeError,
+        NotImplementedError,
+    ) as exc:
         raise RejectedInput(RejectCode.UNREADABLE, f"not a readable DICOM file ({exc})") from exc
     if len(ds) == 0:
         raise RejectedInput(
@@ -104,16 +127,29 @@ def instance_header(ds: Dataset) -> InstanceHeader:
         raise RejectedInput(
             RejectCode.UNREADABLE, "missing SOPInstanceUID or StudyInstanceUID in the header"
         )
+    for keyword, uid in (("SOPInstanceUID", sop), ("StudyInstanceUID", study)):
+        if not is_uid(uid):
+            raise RejectedInput(
+                RejectCode.UNREADABLE,
+                f"{keyword} is not a DICOM UID (digits and dots, at most 64 characters)",
+            )
+    series = _text(ds, "SeriesInstanceUID")
     return InstanceHeader(
         sop_instance_uid=sop,
-        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        series_instance_uid=series if series and is_uid(series) else None,
         study_instance_uid=study,
         accession_number=_text(ds, "AccessionNumber"),
-        study_date=_date(ds.get("StudyDate")),
+        study_date=_date(_text(ds, "StudyDate")),
         patient_id=_text(ds, "PatientID"),
         modality=_text(ds, "Modality"),
         view_position=_text(ds, "ViewPosition"),
     )
+
+
+def is_uid(text: str) -> bool:
+    """A UID the results tables and the queue can carry: PS3.5 9.1 digits and dots, at
+    most 64 characters (leading zeros in a component, seen in real exports, are let be)."""
+    return len(text) <= 64 and UID_PATTERN.fullmatch(text) is not None
 
 
 def header_or_none(ds: Dataset) -> InstanceHeader | None:
@@ -170,7 +206,9 @@ def check_decodable(ds: Dataset, max_pixels: int) -> None:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise RejectedInput(RejectCode.UNSUPPORTED, f"multi-frame image ({frames} frames)")
-    check_dimensions(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), max_pixels)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    check_dimensions(rows, cols, max_pixels)
+    check_encoded_size(ds, rows, cols)
 
 
 def check_dimensions(rows: int, cols: int, max_pixels: int) -> None:
@@ -182,6 +220,64 @@ def check_dimensions(rows: int, cols: int, max_pixels: int) -> None:
         )
     if rows < MIN_SIDE or cols < MIN_SIDE:
         raise RejectedInput(RejectCode.UNSUPPORTED, f"image of {rows}x{cols} is too small")
+
+
+def check_encoded_size(ds: Dataset, rows: int, cols: int) -> None:
+    """A compressed frame must be the size the header says.
+
+    Decoders allocate for the size written in the compressed stream, not for Rows and
+    Columns: a 200 kB file whose stream claims 60,000 x 60,000 pixels would pass the
+    header's size gate and take tens of GB while decoding.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if syntax not in JPEG_SYNTAXES | JPEG2000_SYNTAXES or "PixelData" not in ds:
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception:  # a broken encapsulation is reported by the decoder
+        return
+    reader = _jpeg_frame_size if syntax in JPEG_SYNTAXES else _jpeg2000_frame_size
+    size = reader(frame)
+    if size is not None and size != (rows, cols):
+        raise RejectedInput(
+            RejectCode.UNREADABLE,
+            f"compressed frame is {size[0]}x{size[1]} pixels but the header says {rows}x{cols}",
+        )
+
+
+def _jpeg2000_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the SIZ marker of a codestream, bare or in a JP2 file."""
+    start = 0
+    if frame.startswith(JP2_SIGNATURE):
+        box = frame.find(b"jp2c")
+        start = box + 4 if box >= 0 else len(frame)
+    if frame[start : start + 4] != b"\xff\x4f\xff\x51" or len(frame) < start + 24:
+        return None
+    width, height, x_offset, y_offset = struct.unpack(">4I", frame[start + 8 : start + 24])
+    return height - y_offset, width - x_offset
+
+
+def _jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from the frame header of a JPEG or JPEG-LS stream."""
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    position = 2
+    while position + 9 <= len(frame):
+        if frame[position] != 0xFF:
+            return None
+        marker = frame[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in JPEG_START_OF_FRAME:
+            height, width = struct.unpack(">HH", frame[position + 5 : position + 9])
+            return (height, width) if height else None  # 0: lines given later (DNL)
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        (length,) = struct.unpack(">H", frame[position + 2 : position + 4])
+        position += 2 + length
+    return None
 
 
 def decode_pixels(ds: Dataset) -> np.ndarray:
@@ -203,9 +299,21 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
 
 def gate(ds: Dataset, max_pixels: int) -> None:
     """All checks before decoding, in the order of the zoo policy."""
-    check_has_pixels(ds)
-    check_chest_radiograph(ds)
-    check_decodable(ds, max_pixels)
+    try:
+        check_has_pixels(ds)
+        check_chest_radiograph(ds)
+        check_decodable(ds, max_pixels)
+    except RejectedInput:
+        raise
+    except Exception as exc:  # pydicom parses an element on first access; it may be corrupt
+        raise malformed(exc) from exc
+
+
+def malformed(exc: Exception) -> RejectedInput:
+    """The rejection for an element that cannot be parsed (an unknown VR, a bad value)."""
+    return RejectedInput(
+        RejectCode.UNREADABLE, f"malformed header element ({type(exc).__name__}: {exc})"
+    )
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

@@ -44,7 +44,8 @@ PREPROCESSING_VERSION = "2"
 WORKING_SIDE = 512
 BORDER_FRACTION = 0.10
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-JPEG2000_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+# JPEG 2000 that Pillow's OpenJPEG can decode at a reduced resolution (not HTJ2K).
+REDUCIBLE_JPEG2000_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
 # Decoder plugins tried first where installed: CharLS (pyjpegls) decodes JPEG-LS about
 # 3.5x faster than libjpeg (2,048 x 2,500 12-bit: 74 ms vs 269 ms), same values.
 PREFERRED_PLUGINS = {
@@ -132,7 +133,11 @@ def decode_jpeg2000_reduced(ds: Dataset, working_side: int) -> np.ndarray | None
     """
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if syntax not in JPEG2000_SYNTAXES or "ModalityLUTSequence" in ds or "VOILUTSequence" in ds:
+    if (
+        syntax not in REDUCIBLE_JPEG2000_SYNTAXES
+        or "ModalityLUTSequence" in ds
+        or "VOILUTSequence" in ds
+    ):
         return None
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
@@ -156,6 +161,7 @@ def decode_jpeg2000_reduced(ds: Dataset, working_side: int) -> np.ndarray | None
             return None
         with Image.open(io.BytesIO(frame)) as img:
             # Pillow's OpenJPEG decoder: the resolution levels to skip (a property there).
+            # Pillow also scales samples of fewer than 8 bits up to 8, hence "== 8" below.
             img.reduce = levels  # type: ignore[method-assign, assignment]
             img.load()
             mode, array = img.mode, np.asarray(img)
@@ -164,7 +170,7 @@ def decode_jpeg2000_reduced(ds: Dataset, working_side: int) -> np.ndarray | None
     expected = (-(-rows // 2**levels), -(-cols // 2**levels))
     if array.shape != expected:
         return None
-    if mode == "L" and bits_stored <= 8:
+    if mode == "L" and bits_stored == 8:
         return array
     if mode == "I;16" and bits_stored > 8:
         # Pillow scales n-bit samples to 16 bits (shift left by 16 - n); undo it.
@@ -182,6 +188,10 @@ def load_picture(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
                 array = np.asarray(img, dtype=np.float32)
                 return array / max(float(array.max()), 1.0)
             return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except Image.DecompressionBombError as exc:
+        raise RejectedInput(
+            RejectCode.UNSUPPORTED, f"image is over the size limit ({exc})"
+        ) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise RejectedInput(RejectCode.UNREADABLE, f"not a readable image ({exc})") from exc
 

@@ -7,12 +7,16 @@ images, so this is the step that makes a DICOM look like them.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi
 
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
+
+BLANK_RANGE = 1.0 / 1024  # below one grey level of an 8-bit display
 
 
 def block_reduce_mean(image: np.ndarray, min_side: int) -> np.ndarray:
@@ -50,28 +54,70 @@ def display_gray(ds: Dataset, stored: np.ndarray, working_side: int) -> np.ndarr
 
     With a plain (linear) rescale the image is shrunk first, which is cheap and exact up
     to the pixels where the window clips; LUT sequences are not linear, so they are
-    applied at full resolution before the shrink.
+    applied at full resolution before the shrink. A display that is all one grey (a blank
+    image, or a window that clips every pixel) is rejected rather than scored.
     """
-    has_lut = "ModalityLUTSequence" in ds or "VOILUTSequence" in ds
+    has_lut = lut_item(ds, "ModalityLUTSequence") is not None or (
+        lut_item(ds, "VOILUTSequence") is not None
+    )
     values = stored if has_lut else block_reduce_mean(stored, working_side)
     gray = voi_to_unit(ds, modality_values(ds, values))
     if has_lut:
         gray = block_reduce_mean(gray, working_side)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
+    if is_inverted(ds):
         gray = 1.0 - gray
+    check_not_blank(gray)
     return gray.astype(np.float32, copy=False)
 
 
+def is_inverted(ds: Dataset) -> bool:
+    """MONOCHROME1, or a Presentation LUT Shape of INVERSE (PS3.3 C.11.6): the same one
+    inversion, said two ways, so it is applied once."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
+
+
+def check_not_blank(gray: np.ndarray) -> None:
+    if not np.isfinite(gray).all():
+        raise RejectedInput(RejectCode.UNREADABLE, "pixel values are not finite (NaN or inf)")
+    if float(gray.max()) - float(gray.min()) < BLANK_RANGE:
+        raise RejectedInput(
+            RejectCode.UNREADABLE, "image is blank (one grey level after the window or LUT)"
+        )
+
+
 def modality_values(ds: Dataset, values: np.ndarray) -> np.ndarray:
-    if "ModalityLUTSequence" in ds or "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        return np.asarray(apply_modality_lut(values, ds), dtype=np.float32)
-    return values.astype(np.float32, copy=False)
+    """Modality LUT sequence, else rescale slope and intercept, else the stored values.
+
+    An empty or malformed LUT item counts as absent (the rescale, if any, then applies);
+    empty slope or intercept elements take their defaults 1 and 0.
+    """
+    item = lut_item(ds, "ModalityLUTSequence")
+    if item is not None:
+        table, _ = item
+        return table.lookup(values)
+    slope = _first_number(ds, "RescaleSlope")
+    intercept = _first_number(ds, "RescaleIntercept")
+    slope = 1.0 if slope is None else slope
+    intercept = 0.0 if intercept is None else intercept
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+        raise RejectedInput(
+            RejectCode.UNSUPPORTED, f"rescale slope {slope} / intercept {intercept} unusable"
+        )
+    if slope == 1.0 and intercept == 0.0:
+        return values.astype(np.float32, copy=False)
+    return (values.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(
+        np.float32, copy=False
+    )
 
 
 def voi_to_unit(ds: Dataset, values: np.ndarray) -> np.ndarray:
     """Apply the VOI LUT or the first window, or stretch when there is neither."""
-    if "VOILUTSequence" in ds:
-        return _voi_lut_sequence(ds, values)
+    item = lut_item(ds, "VOILUTSequence")
+    if item is not None:
+        table, bits = item
+        return np.clip(table.lookup(values) / float(2**bits - 1), 0.0, 1.0)
     center, width = _first_window(ds)
     if center is not None and width is not None and width > 0:
         function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
@@ -92,35 +138,78 @@ def window(values: np.ndarray, center: float, width: float, function: str) -> np
     return np.clip(unit, 0.0, 1.0).astype(np.float32)
 
 
-def _voi_lut_sequence(ds: Dataset, values: np.ndarray) -> np.ndarray:
-    mapped = np.asarray(apply_voi(values.astype(np.int64), ds), dtype=np.float32)
-    item = ds.VOILUTSequence[0]
-    bits = int(item.LUTDescriptor[2])
-    return np.clip(mapped / float(2**bits - 1), 0.0, 1.0)
+@dataclass(frozen=True)
+class LookupTable:
+    """One LUT item (PS3.3 C.11.1.1.1): input ``first_mapped`` maps to ``entries[0]``;
+    inputs below or above the table take its first or last entry."""
+
+    first_mapped: int
+    entries: np.ndarray
+
+    def lookup(self, values: np.ndarray) -> np.ndarray:
+        # Indexing in int64 (not in the entries' 8- or 16-bit type, which wraps inputs
+        # above 255 or 65535) is why this is not pydicom's apply_voi.
+        index = np.rint(values).astype(np.int64) - self.first_mapped
+        np.clip(index, 0, len(self.entries) - 1, out=index)
+        return self.entries[index]
+
+
+def lut_item(ds: Dataset, keyword: str) -> tuple[LookupTable, int] | None:
+    """The first item of a Modality or VOI LUT sequence and its bits per entry, or None
+    when the sequence is absent, empty or its item cannot be used."""
+    try:
+        sequence = ds.get(keyword)
+        if not sequence:
+            return None
+        item = sequence[0]
+        descriptor = [int(v) for v in item.LUTDescriptor]
+        count, first, bits = descriptor
+        count = count or 2**16
+        if not 1 <= bits <= 16:
+            return None
+        if first > 2**15 - 1 and int(ds.get("PixelRepresentation", 0) or 0) == 1:
+            first -= 2**16  # the descriptor is US/SS; a signed first input value
+        entries = _lut_entries(ds, item)
+    except (AttributeError, TypeError, ValueError, IndexError, KeyError):
+        return None
+    if len(entries) < count:
+        return None
+    return LookupTable(first, entries[:count].astype(np.float32)), bits
+
+
+def _lut_entries(ds: Dataset, item: Dataset) -> np.ndarray:
+    element = item["LUTData"]
+    if element.VR == "OW" or isinstance(element.value, bytes):
+        little = ds.original_encoding[1] is not False
+        return np.frombuffer(element.value, dtype="<u2" if little else ">u2")
+    return np.atleast_1d(np.asarray(element.value, dtype=np.int64))
 
 
 def _first_window(ds: Dataset) -> tuple[float | None, float | None]:
-    def first(keyword: str) -> float | None:
-        value = ds.get(keyword)
-        if value is None or value == "":
-            return None
-        try:
-            return float(
-                value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value
-            )
-        except (TypeError, ValueError, IndexError):
-            return None
+    return _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
 
-    return first("WindowCenter"), first("WindowWidth")
+
+def _first_number(ds: Dataset, keyword: str) -> float | None:
+    """The element's (first) value as a number, or None when absent, empty or not numeric."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return float(
+            value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value
+        )
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 def _stretch(ds: Dataset, values: np.ndarray) -> np.ndarray:
     """No window: 8-bit data as is (like an 8-bit PNG); deeper data min-max scaled."""
     rescaled = "RescaleSlope" in ds or "ModalityLUTSequence" in ds
     bits = int(ds.get("BitsStored", 8) or 8)
-    if bits <= 8 and not rescaled and int(ds.get("PixelRepresentation", 0) or 0) == 0:
+    integer = "PixelData" in ds and int(ds.get("PixelRepresentation", 0) or 0) == 0
+    if bits <= 8 and integer and not rescaled:
         return (values / float(2**bits - 1)).astype(np.float32)
     low, high = float(values.min()), float(values.max())
     if high <= low:
-        raise RejectedInput(RejectCode.UNREADABLE, "image is blank (all pixels equal)")
+        return np.zeros(values.shape, dtype=np.float32)  # check_not_blank rejects it
     return ((values - low) / (high - low)).astype(np.float32)
