@@ -250,3 +250,11 @@ def test_element_that_cannot_be_parsed_is_a_rejection_not_a_crash(
     with pytest.raises(RejectedInput, match="malformed header element") as caught:
         read_dicom_image(path, MAX_PIXELS)
     assert caught.value.code == RejectCode.UNREADABLE
+
+
+@pytest.mark.parametrize("body_part", ["TORAX", "BRUST", "CHEST PA", "THORAX AP"])
+def test_chest_named_in_other_languages_passes_the_gate(
+    body_part: str, sample_png: Path, tmp_path: Path
+) -> None:
+    ds = base_dataset(png_pixels(sample_png), body_part=body_part)
+    assert read_dicom_image(write(ds, tmp_path / "x.dcm"), MAX_PIXELS).gray.size

@@ -38,9 +38,10 @@ IMAGE_SOP_CLASSES = frozenset(
         "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
     }
 )
-CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG")
+# BodyPartExamined is free text in practice, often in the site's language (CS allows no
+# accents, but exports carry them).
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "TÓRAX", "TORACE", "BRUST", "POITRINE")
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})
-FRONTAL_VIEWS = frozenset({"PA", "AP", "APS", "AP SUPINE", ""})
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 MIN_SIDE = 64  # pixels; below this a radiograph carries too little to screen
