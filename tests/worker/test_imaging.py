@@ -258,3 +258,19 @@ def test_chest_named_in_other_languages_passes_the_gate(
 ) -> None:
     ds = base_dataset(png_pixels(sample_png), body_part=body_part)
     assert read_dicom_image(write(ds, tmp_path / "x.dcm"), MAX_PIXELS).gray.size
+
+
+def test_pixel_padding_shows_black_not_white(sample_png: Path, tmp_path: Path) -> None:
+    """A film rotated inside its frame: the corners are padding (value 0 in MONOCHROME1,
+    which would display white and set the stretch's minimum)."""
+    p8 = png_pixels(sample_png)
+    rows, cols = np.indices(p8.shape)
+    corners = rows + cols < p8.shape[0] // 3
+    rendered = np.where(corners, 0, p8).astype(np.float32) / 255.0
+    stored = 4095 - p8.astype(np.uint16) * 16
+    stored[corners] = 0
+    ds = base_dataset(stored, bits=12, photometric="MONOCHROME1")
+    ds.PixelPaddingValue = 0
+    gray = read_dicom_image(write(ds, tmp_path / "padded.dcm"), MAX_PIXELS).gray
+    difference = np.abs(model_input(gray, SIZE) - model_input(rendered, SIZE))
+    assert float(difference.mean()) < 0.005, f"mean difference {difference.mean()}"

@@ -60,6 +60,7 @@ def display_gray(ds: Dataset, stored: np.ndarray, working_side: int) -> np.ndarr
     has_lut = lut_item(ds, "ModalityLUTSequence") is not None or (
         lut_item(ds, "VOILUTSequence") is not None
     )
+    stored = padding_to_black(ds, stored)
     values = stored if has_lut else block_reduce_mean(stored, working_side)
     gray = voi_to_unit(ds, modality_values(ds, values))
     if has_lut:
@@ -68,6 +69,23 @@ def display_gray(ds: Dataset, stored: np.ndarray, working_side: int) -> np.ndarr
         gray = 1.0 - gray
     check_not_blank(gray)
     return gray.astype(np.float32, copy=False)
+
+
+def padding_to_black(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """Pixel padding (PS3.3 C.7.5.1.1.2: the area outside the exposed field, e.g. after a
+    rotation) set to the darkest-displayed value of the real pixels, so it shows black as
+    in a rendered film and stays out of a min-max stretch."""
+    padding = _first_number(ds, "PixelPaddingValue")
+    if padding is None:
+        return stored
+    limit = _first_number(ds, "PixelPaddingRangeLimit")
+    low, high = sorted((padding, padding if limit is None else limit))
+    mask = (stored >= low) & (stored <= high)
+    if not mask.any() or mask.all():
+        return stored
+    real = stored[~mask]
+    darkest = real.max() if is_inverted(ds) else real.min()
+    return np.where(mask, darkest, stored)
 
 
 def is_inverted(ds: Dataset) -> bool:
