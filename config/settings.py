@@ -21,11 +21,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="CXR_",
-        env_file=os.environ.get("CXR_SETTINGS_FILE"),
-        extra="ignore",
-    )
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
 
     database_url: str = Field(
         "sqlite:///cxr-screen.db",
@@ -76,4 +72,6 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    # The file is named at call time, not import time: a CLI or test sets it after
+    # importing this module.
+    return Settings(_env_file=os.environ.get("CXR_SETTINGS_FILE"))
