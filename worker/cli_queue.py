@@ -32,7 +32,7 @@ def _settings(**overrides: Any) -> Settings:
     The Celery app reads the one settings object when it is imported, and worker pool
     processes inherit the environment: exporting the flags keeps them all in agreement.
     """
-    names = {"broker_url", "database_url", "model"}
+    names = {"broker_url", "database_url", "model", "log_level"}
     for name, value in overrides.items():
         if value is not None and name in names:
             os.environ[f"CXR_{name.upper()}"] = str(value)

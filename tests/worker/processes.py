@@ -44,32 +44,39 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 class Worker:
-    """``celery -A worker.celery_app worker`` as a subprocess with its own environment."""
+    """``celery -A worker.celery_app worker`` (or ``cxr-screen worker``) as a subprocess
+    with its own environment."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, concurrency: int = 1) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        concurrency: int = 1,
+        command: list[str] | None = None,
+    ) -> None:
+        """``command``: the worker's arguments instead of plain Celery's (``cxr-screen``)."""
         self.log_path = log_path
         self._log = log_path.open("ab")
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        celery = [
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(concurrency),
+            "-Q",
+            "cxr-screen",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                str(concurrency),
-                "-Q",
-                "cxr-screen",
-                "--loglevel",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
+            [sys.executable, "-m", *(command or celery)],
             cwd=REPO_ROOT,
             env=full_env,
             stdout=self._log,
