@@ -25,19 +25,18 @@ def run_migrations_online() -> None:
 
 def _run(connection: Connection) -> None:
     if connection.dialect.name == "postgresql":
-        connection.execute(text(f"SELECT pg_advisory_lock({MIGRATION_LOCK_ID})"))
-    try:
-        context.configure(
-            connection=connection,
-            target_metadata=Base.metadata,
-            render_as_batch=connection.dialect.name == "sqlite",
-        )
-        with context.begin_transaction():
-            context.run_migrations()
-    finally:
-        if connection.dialect.name == "postgresql":
-            connection.execute(text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})"))
-            connection.commit()
+        # Held until the migrations' transaction ends: the next process reads the schema
+        # only once the DDL is committed (a lock released before the commit let it see
+        # no tables and create them a second time).
+        connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})"))
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+    connection.commit()
 
 
 run_migrations_online()

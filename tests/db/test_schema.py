@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
+import uuid
+from multiprocessing.synchronize import Barrier
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from db.models import Prediction, Study
 from db.repository import save_instances, save_study
 from db.session import make_engine, open_database, upgrade
+from tests.conftest import POSTGRES_URL
 from worker.imaging.dicom import InstanceHeader
 from worker.imaging.enum import Label, Status
 from worker.screening import InstanceResult, StudyOutcome, rejected
@@ -45,6 +50,45 @@ def test_migrations_are_repeatable(database_url: str) -> None:
     upgrade(engine)
     upgrade(engine)
     engine.dispose()
+
+
+def _first_use(url: str, start: Barrier, results: Any) -> None:
+    start.wait()
+    try:
+        open_database(url)
+        results.put("ok")
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}"[:300])
+
+
+@pytest.mark.services
+def test_workers_starting_together_on_a_fresh_postgresql_all_get_the_schema() -> None:
+    """Eight processes open a new database at once, twelve times over (each process
+    also runs the migrations): every one must come up."""
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    context = multiprocessing.get_context("fork")
+    n = 8
+    failures = []
+    try:
+        for _ in range(12):
+            name = f"cxr_test_{uuid.uuid4().hex[:10]}"
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            start, results = context.Barrier(n), context.SimpleQueue()
+            url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+            processes = [
+                context.Process(target=_first_use, args=(url, start, results)) for _ in range(n)
+            ]
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join(60)
+            failures += [out for out in (results.get() for _ in range(n)) if out != "ok"]
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+    assert failures == []
 
 
 @pytest.mark.services
