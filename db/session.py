@@ -24,8 +24,10 @@ def make_engine(url: str) -> Engine:
     # No pool_pre_ping: it costs a round trip per transaction. A connection that died
     # with the server fails its next statement as "invalidated", which callers treat as
     # transient (the worker retries the study), and the pool replaces it.
+    # hide_parameters: error messages end up in logs and `studies.reason`, and a
+    # statement's parameters are patient data (accession numbers, patient references).
     try:
-        engine = create_engine(url)
+        engine = create_engine(url, hide_parameters=True)
     except (ArgumentError, ImportError, ValueError) as exc:
         raise DatabaseError(f"invalid database URL {safe_url(url)}: {exc}") from exc
     if engine.dialect.name == "sqlite":

@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from sqlalchemy.exc import StatementError
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -36,3 +38,16 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     # pydicom logs every failed decoder plugin with a traceback; the gate reports the
     # outcome itself, as a rejection with a reason.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` for logs and ``studies.reason``.
+
+    For a database error, only the first line of the driver's message: the rest of the
+    text names the statement's parameters, and PostgreSQL's DETAIL line can quote the
+    whole row (accession number, patient reference, file paths).
+    """
+    if isinstance(exc, StatementError) and exc.orig is not None:
+        lines = str(exc.orig).strip().splitlines() or [type(exc.orig).__name__]
+        return f"{type(exc).__name__}: {lines[0]}"[:1000]
+    return f"{type(exc).__name__}: {exc}".strip()[:1000]

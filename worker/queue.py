@@ -37,6 +37,7 @@ from db.repository import (
 from db.session import DatabaseError, autocommit
 from worker.discovery import discover
 from worker.errors import UserError
+from worker.logs import describe_error
 from worker.metrics import metrics
 from worker.model import Classifier, read_card
 from worker.screening import StudyOutcome, screen_study
@@ -453,19 +454,17 @@ def record_failure(
     settings: Settings,
 ) -> None:
     """Best effort: the database may be the thing that is down."""
+    uid = task.study_instance_uid
     if sessions is None:
-        log.error("study %s failed (%s); database unavailable to record it", task, error)
+        log.error("study %s failed (%s); database unavailable to record it", uid, error)
         return
     files = sorted(worker_paths(task.files, settings.ingest_root))
     try:
         with sessions.begin() as session:
-            mark_failed(session, task.study_instance_uid, model_version, error, files=files)
+            mark_failed(session, uid, model_version, error, files=files)
     except Exception as exc:
         log.error(
-            "study %s failed (%s) and could not be recorded: %s",
-            task.study_instance_uid,
-            error,
-            exc,
+            "study %s failed (%s) and could not be recorded: %s", uid, error, describe_error(exc)
         )
 
 

@@ -10,11 +10,13 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
+from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import get_settings
 from db.session import open_database
 from worker.celery_app import QUEUE, SCREEN_BATCH_TASK, SCREEN_TASK, app
+from worker.logs import describe_error
 from worker.model import Classifier
 from worker.queue import (
     MalformedTask,
@@ -72,14 +74,20 @@ def screen_study_task(self: Task, *args: Any, **kwargs: Any) -> str:
         record_failure(_sessions, task, classifier.model_version, reason, settings)
         return "failed"
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}".strip()[:1000]
+        error = describe_error(exc)
         retries = self.request.retries
         if is_transient(exc) and retries < settings.task_max_retries:
             retry_later(self, exc, task.study_instance_uid)
         if is_transient(exc):
             reason = f"gave up after {retries} retries: {error}"
         else:
-            log.exception("study %s: unexpected error", task.study_instance_uid)
+            # No traceback for a database error: its last line would be the whole message.
+            log.error(
+                "study %s: unexpected error: %s",
+                task.study_instance_uid,
+                error,
+                exc_info=not isinstance(exc, StatementError),
+            )
             reason = f"unexpected error: {error}"
         record_failure(_sessions, task, classifier.model_version, reason, settings)
         return "failed"
@@ -108,7 +116,7 @@ def screen_batch_task(self: Task, *args: Any, **kwargs: Any) -> str:
             retry_later(self, exc, label)
         # A time limit, an unexpected error, retries used up: each study goes on alone
         # and meets its own fate, without the others.
-        log.warning("%s: %s: %s", label, type(exc).__name__, str(exc)[:1000])
+        log.warning("%s: %s", label, describe_error(exc))
         split_batch(batch.studies, enqueue)
         return "split"
 
@@ -119,10 +127,9 @@ def retry_later(task: Task, exc: Exception, label: str) -> None:
     retries = task.request.retries
     countdown = backoff(retries, settings)
     log.warning(
-        "%s: transient failure (%s: %s); retry %d of %d in %.1f s",
+        "%s: transient failure (%s); retry %d of %d in %.1f s",
         label,
-        type(exc).__name__,
-        str(exc)[:1000],
+        describe_error(exc),
         retries + 1,
         settings.task_max_retries,
         countdown,

@@ -33,6 +33,7 @@ from worker.queue import (
     parse_message,
     process_batch,
     process_study,
+    record_failure,
     requeue_failed,
     study_messages,
     worker_paths,
@@ -270,6 +271,16 @@ def test_failed_studies_are_requeued(sqlite_url: str, model_dir: Path, dicom_dir
     assert rows(sqlite_url, f"SELECT status FROM studies WHERE study_instance_uid = '{uid}'") == [
         ("queued",)
     ]
+
+
+def test_a_failure_the_database_cannot_record_is_logged_without_file_paths(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    task = StudyTask("1.2.3.4", ("Doe^Jane/1.dcm",), "m-1")
+    with caplog.at_level("ERROR"):
+        record_failure(None, task, "m-1", "OperationalError: connection refused", Settings())
+    assert "study 1.2.3.4 failed (OperationalError: connection refused)" in caplog.text
+    assert "Doe^Jane" not in caplog.text
 
 
 @pytest.mark.services
