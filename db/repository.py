@@ -342,6 +342,19 @@ def mark_failed(
     )
 
 
+def fail_unfinished(session: Session, uids: Sequence[str], model_version: str, reason: str) -> None:
+    """Record existing studies without a final result as ``failed``; creates no row."""
+    session.execute(
+        STUDIES.update()
+        .where(
+            STUDIES.c.study_instance_uid.in_(uids),
+            STUDIES.c.model_version == model_version,
+            STUDIES.c.status.not_in(FINAL_STATUSES),
+        )
+        .values(status=StudyStatus.FAILED.value, reason=reason[:2000], finished_at=utcnow())
+    )
+
+
 def failed_studies(session: Session, model_version: str | None = None) -> list[Study]:
     """Studies recorded ``failed``, oldest first."""
     query = select(Study).where(Study.status == StudyStatus.FAILED.value)

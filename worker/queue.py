@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 import redis
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from db.repository import (
+    fail_unfinished,
     failed_studies,
     final_study_uids,
     mark_failed,
@@ -35,7 +36,6 @@ from db.repository import (
     study_status_counts,
 )
 from db.session import DatabaseError, autocommit
-from worker.discovery import discover
 from worker.errors import UserError
 from worker.logs import describe_error
 from worker.metrics import metrics
@@ -44,7 +44,7 @@ from worker.screening import StudyOutcome, screen_study
 
 log = logging.getLogger(__name__)
 
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 MESSAGE_KEYS = frozenset({"study_instance_uid", "files", "model_version", "force"})
 BATCH_KEYS = frozenset({"studies", "model_version", "force"})
 BATCH_STUDY_KEYS = frozenset({"study_instance_uid", "files"})
@@ -79,6 +79,12 @@ class IngestError(UserError, ValueError):
 
 class IngestRootUnavailable(OSError):
     """The configured ingest root is not mounted here (yet): a transient failure."""
+
+
+def is_dicom_uid(value: object) -> TypeGuard[str]:
+    """A UID the queue and the results tables carry: digits and dots, at most 64
+    characters. The one test for both sides: what ingest queues, a worker accepts."""
+    return isinstance(value, str) and len(value) <= 64 and UID_PATTERN.fullmatch(value) is not None
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -130,18 +136,24 @@ class StudyTask:
         return body
 
 
+def message_body(args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """A task's fields: its keyword arguments, or one positional JSON object."""
+    if not args:
+        return kwargs
+    return args[0] if len(args) == 1 and isinstance(args[0], dict) and not kwargs else None
+
+
 def parse_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyTask:
     """Validate a task's arguments (a JSON object of keyword arguments)."""
-    if args:
-        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
-            kwargs = args[0]
-        else:
-            raise MalformedTask(f"expected keyword arguments only, got {len(args)} positional")
+    body = message_body(args, kwargs)
+    if body is None:
+        raise MalformedTask(f"expected keyword arguments only, got {len(args)} positional")
+    kwargs = body
     unknown = set(kwargs) - MESSAGE_KEYS
     if unknown:
         raise MalformedTask(f"unknown fields {sorted(unknown)}")
     uid = kwargs.get("study_instance_uid")
-    if not isinstance(uid, str) or len(uid) > 64 or not UID_PATTERN.match(uid):
+    if not is_dicom_uid(uid):
         raise MalformedTask(f"study_instance_uid is not a DICOM UID: {str(uid)[:80]!r}")
     files = kwargs.get("files")
     if not isinstance(files, list) or not files:
@@ -263,6 +275,8 @@ def ingest(
     Safe to repeat: studies with a final result for this model are skipped (unless
     ``force``); a study queued twice is screened twice into the same rows.
     """
+    from worker.discovery import discover  # not at the top: discovery uses is_dicom_uid
+
     progress = progress or IngestProgress()
     model_version = read_card(settings.model).model_version
     found = discover(paths, on_file=progress.on_file)
@@ -466,6 +480,43 @@ def record_failure(
         log.error(
             "study %s failed (%s) and could not be recorded: %s", uid, error, describe_error(exc)
         )
+
+
+def record_refused(
+    sessions: Callable[[], sessionmaker[Session]],
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+    error: str,
+    model_version: str,
+) -> None:
+    """Best effort: the studies a refused message names are marked ``failed`` with the
+    reason, instead of staying ``queued`` for ever. ``model_version``: when the message
+    names none. No row is made for a study nobody queued."""
+    body = message_body(args, kwargs) or {}
+    uids = named_studies(body)
+    if not uids:
+        return
+    version = body.get("model_version")
+    try:
+        with sessions().begin() as session:
+            fail_unfinished(
+                session,
+                uids,
+                version if isinstance(version, str) and version else model_version,
+                f"malformed task message: {error}",
+            )
+    except Exception as exc:
+        log.error(
+            "the studies of a malformed task could not be recorded failed: %s", describe_error(exc)
+        )
+
+
+def named_studies(body: dict[str, Any]) -> list[str]:
+    """The study UIDs a message names, however malformed (at most the column's size)."""
+    studies = body.get("studies", [body])
+    entries = studies if isinstance(studies, list) else []
+    named = [entry.get("study_instance_uid") for entry in entries if isinstance(entry, dict)]
+    return [uid for uid in named if isinstance(uid, str) and 0 < len(uid) <= 64]
 
 
 # --- status and requeue ----------------------------------------------------------------

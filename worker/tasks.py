@@ -27,6 +27,7 @@ from worker.queue import (
     process_batch,
     process_study,
     record_failure,
+    record_refused,
     split_batch,
 )
 
@@ -63,6 +64,7 @@ def screen_study_task(self: Task, *args: Any, **kwargs: Any) -> str:
     except MalformedTask as exc:
         # Retrying cannot fix a message; acknowledge it and keep serving.
         log.error("malformed task %s rejected: %s", request_id, exc)
+        refuse(args, kwargs, exc)
         return "malformed"
     settings = get_settings()
     classifier = load_worker_state()
@@ -103,6 +105,7 @@ def screen_batch_task(self: Task, *args: Any, **kwargs: Any) -> str:
         batch = parse_batch_message(args, kwargs)
     except MalformedTask as exc:
         log.error("malformed task %s rejected: %s", self.request.id, exc)
+        refuse(args, kwargs, exc)
         return "malformed"
     settings = get_settings()
     classifier = load_worker_state()
@@ -119,6 +122,10 @@ def screen_batch_task(self: Task, *args: Any, **kwargs: Any) -> str:
         log.warning("%s: %s", label, describe_error(exc))
         split_batch(batch.studies, enqueue)
         return "split"
+
+
+def refuse(args: Any, kwargs: dict[str, Any], error: MalformedTask) -> None:
+    record_refused(database, args, kwargs, str(error), load_worker_state().model_version)
 
 
 def retry_later(task: Task, exc: Exception, label: str) -> None:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from pydicom.uid import JPEG2000Lossless
 from sqlalchemy import create_engine, text
 
 from config.settings import REPO_ROOT, Settings
-from tests.conftest import REDIS_URL
 from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.worker.processes import PrivatePostgres, PrivateRedis, Worker, wait_for
 from tests.worker.test_imaging import EXPECTED_CODE
@@ -107,11 +105,13 @@ def ingest(folder: Path, env: dict[str, str], *extra: str) -> str:
     return cli("ingest", str(folder), *extra, env=env).stdout
 
 
-def send_raw(broker_url: str, kwargs: Any = None, args: Any = None, **options: Any) -> None:
+def send_raw(
+    broker_url: str, kwargs: Any = None, args: Any = None, task: str = SCREEN_TASK, **options: Any
+) -> None:
     """Publish a task message the way any Celery client would."""
     app = make_app(Settings(broker_url=broker_url))
     try:
-        app.send_task(SCREEN_TASK, args=args, kwargs=kwargs, queue=QUEUE, **options)
+        app.send_task(task, args=args, kwargs=kwargs, queue=QUEUE, **options)
     finally:
         app.close()
 
@@ -122,15 +122,6 @@ def assert_exactly_once(url: str, n_studies: int, n_files: int) -> None:
     assert scalar(url, "SELECT count(*) FROM predictions") == n_files
     assert scalar(url, "SELECT count(DISTINCT source) FROM predictions") == n_files
     assert scalar(url, "SELECT count(DISTINCT sop_instance_uid) FROM predictions") == n_files
-
-
-@pytest.fixture()
-def broker() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
 
 
 def worker_env(broker_url: str, database_url: str, model_dir: Path, **extra: Any) -> dict[str, str]:

@@ -60,6 +60,8 @@ def test_celery_is_configured_for_at_least_once_delivery() -> None:
     ("change", "message"),
     [
         ({"study_instance_uid": "x; DROP"}, "not a DICOM UID"),
+        ({"study_instance_uid": "1.2.3\n"}, "not a DICOM UID"),
+        ({"study_instance_uid": "1." * 32 + "1"}, "not a DICOM UID"),
         ({"files": []}, "non-empty list"),
         ({"files": ["../x.dcm"]}, "escapes the ingest root"),
         ({"model_version": 3}, "model_version"),
