@@ -32,8 +32,13 @@ def save_study(
     patient_id_mode: PatientIdMode,
     hash_key: str,
     attempts: int | None = None,
+    keep_files: bool = False,
 ) -> None:
-    """Instance rows and the study row of one screened study, in the caller's transaction."""
+    """Instance rows and the study row of one screened study, in the caller's transaction.
+
+    ``keep_files``: a row's ``files`` stay as they are (ingest's paths, from which
+    ``requeue`` makes messages; a worker may see the export under another root).
+    """
     save_instances(session, outcome.instances, outcome.model_version, outcome.threshold)
     header = outcome.header
     row: dict[str, Any] = {
@@ -59,7 +64,10 @@ def save_study(
     if attempts is not None:
         row["attempts"] = attempts
     insert_values = {"queued_at": outcome.started_at, "attempts": 1, **row}
-    _upsert(session, STUDIES, [insert_values], ["study_instance_uid", "model_version"], update=row)
+    update = {k: v for k, v in row.items() if not (keep_files and k == "files")}
+    _upsert(
+        session, STUDIES, [insert_values], ["study_instance_uid", "model_version"], update=update
+    )
 
 
 def save_instances(

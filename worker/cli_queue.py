@@ -169,5 +169,6 @@ def register(app: typer.Typer) -> None:
         settings = _settings(broker_url=broker_url, database_url=database_url, model=model)
         from worker.tasks import enqueue
 
-        sent = requeue_failed(settings, enqueue, sessions=open_database(settings.database_url))
-        typer.echo(f"requeued {len(sent)} failed studies")
+        done = requeue_failed(settings, enqueue, sessions=open_database(settings.database_url))
+        skipped = f"; {len(done.skipped)} skipped (see the warnings)" if done.skipped else ""
+        typer.echo(f"requeued {len(done.sent)} failed studies{skipped}")

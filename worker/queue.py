@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
+from db.models import Study
 from db.repository import (
     fail_unfinished,
     failed_studies,
@@ -435,7 +436,11 @@ def save_outcome(
     session: Session, task: StudyTask, outcome: StudyOutcome, settings: Settings
 ) -> None:
     save_study(
-        session, outcome, patient_id_mode=settings.patient_id_mode, hash_key=settings.hash_key
+        session,
+        outcome,
+        patient_id_mode=settings.patient_id_mode,
+        hash_key=settings.hash_key,
+        keep_files=True,
     )
     if task.model_version != outcome.model_version:
         mark_failed(
@@ -563,29 +568,39 @@ def queue_status(settings: Settings, sessions: sessionmaker[Session], queue: str
     return QueueStatus(counts, waiting, unacked, oldest)
 
 
-def requeue_failed(settings: Settings, send: Send, *, sessions: sessionmaker[Session]) -> list[str]:
-    """Send every ``failed`` study of the configured model again."""
+@dataclass
+class Requeued:
+    sent: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def requeue_failed(settings: Settings, send: Send, *, sessions: sessionmaker[Session]) -> Requeued:
+    """Send every ``failed`` study of the configured model again; a study no message can
+    be made for is skipped with a warning."""
     model_version = read_card(settings.model).model_version
+    done = Requeued()
     with sessions.begin() as session:
-        studies = failed_studies(session, model_version)
-        tasks = [
-            StudyTask(
-                s.study_instance_uid,
-                tuple(message_paths(s.files or [], settings.ingest_root)),
-                model_version,
-            )
-            for s in studies
-            if s.files
-        ]
-        queue_studies(
-            session,
-            [
-                {"study_instance_uid": s.study_instance_uid, "files": list(s.files or [])}
-                for s in studies
-                if s.files
-            ],
-            model_version,
-        )
-    for task in tasks:
+        chosen = []
+        for study in failed_studies(session, model_version):
+            task = requeue_task(study, settings.ingest_root, model_version)
+            (done.skipped if task is None else done.sent).append(study.study_instance_uid)
+            if task is not None:
+                chosen.append((study, task))
+        rows = [{"study_instance_uid": s.study_instance_uid, "files": s.files} for s, _ in chosen]
+        queue_studies(session, rows, model_version)
+    for _, task in chosen:
         send(task.message())
-    return [t.study_instance_uid for t in tasks]
+    return done
+
+
+def requeue_task(study: Study, ingest_root: Path | None, model_version: str) -> StudyTask | None:
+    """The message for a study recorded by ingest, or None (with a warning)."""
+    uid = study.study_instance_uid
+    try:
+        paths = message_paths(study.files or [], ingest_root)
+        return parse_message((), StudyTask(uid, tuple(paths), model_version).message())
+    except IngestError:
+        log.warning("study %s not requeued: its files are not under the ingest root", uid)
+    except MalformedTask as exc:
+        log.warning("study %s not requeued: %s", uid, exc)
+    return None

@@ -5,12 +5,14 @@ the end-to-end equivalence of ``ingest`` + ``worker`` with ``run``.
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
@@ -268,11 +270,47 @@ def test_failed_studies_are_requeued(sqlite_url: str, model_dir: Path, dicom_dir
     with sessions.begin() as session:
         mark_failed(session, uid, sent[0]["model_version"], "OperationalError: db down")
     again: list[dict[str, Any]] = []
-    assert requeue_failed(settings, again.append, sessions=sessions) == [uid]
+    assert requeue_failed(settings, again.append, sessions=sessions).sent == [uid]
     assert again[0]["files"] == sent[0]["files"]
     assert rows(sqlite_url, f"SELECT status FROM studies WHERE study_instance_uid = '{uid}'") == [
         ("queued",)
     ]
+
+
+def test_requeue_works_when_workers_mount_the_export_elsewhere_and_skips_what_it_cannot(
+    tmp_path: Path,
+    sqlite_url: str,
+    model_dir: Path,
+    dicom_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    export = tmp_path / "ingest-host" / "export"
+    shutil.copytree(dicom_dir / "cxr", export / "cxr")
+    mount = tmp_path / "worker-host"
+    mount.mkdir()
+    (mount / "export").symlink_to(export)  # the same export, under another root
+    ingest_host = Settings(database_url=sqlite_url, model=model_dir, ingest_root=export)
+    worker_host = ingest_host.with_overrides(ingest_root=mount / "export")
+    sessions = open_database(sqlite_url)
+    sent: list[dict[str, Any]] = []
+    ingest_studies([export], ingest_host, sent.append, sessions=sessions)
+    classifier = Classifier(model_dir)
+    for message in sent:
+        task = parse_message((), message)
+        process_study(task, settings=worker_host, classifier=classifier, sessions=sessions)
+    good, outside, empty = (m["study_instance_uid"] for m in sent)
+    unusable = {outside: '["/elsewhere/1.dcm"]', empty: "[]"}
+    with sessions.begin() as session:  # later deliveries failed; two rows are unusable
+        session.execute(text("UPDATE studies SET status = 'failed'"))
+        for uid, files in unusable.items():
+            change = text("UPDATE studies SET files = :files WHERE study_instance_uid = :uid")
+            session.execute(change, {"files": files, "uid": uid})
+    again: list[dict[str, Any]] = []
+    done = requeue_failed(ingest_host, again.append, sessions=sessions)
+    assert (done.sent, sorted(done.skipped)) == ([good], sorted([outside, empty]))
+    assert again == [sent[0]]
+    assert f"study {outside} not requeued: its files are not under the ingest root" in caplog.text
+    assert f"study {empty} not requeued: files must be a non-empty list" in caplog.text
 
 
 def test_a_failure_the_database_cannot_record_is_logged_without_file_paths(
