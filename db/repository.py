@@ -371,6 +371,17 @@ def failed_studies(session: Session, model_version: str | None = None) -> list[S
     return list(session.scalars(query.order_by(Study.finished_at, Study.id)))
 
 
+def stale_studies(session: Session, model_version: str, before: dt.datetime) -> list[Study]:
+    """Studies ``queued`` since before ``before``, or taken (``processing``) before it."""
+    taken = func.coalesce(Study.started_at, Study.queued_at)
+    query = select(Study).where(
+        Study.model_version == model_version,
+        ((Study.status == StudyStatus.QUEUED.value) & (Study.queued_at < before))
+        | ((Study.status == StudyStatus.PROCESSING.value) & (taken < before)),
+    )
+    return list(session.scalars(query.order_by(Study.queued_at, Study.id)))
+
+
 def oldest_queued_at(session: Session) -> dt.datetime | None:
     query = select(func.min(Study.queued_at)).where(Study.status == StudyStatus.QUEUED.value)
     value = session.execute(query).scalar_one_or_none()

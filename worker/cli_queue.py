@@ -154,21 +154,40 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @user_errors
     def requeue(
-        failed: Annotated[bool, typer.Option("--failed", help="Send the failed studies again.")],
+        failed: Annotated[bool, typer.Option("--failed", help="Send the failed studies.")] = False,
+        stale: Annotated[
+            bool,
+            typer.Option(
+                "--stale",
+                help="Send the studies still queued or processing after --stale-minutes "
+                "(their message was lost).",
+            ),
+        ] = False,
+        stale_minutes: Annotated[
+            float, typer.Option(min=0, help="Age at which a queued or processing study is stale.")
+        ] = 120,
         broker_url: BrokerUrl = None,
         database_url: DatabaseUrl = None,
         model: ModelDir = None,
     ) -> None:
-        """Send studies again (``--failed``: every study recorded as failed)."""
-        from db.session import open_database
-        from worker.queue import requeue_failed
+        """Send studies again: the failed ones (``--failed``), the stale ones (``--stale``)."""
+        import datetime as dt
 
-        if not failed:
-            console.print("[red]error:[/red] say what to requeue: --failed")
+        from db.session import open_database
+        from worker.queue import requeue as requeue_studies
+
+        if not failed and not stale:
+            console.print("[red]error:[/red] say what to requeue: --failed, --stale or both")
             raise typer.Exit(2)
         settings = _settings(broker_url=broker_url, database_url=database_url, model=model)
         from worker.tasks import enqueue
 
-        done = requeue_failed(settings, enqueue, sessions=open_database(settings.database_url))
+        done = requeue_studies(
+            settings,
+            enqueue,
+            sessions=open_database(settings.database_url),
+            failed=failed,
+            stale_after=dt.timedelta(minutes=stale_minutes) if stale else None,
+        )
         skipped = f"; {len(done.skipped)} skipped (see the warnings)" if done.skipped else ""
-        typer.echo(f"requeued {len(done.sent)} failed studies{skipped}")
+        typer.echo(f"requeued {len(done.sent)} studies{skipped}")

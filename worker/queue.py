@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from db.models import Study
+from db.models import Study, utcnow
 from db.repository import (
     fail_unfinished,
     failed_studies,
@@ -34,6 +34,7 @@ from db.repository import (
     queue_studies,
     save_instances,
     save_study,
+    stale_studies,
     study_status_counts,
 )
 from db.session import DatabaseError, autocommit
@@ -574,14 +575,25 @@ class Requeued:
     skipped: list[str] = field(default_factory=list)
 
 
-def requeue_failed(settings: Settings, send: Send, *, sessions: sessionmaker[Session]) -> Requeued:
-    """Send every ``failed`` study of the configured model again; a study no message can
-    be made for is skipped with a warning."""
+def requeue(
+    settings: Settings,
+    send: Send,
+    *,
+    sessions: sessionmaker[Session],
+    failed: bool = True,
+    stale_after: dt.timedelta | None = None,
+) -> Requeued:
+    """Send studies of the configured model again: the ``failed`` ones, and those still
+    ``queued`` or ``processing`` ``stale_after`` after they were queued or taken (their
+    message was lost). A study no message can be made for is skipped with a warning."""
     model_version = read_card(settings.model).model_version
     done = Requeued()
     with sessions.begin() as session:
+        studies = failed_studies(session, model_version) if failed else []
+        if stale_after is not None:
+            studies += stale_studies(session, model_version, utcnow() - stale_after)
         chosen = []
-        for study in failed_studies(session, model_version):
+        for study in studies:
             task = requeue_task(study, settings.ingest_root, model_version)
             (done.skipped if task is None else done.sent).append(study.study_instance_uid)
             if task is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from sqlalchemy import text
 
 from config.settings import Settings
-from db.repository import mark_failed, mark_processing, queue_studies
+from db.models import utcnow
+from db.repository import mark_failed, mark_processing, queue_studies, stale_studies
 from db.session import open_database
 from worker.model import Classifier
 from worker.queue import StudyTask, delivery_limit, process_study
@@ -76,3 +78,22 @@ def test_a_study_delivered_past_the_limit_is_failed_not_screened(
     with sessions() as session:
         reason = session.execute(text("SELECT reason FROM studies")).scalar_one()
     assert reason.startswith(f"gave up after {delivery_limit(settings)} deliveries")
+
+
+def test_stale_studies_are_those_queued_or_taken_before_the_cutoff(database_url: str) -> None:
+    sessions = open_database(database_url)
+    ages = {"1.1": 3, "1.2": 1, "2.1": 3, "2.2": 1, "3.1": 3}  # hours since queued / taken
+    with sessions.begin() as session:
+        queue_studies(session, [{"study_instance_uid": u, "files": ["a"]} for u in ages], VERSION)
+        for uid in ("2.1", "2.2"):
+            mark_processing(session, uid, VERSION, ["a"])
+        mark_failed(session, "3.1", VERSION, "lost")
+        backdate = text(
+            "UPDATE studies SET queued_at = :t, started_at = :t WHERE study_instance_uid = :u"
+        )
+        for uid, hours in ages.items():
+            session.execute(backdate, {"t": utcnow() - dt.timedelta(hours=hours), "u": uid})
+    with sessions() as session:
+        stale = stale_studies(session, VERSION, utcnow() - dt.timedelta(hours=2))
+        assert [s.study_instance_uid for s in stale] == ["1.1", "2.1"]
+        assert stale_studies(session, "other", utcnow()) == []

@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import redis
 
+from db.repository import mark_processing
+from db.session import open_database
 from tests.conftest import REDIS_URL
 from tests.worker.processes import Worker, wait_for
-from tests.worker.test_faults import worker_env
+from tests.worker.test_faults import all_final, cli, ingest, worker_env
+from tests.worker.test_run import rows
+from worker.model import read_card
 
 # Its own Redis database: this worker must not take messages other tests queue.
 IDLE_BROKER = REDIS_URL.rsplit("/", 1)[0] + "/12"
@@ -27,3 +32,27 @@ def test_worker_loglevel_overrides_the_configured_level(
         assert "DEBUG celery.bootsteps" in worker.log(), worker.log()[-3000:]
     finally:
         worker.stop()
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_requeue_stale_sends_a_study_stranded_in_processing(
+    broker: str, postgres_url: str, model_dir: Path, dicom_dir: Path, tmp_path: Path
+) -> None:
+    env = worker_env(broker, postgres_url, model_dir)
+    ingest(dicom_dir / "cxr" / "nih_dx_chest_implicitvr_8bit.dcm", env)
+    (uid,) = rows(postgres_url, "SELECT study_instance_uid FROM studies")[0]
+    # A worker took the study, and its message was acknowledged without a result (retries
+    # ran out while the database was down): nothing on the queue will finish it.
+    redis.Redis.from_url(broker).flushdb()
+    with open_database(postgres_url).begin() as session:
+        mark_processing(session, uid, read_card(model_dir).model_version, [])
+    assert "requeued 0 studies" in cli("requeue", "--stale", env=env).stdout  # not 2 h old yet
+    out = cli("requeue", "--stale", "--stale-minutes", "0", env=env).stdout
+    assert "requeued 1 studies" in out
+    worker = Worker(env, tmp_path / "worker.log")
+    try:
+        wait_for(lambda: all_final(postgres_url, 1), 60, "the requeued study")
+    finally:
+        worker.stop()
+    assert rows(postgres_url, "SELECT status FROM studies") == [("screened",)]

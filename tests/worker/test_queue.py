@@ -36,7 +36,7 @@ from worker.queue import (
     process_batch,
     process_study,
     record_failure,
-    requeue_failed,
+    requeue,
     study_messages,
     worker_paths,
 )
@@ -270,7 +270,7 @@ def test_failed_studies_are_requeued(sqlite_url: str, model_dir: Path, dicom_dir
     with sessions.begin() as session:
         mark_failed(session, uid, sent[0]["model_version"], "OperationalError: db down")
     again: list[dict[str, Any]] = []
-    assert requeue_failed(settings, again.append, sessions=sessions).sent == [uid]
+    assert requeue(settings, again.append, sessions=sessions).sent == [uid]
     assert again[0]["files"] == sent[0]["files"]
     assert rows(sqlite_url, f"SELECT status FROM studies WHERE study_instance_uid = '{uid}'") == [
         ("queued",)
@@ -306,7 +306,7 @@ def test_requeue_works_when_workers_mount_the_export_elsewhere_and_skips_what_it
             change = text("UPDATE studies SET files = :files WHERE study_instance_uid = :uid")
             session.execute(change, {"files": files, "uid": uid})
     again: list[dict[str, Any]] = []
-    done = requeue_failed(ingest_host, again.append, sessions=sessions)
+    done = requeue(ingest_host, again.append, sessions=sessions)
     assert (done.sent, sorted(done.skipped)) == ([good], sorted([outside, empty]))
     assert again == [sent[0]]
     assert f"study {outside} not requeued: its files are not under the ingest root" in caplog.text
