@@ -36,10 +36,24 @@ def save_study(
 ) -> None:
     """Instance rows and the study row of one screened study, in the caller's transaction.
 
+    A ``screened`` study is not replaced by a ``failed`` outcome (a duplicate delivery
+    that ran out of memory, say): then nothing is written.
     ``keep_files``: a row's ``files`` stay as they are (ingest's paths, from which
     ``requeue`` makes messages; a worker may see the export under another root).
     """
-    save_instances(session, outcome.instances, outcome.model_version, outcome.threshold)
+    row = _study_row(outcome, patient_id_mode, hash_key)
+    if attempts is not None:
+        row["attempts"] = attempts
+    insert_values = {"queued_at": outcome.started_at, "attempts": 1, **row}
+    columns = tuple(k for k in row if not (keep_files and k == "files"))
+    statement = _study_statement(_dialect(session), columns)
+    if session.execute(statement, insert_values).first() is not None:
+        save_instances(session, outcome.instances, outcome.model_version, outcome.threshold)
+
+
+def _study_row(
+    outcome: StudyOutcome, patient_id_mode: PatientIdMode, hash_key: str
+) -> dict[str, Any]:
     header = outcome.header
     row: dict[str, Any] = {
         "study_instance_uid": outcome.study_instance_uid,
@@ -61,13 +75,7 @@ def save_study(
         row["accession_number"] = header.accession_number
         row["study_date"] = header.study_date
         row["patient_ref"] = patient_ref(header.patient_id, patient_id_mode, hash_key)
-    if attempts is not None:
-        row["attempts"] = attempts
-    insert_values = {"queued_at": outcome.started_at, "attempts": 1, **row}
-    update = {k: v for k, v in row.items() if not (keep_files and k == "files")}
-    _upsert(
-        session, STUDIES, [insert_values], ["study_instance_uid", "model_version"], update=update
-    )
+    return row
 
 
 def save_instances(
@@ -193,6 +201,21 @@ def _upsert_statement(
         set_={column: excluded[column] for column in columns},
         where=_not_final(table) if only_if_not_final else None,
     )
+
+
+@functools.cache
+def _study_statement(dialect: str, columns: tuple[str, ...]) -> Any:
+    """The study row's upsert, returning the row unless it kept a screened result."""
+    statement = _insert(dialect)(STUDIES)
+    excluded = statement.excluded
+    downgrade = (STUDIES.c.status == StudyStatus.SCREENED.value) & (
+        excluded.status == StudyStatus.FAILED.value
+    )
+    return statement.on_conflict_do_update(
+        index_elements=["study_instance_uid", "model_version"],
+        set_={column: excluded[column] for column in columns},
+        where=~downgrade,
+    ).returning(STUDIES.c.id)
 
 
 @functools.cache

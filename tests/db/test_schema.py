@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import multiprocessing
 import uuid
+from dataclasses import replace
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
@@ -105,6 +106,24 @@ def test_upserts_keep_one_row_and_the_latest_values(database_url: str) -> None:
         study = session.scalars(select(Study)).one()
         assert (study.covid_probability, study.predicted_label) == (0.9, "covid")
         assert study.patient_ref not in (None, "PID-1")
+
+
+@pytest.mark.services
+def test_a_failed_duplicate_does_not_replace_a_screened_result(database_url: str) -> None:
+    sessions = open_database(database_url)
+    screened = outcome(0.9)
+    failure = InstanceResult(
+        "/x/1.dcm", Status.FAILED, HEADER, reason_code="error", reason="MemoryError: "
+    )
+    failed = replace(screened, instances=(failure,))
+    for result in (screened, failed):
+        with sessions.begin() as session:
+            save_study(session, result, patient_id_mode="hash", hash_key="k")
+    with sessions() as session:
+        study = session.scalars(select(Study)).one()
+        row = session.scalars(select(Prediction)).one()
+    assert (study.status, study.covid_probability, study.n_failed) == ("screened", 0.9, 0)
+    assert (row.status, row.covid_probability) == ("screened", 0.9)
 
 
 @pytest.mark.services
