@@ -12,20 +12,34 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from config.settings import Settings
-from db.repository import save_instances, save_study
+from db.repository import mark_failed, save_instances, save_study
 from db.session import open_database
 from worker.discovery import discover
 from worker.imaging.enum import Label, StudyStatus
+from worker.logs import describe_error
 from worker.model import Classifier, read_card
 from worker.screening import StudyOutcome, screen_study
+
+CRASHED = (
+    "the process screening this study died, also when it screened this study alone "
+    "(a decoder crash, or out of memory?)"
+)
 
 _classifier: Classifier | None = None
 _max_pixels = 0
 _batch_size = 16
+_started: SimpleQueue[str] | None = None
+
+# model folder, threshold, max pixels, batch size
+PoolArgs = tuple[str, float, int, int]
 
 
 @dataclass
@@ -39,15 +53,15 @@ class RunSummary:
     rejected_files: int = 0
     seconds: float = 0.0
 
-    def count(self, outcome: StudyOutcome) -> None:
+    def count(self, status: StudyStatus, positive: bool) -> None:
         self.studies += 1
-        if outcome.status is StudyStatus.SCREENED:
+        if status is StudyStatus.SCREENED:
             self.screened += 1
-        elif outcome.status is StudyStatus.FAILED:
+        elif status is StudyStatus.FAILED:
             self.failed += 1
         else:
             self.rejected += 1
-        self.positives += outcome.predicted_label is Label.COVID
+        self.positives += positive
 
 
 @dataclass
@@ -56,7 +70,38 @@ class Progress:
 
     on_discovered: Callable[[int], None] = lambda n: None
     on_file: Callable[[str], None] = lambda path: None
-    on_study: Callable[[StudyOutcome], None] = lambda outcome: None
+    on_study: Callable[[StudyStatus], None] = lambda status: None
+
+
+@dataclass
+class Results:
+    """Where finished studies go: the database (the main process is its only writer),
+    the summary and the progress hooks."""
+
+    sessions: sessionmaker[Session]
+    settings: Settings
+    model_version: str
+    summary: RunSummary
+    progress: Progress
+
+    def save(self, outcome: StudyOutcome) -> None:
+        with self.sessions.begin() as session:
+            save_study(
+                session,
+                outcome,
+                patient_id_mode=self.settings.patient_id_mode,
+                hash_key=self.settings.hash_key,
+            )
+        self._count(outcome.status, outcome.predicted_label is Label.COVID)
+
+    def fail(self, study_instance_uid: str, files: list[str], reason: str) -> None:
+        with self.sessions.begin() as session:
+            mark_failed(session, study_instance_uid, self.model_version, reason, files=files)
+        self._count(StudyStatus.FAILED, False)
+
+    def _count(self, status: StudyStatus, positive: bool) -> None:
+        self.summary.count(status, positive)
+        self.progress.on_study(status)
 
 
 def run(
@@ -72,40 +117,85 @@ def run(
     progress.on_discovered(len(found.studies))
     with sessions.begin() as session:
         save_instances(session, found.rejected, card.model_version, None)
-    workers = max(1, min(settings.workers or os.cpu_count() or 1, len(found.studies)))
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=context,
-        initializer=_load_model,
-        initargs=(str(settings.model), threshold, settings.max_pixels, settings.batch_size),
-    ) as pool:
-        futures: dict[Future[StudyOutcome], str] = {
-            pool.submit(_screen, uid, study.files): uid for uid, study in found.studies.items()
-        }
-        for future in as_completed(futures):
-            outcome = future.result()
-            with sessions.begin() as session:
-                save_study(
-                    session,
-                    outcome,
-                    patient_id_mode=settings.patient_id_mode,
-                    hash_key=settings.hash_key,
-                )
-            summary.count(outcome)
-            progress.on_study(outcome)
+    results = Results(sessions, settings, card.model_version, summary, progress)
+    todo = {uid: sorted(study.files) for uid, study in found.studies.items()}
+    pool_args = (str(settings.model), threshold, settings.max_pixels, settings.batch_size)
+    _screen_all(todo, settings.workers or os.cpu_count() or 1, pool_args, results)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _load_model(model_dir: str, threshold: float, max_pixels: int, batch_size: int) -> None:
-    global _classifier, _max_pixels, _batch_size
+def _screen_all(
+    todo: dict[str, list[str]], workers: int, pool_args: PoolArgs, results: Results
+) -> None:
+    """Screen every study. When a pool process dies (a native decoder crash, the OOM
+    killer), the pool is rebuilt; the studies that were being screened then are screened
+    again one at a time, each in a process of its own, so the one that kills its process
+    is recorded failed and no other study is lost."""
+    while todo:
+        suspects = _screen_in_pool(todo, min(workers, len(todo)), pool_args, results)
+        for uid in sorted(suspects):
+            files = todo.pop(uid)
+            if _screen_in_pool({uid: files}, 1, pool_args, results):
+                results.fail(uid, files, CRASHED)
+
+
+def _screen_in_pool(
+    todo: dict[str, list[str]], workers: int, pool_args: PoolArgs, results: Results
+) -> set[str]:
+    """Screen ``todo`` on a new pool, removing each study from it once recorded.
+
+    Returns the studies that had started when a pool process died (none if none died).
+    """
+    context = multiprocessing.get_context("fork")
+    started: SimpleQueue[str] = context.SimpleQueue()
+    begun: set[str] = set()
+    broken = False
+    before = len(todo)
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_load_model, initargs=(*pool_args, started)
+    ) as pool:
+        futures: dict[Future[StudyOutcome], str] = {
+            pool.submit(_screen, uid, files): uid for uid, files in todo.items()
+        }
+        for future in as_completed(futures):
+            begun |= _drain(started)  # also keeps the pipe from filling up
+            uid = futures[future]
+            try:
+                outcome = future.result()
+            except BrokenProcessPool:
+                broken = True
+                continue
+            except Exception as exc:
+                results.fail(uid, todo.pop(uid), f"unexpected error: {describe_error(exc)}")
+                continue
+            results.save(outcome)
+            del todo[uid]
+    suspects = (begun | _drain(started)) & todo.keys() if broken else set()
+    if broken and not suspects and len(todo) == before:
+        raise BrokenProcessPool("the screening processes die before screening anything")
+    return suspects
+
+
+def _drain(started: SimpleQueue[str]) -> set[str]:
+    uids = set()
+    while not started.empty():
+        uids.add(started.get())
+    return uids
+
+
+def _load_model(
+    model_dir: str, threshold: float, max_pixels: int, batch_size: int, started: SimpleQueue[str]
+) -> None:
+    global _classifier, _max_pixels, _batch_size, _started
     _classifier = Classifier(Path(model_dir), threshold=threshold, threads=1)
-    _max_pixels, _batch_size = max_pixels, batch_size
+    _max_pixels, _batch_size, _started = max_pixels, batch_size, started
 
 
 def _screen(study_instance_uid: str, files: list[str]) -> StudyOutcome:
-    assert _classifier is not None, "worker process started without a model"
+    assert _classifier is not None and _started is not None, "pool process without a model"
+    # Before the work: if this process dies, the main process knows which study it had.
+    _started.put(study_instance_uid)
     return screen_study(
         study_instance_uid, files, _classifier, max_pixels=_max_pixels, batch_size=_batch_size
     )

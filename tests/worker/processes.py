@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,59 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
+
+
+def children_of(pid: int) -> list[int]:
+    """The child processes of ``pid``, via /proc."""
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def resident_mb(pid: int) -> int:
+    """Resident memory of a process in MB (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    line = next((x for x in status.splitlines() if x.startswith("VmRSS:")), "VmRSS: 0 kB")
+    return int(line.split()[1]) // 1024
+
+
+class OomKiller:
+    """The kernel's OOM killer for one test: a thread that SIGKILLs any child of this
+    process whose resident memory grows ``limit_mb`` beyond this process's own (a forked
+    child starts with about as much)."""
+
+    def __init__(self, limit_mb: int) -> None:
+        self.limit_mb = limit_mb
+        self.killed: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> OomKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        parent = os.getpid()
+        while not self._stop.wait(0.002):
+            ceiling = resident_mb(parent) + self.limit_mb
+            for child in children_of(parent):
+                if resident_mb(child) > ceiling:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
+                        self.killed.append(child)
 
 
 class Worker:
@@ -93,16 +147,8 @@ class Worker:
         return self.process.poll() is None
 
     def children(self) -> list[int]:
-        """Pool processes (children of the main worker process), via /proc."""
-        found = []
-        for stat in glob.glob("/proc/[0-9]*/stat"):
-            try:
-                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == self.pid:
-                found.append(int(stat.split("/")[2]))
-        return found
+        """Pool processes (children of the main worker process)."""
+        return children_of(self.pid)
 
     def log(self) -> str:
         self._log.flush()

@@ -7,14 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
 from config.settings import Settings
 from tests.dicom_factory import base_dataset, png_pixels, write
+from tests.worker.processes import OomKiller
 from tests.worker.test_imaging import EXPECTED_CODE
 from worker.discovery import walk
-from worker.runner import run
+from worker.runner import CRASHED, run
 
 ROW_COLUMNS = (
     "source, sop_instance_uid, study_instance_uid, status, reason_code, "
@@ -134,6 +136,33 @@ def test_patient_ids_are_not_stored_in_clear(
     assert "TEST-PATIENT-0001" not in dump and "Test^Patient" not in dump
     (ref,) = rows(sqlite_url, "SELECT patient_ref FROM studies")[0]
     assert ref is not None and len(ref) == 32
+
+
+def test_a_study_that_kills_its_process_is_failed_and_no_other_study_is_lost(
+    cxr_dir: Path, tmp_path: Path, sqlite_url: str, model_dir: Path
+) -> None:
+    pngs = sorted((cxr_dir / "test" / "normal").glob("*.png"))[:5]
+    for i, png in enumerate(pngs):
+        write(base_dataset(png_pixels(png)), tmp_path / "export" / f"{i}.dcm")
+    # Two 9,000 x 9,000 films: decoding them takes some 400 MB more than the other studies.
+    huge_uid = "1.2.826.0.1.3680043.10.2.1"
+    side = np.arange(9000, dtype=np.uint16)
+    for i in range(2):
+        film = base_dataset(np.add.outer(side, side) % 4096, study_uid=huge_uid, bits=12)
+        write(film, tmp_path / "export" / f"huge{i}.dcm")
+    del film, side
+    settings = Settings(database_url=sqlite_url, model=model_dir, workers=2, max_pixels=10**8)
+    with OomKiller(limit_mb=200) as oom:
+        summary = run([tmp_path / "export"], settings)
+    assert len(oom.killed) >= 2, "killed in the pool, then again when screened alone"
+    assert (summary.studies, summary.screened, summary.failed) == (6, 5, 1)
+    studies = dict(
+        rows(sqlite_url, "SELECT study_instance_uid, status || ': ' || reason FROM studies")
+    )
+    assert studies.pop(huge_uid) == f"failed: {CRASHED}"
+    assert set(studies.values()) == {None}  # screened, no reason
+    files = rows(sqlite_url, "SELECT source, status FROM predictions ORDER BY source")
+    assert files == [(str(tmp_path / "export" / f"{i}.dcm"), "screened") for i in range(5)]
 
 
 def cli(*args: str, env_model: Path | None = None) -> subprocess.CompletedProcess[str]:
