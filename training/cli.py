@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from worker.cli_common import user_errors
+
 app = typer.Typer(
     help="Train, evaluate and run the COVID-19 radiograph classifier.",
     no_args_is_help=True,
@@ -37,6 +39,7 @@ def _quiet_tensorflow() -> None:
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
 
 
+@user_errors
 def train_command(
     data_dir: Annotated[
         Path,
@@ -161,6 +164,7 @@ def train_command(
     )
 
 
+@user_errors
 def evaluate_command(
     data_dir: Annotated[
         Path,
@@ -225,6 +229,7 @@ def evaluate_command(
     typer.echo(metrics["text"])
 
 
+@user_errors
 def predict_command(
     paths: Annotated[
         list[Path], typer.Argument(help="Image files or folders (walked recursively).")
@@ -243,6 +248,7 @@ def predict_command(
         typer.echo(f"wrote {n} rows to {csv}", err=True)
 
 
+@user_errors
 def ensemble_command(
     members: Annotated[list[Path], typer.Argument(help="Trained model folders to average.")],
     data_dir: Annotated[Path, typer.Option("--data", help="DATA_DIR with val/ for the threshold.")],

@@ -65,7 +65,8 @@ def walk_images(folder: Path) -> list[Path]:
 
 
 def split_dir(data_dir: Path, split: str) -> Path:
-    """``DATA_DIR/split`` if present, else DATA_DIR itself when it holds label folders."""
+    """``DATA_DIR/split`` if present, else DATA_DIR itself when it holds label folders
+    (for ``evaluate`` only: training needs distinct train/ and val/ folders)."""
     data_dir = Path(data_dir)
     candidate = data_dir / split
     if candidate.is_dir():
@@ -88,9 +89,17 @@ def list_samples(folder: Path, include: Iterable[str] = tuple(LABELS)) -> list[S
 
 
 def list_split(data_dir: Path, split: str, include: Iterable[str] = tuple(LABELS)) -> list[Sample]:
-    samples = list_samples(split_dir(data_dir, split), include)
+    """The samples of ``DATA_DIR/split``, which must exist: no fallback to DATA_DIR, where
+    train and val would be the same images."""
+    folder = Path(data_dir) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{data_dir} has no {split}/ folder (training needs DATA_DIR/train/ and "
+            "DATA_DIR/val/, each with normal/ and covid/ folders)"
+        )
+    samples = list_samples(folder, include)
     if not samples:
-        raise FileNotFoundError(f"no images under {split_dir(data_dir, split)}")
+        raise FileNotFoundError(f"no images under {folder}")
     return samples
 
 

@@ -36,6 +36,7 @@ from training.data import (
     manifest_sha256,
 )
 from training.models import DEFAULT_SIZES, build_model
+from worker.errors import UserError
 from worker.imaging.pipeline import BORDER_FRACTION, PREPROCESSING_VERSION
 from worker.model import CARD_FILE, KERAS_FILE, TFLITE_FILE
 
@@ -320,7 +321,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_samples = subsample(list_split(cfg.data_dir, "train"), cfg.max_train, cfg.seed)
     val_samples = subsample(list_split(cfg.data_dir, "val"), cfg.max_val, cfg.seed)
     if len({s.label for s in train_samples}) < 2 or len({s.label for s in val_samples}) < 2:
-        raise ValueError("train/ and val/ both need normal/ and covid/ images")
+        raise UserError("train/ and val/ both need normal/ and covid/ images")
     weights = class_weights(train_samples)
     log.info(
         "train %s, val %s, class weights %s", counts(train_samples), counts(val_samples), weights

@@ -42,3 +42,12 @@ def test_predict_command_writes_csv(
 def test_train_rejects_unknown_architecture(cxr_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", str(cxr_dir), "--arch", "resnet", "--out", str(tmp_path)])
     assert result.exit_code != 0
+
+
+def test_train_needs_train_and_val_folders(cxr_dir: Path, tmp_path: Path) -> None:
+    """A folder of label folders would be both the training and the validation split."""
+    flat = cxr_dir / "test"
+    args = ["--out", str(tmp_path), "--image-size", "32", "--epochs", "1", "--max-train", "16"]
+    result = runner.invoke(app, ["train", str(flat), *args, "--max-val", "16"])
+    assert result.exit_code == 2, result.output
+    assert "no train/ folder" in result.output

@@ -38,6 +38,15 @@ def test_split_dir_accepts_a_folder_of_label_folders(cxr_dir: Path) -> None:
         split_dir(cxr_dir / "test" / "covid", "test")
 
 
+def test_list_split_needs_the_split_folder_itself(cxr_dir: Path) -> None:
+    """A folder of label folders is a test split for evaluate, never train and val at once."""
+    flat = cxr_dir / "test"
+    assert split_dir(flat, "val") == flat
+    for split in ("train", "val"):
+        with pytest.raises(FileNotFoundError, match=f"no {split}/ folder"):
+            list_split(flat, split)
+
+
 def test_manifest_hash_is_order_and_location_independent(tmp_path: Path) -> None:
     a = [
         Sample(tmp_path / "covid" / "a.png", "covid"),
