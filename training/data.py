@@ -30,7 +30,7 @@ import numpy as np
 
 from training import CLASS_NAMES
 from worker.imaging.errors import RejectedInput
-from worker.imaging.pipeline import is_picture, load_gray, model_input
+from worker.imaging.pipeline import PREPROCESSING_VERSION, is_picture, load_gray, model_input
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +290,9 @@ class InputCache:
     @classmethod
     def build(cls, samples: Sequence[Sample], size: int, folder: Path) -> InputCache:
         folder.mkdir(parents=True, exist_ok=True)
+        header = f"{PREPROCESSING_VERSION}\n{size}\n"
         key = hashlib.sha256(
-            f"{size}\n".encode() + "".join(f"{s.path}\t{s.label}\n" for s in samples).encode()
+            (header + "".join(f"{s.path}\t{s.label}\n" for s in samples)).encode()
         ).hexdigest()[:16]
         path, targets_path = folder / f"inputs-{key}.f32", folder / f"targets-{key}.npy"
         if not targets_path.exists():

@@ -130,6 +130,19 @@ def test_the_input_cache_gives_the_decoded_pixels_and_is_built_once(
         np.testing.assert_array_equal(np.sort(next(iter(train))[1].numpy().reshape(-1)), labels)
 
 
+def test_the_input_cache_is_keyed_on_the_preprocessing_version(
+    cxr_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.data
+    from training.data import InputCache
+
+    samples = list_split(cxr_dir, "val")[:2]
+    InputCache.build(samples, 32, tmp_path)
+    monkeypatch.setattr(training.data, "PREPROCESSING_VERSION", "next")
+    InputCache.build(samples, 32, tmp_path)
+    assert len(list(tmp_path.glob("inputs-*"))) == 2  # old pixels are not reused
+
+
 def test_gaussian_blur_keeps_flat_images_and_softens_detail(
     edge_energy: Callable[[np.ndarray], float],
 ) -> None:
