@@ -212,12 +212,16 @@ def make_dataset(
         ds = _decoded_inputs(samples, size, training, seed)
     ds = ds.batch(batch_size, drop_remainder=False)
     if training:
-        augment = build_augmenter(size, augmentation or Augmentation(), seed)
+        augment = build_augmenter(size, augmentation or Augmentation())
+        # One seed per batch from a seeded stream redrawn every epoch: the augmentation is
+        # stateless in it, so the parallel map's thread order cannot change the draws.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
 
-        def _augment(x: Any, y: Any) -> tuple[Any, Any]:
-            return augment(x), y
+        def _augment(batch: tuple[Any, Any], batch_seed: Any) -> tuple[Any, Any]:
+            x, y = batch
+            return augment(x, batch_seed), y
 
-        ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.zip((ds, seeds)).map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
     if with_weights is not None:
         w0, w1 = float(with_weights[0]), float(with_weights[1])
 
@@ -318,28 +322,44 @@ class InputCache:
         np.save(targets_path, np.array(kept, np.float32))
 
 
-def build_augmenter(size: int, aug: Augmentation, seed: int) -> Any:
-    """A function (N,S,S,1) -> (N,S,S,1) in [0,1] applying random geometry + intensity."""
-    import keras
+class StatelessDraws:
+    """Random draws that depend only on ``seed`` (an int64 scalar tensor): each draw folds
+    its own counter into the seed. Same ``uniform``/``normal`` calls as tf.random.Generator."""
+
+    def __init__(self, seed: Any) -> None:
+        import tensorflow as tf
+
+        self._key = tf.stack([tf.cast(seed, tf.int64), tf.constant(0, tf.int64)])
+        self._drawn = 0
+
+    def _next_key(self) -> Any:
+        import tensorflow as tf
+
+        self._drawn += 1
+        return tf.random.experimental.stateless_fold_in(self._key, self._drawn)
+
+    def uniform(self, shape: Any, minval: float = 0.0, maxval: float = 1.0) -> Any:
+        import tensorflow as tf
+
+        return tf.random.stateless_uniform(shape, self._next_key(), minval, maxval)
+
+    def normal(self, shape: Any) -> Any:
+        import tensorflow as tf
+
+        return tf.random.stateless_normal(shape, self._next_key())
+
+
+def build_augmenter(size: int, aug: Augmentation) -> Any:
+    """A function ((N,S,S,1) in [0,1], int64 seed) -> (N,S,S,1) in [0,1] applying random
+    geometry + intensity, the same for the same seed."""
     import tensorflow as tf
 
-    geometry = keras.Sequential(
-        [
-            keras.layers.RandomRotation(aug.rotation_deg / 360.0, fill_mode="reflect", seed=seed),
-            keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed + 1),
-            keras.layers.RandomTranslation(
-                aug.translate, aug.translate, fill_mode="reflect", seed=seed + 2
-            ),
-        ],
-        name="augment_geometry",
-    )
-    rng = tf.random.Generator.from_seed(seed + 3)
     kernel = tf.constant([[1, 2, 1], [2, 4, 2], [1, 2, 1]], tf.float32)[..., None, None] / 16.0
 
-    def augment(x: Any) -> Any:
-        n = tf.shape(x)[0]
-        x = geometry(x, training=True)
-        shape = tf.stack([n, 1, 1, 1])
+    def augment(x: Any, seed: Any) -> Any:
+        rng = StatelessDraws(seed)
+        x = random_affine(x, rng, aug)
+        shape = tf.stack([tf.shape(x)[0], 1, 1, 1])
         gamma = tf.exp(rng.uniform(shape, -aug.gamma_log, aug.gamma_log))
         x = tf.pow(tf.clip_by_value(x, 1e-6, 1.0), gamma)
         mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
@@ -354,6 +374,37 @@ def build_augmenter(size: int, aug: Augmentation, seed: int) -> Any:
         return tf.clip_by_value(x, 0.0, 1.0)
 
     return augment
+
+
+def random_affine(x: Any, rng: StatelessDraws, aug: Augmentation) -> Any:
+    """Per image: rotation up to ``rotation_deg``, zoom 1 +- ``zoom`` and shifts up to
+    ``translate`` of each side, as one bilinear resampling with reflected edges."""
+    import tensorflow as tf
+
+    n, h, w = (
+        tf.shape(x)[0],
+        tf.cast(tf.shape(x)[1], tf.float32),
+        tf.cast(tf.shape(x)[2], tf.float32),
+    )
+    angle = rng.uniform([n], -math.radians(aug.rotation_deg), math.radians(aug.rotation_deg))
+    zoom = rng.uniform([n], 1 - aug.zoom, 1 + aug.zoom)
+    dx = rng.uniform([n], -aug.translate, aug.translate) * w
+    dy = rng.uniform([n], -aug.translate, aug.translate) * h
+    cos, sin = zoom * tf.cos(angle), zoom * tf.sin(angle)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    zero = tf.zeros_like(cos)
+    # output pixel (u, v) samples input (cos*u - sin*v + a2, sin*u + cos*v + b2): the
+    # rotation and zoom are about the centre, then the shift
+    a2 = cx - cos * cx + sin * cy - dx
+    b2 = cy - sin * cx - cos * cy - dy
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=x,
+        transforms=tf.stack([cos, -sin, a2, sin, cos, b2, zero, zero], axis=1),
+        output_shape=tf.shape(x)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )
 
 
 def gaussian_blur(x: Any, sigma: Any, radius: int) -> Any:

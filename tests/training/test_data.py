@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -141,6 +142,38 @@ def test_the_input_cache_is_keyed_on_the_preprocessing_version(
     monkeypatch.setattr(training.data, "PREPROCESSING_VERSION", "next")
     InputCache.build(samples, 32, tmp_path)
     assert len(list(tmp_path.glob("inputs-*"))) == 2  # old pixels are not reused
+
+
+def test_augmentation_depends_only_on_the_batch_seed() -> None:
+    import tensorflow as tf
+
+    from training.data import Augmentation, build_augmenter
+
+    augment = build_augmenter(32, Augmentation(unsharp_prob=0.5))
+    x = tf.constant(np.random.default_rng(0).random((4, 32, 32, 1)), tf.float32)
+    first, again = (augment(x, tf.constant(7, tf.int64)).numpy() for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    other = augment(x, tf.constant(8, tf.int64)).numpy()
+    assert not np.allclose(first, other, atol=1e-3)
+    assert not np.allclose(first[0], first[1], atol=1e-3)  # one draw per image
+
+
+def test_an_epochs_augmentation_depends_only_on_the_seed_and_the_epoch(cxr_dir: Path) -> None:
+    """Not on thread order in the parallel map, nor on how much of the last epoch was read."""
+    from training.data import make_dataset
+
+    samples = list_split(cxr_dir, "val")[:12] + list_split(cxr_dir, "val")[-12:]
+
+    def read(stream: Any) -> np.ndarray:
+        return np.concatenate([x.numpy() for x, _ in stream])
+
+    stream = make_dataset(samples, 48, 2, training=True, seed=5)
+    first, second = read(stream), read(stream)
+    assert not np.allclose(first, second, atol=1e-3)
+    rerun = make_dataset(samples, 48, 2, training=True, seed=5)
+    next(iter(rerun))  # one batch of the first epoch
+    np.testing.assert_array_equal(read(rerun), second)
+    assert not np.allclose(read(make_dataset(samples, 48, 2, training=True, seed=6)), first)
 
 
 def test_gaussian_blur_keeps_flat_images_and_softens_detail(

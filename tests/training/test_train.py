@@ -59,6 +59,30 @@ def test_subsample_is_seeded_and_stratified(cxr_dir: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+def test_the_same_seed_gives_the_same_training_history(cxr_dir: Path, tmp_path: Path) -> None:
+    """Two tiny runs: every epoch's figures repeat, not only the first ones."""
+    from training.train import TrainConfig, train
+
+    histories = []
+    for run in ("a", "b"):
+        cfg = TrainConfig(
+            data_dir=cxr_dir,
+            out=tmp_path / run,
+            image_size=SIZE,
+            epochs=3,
+            max_train=96,
+            max_val=64,
+            seed=3,
+            verbose=0,
+        )
+        train(cfg)
+        histories.append((tmp_path / run / "history.csv").read_text())
+    assert histories[0] == histories[1]
+    assert len(histories[0].splitlines()) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
 def test_short_training_run_beats_chance(
     cxr_dir: Path, test_sample: Callable[[int], Path], tmp_path: Path
 ) -> None:
