@@ -32,6 +32,7 @@ def test_worker_loglevel_overrides_the_configured_level(
         assert "DEBUG celery.bootsteps" in worker.log(), worker.log()[-3000:]
     finally:
         worker.stop()
+        redis.Redis.from_url(IDLE_BROKER).flushdb()
 
 
 @pytest.mark.services
