@@ -11,11 +11,10 @@ import datetime as dt
 import logging
 import math
 import random
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeGuard
+from typing import Any
 
 import redis
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -38,7 +37,9 @@ from db.repository import (
     study_status_counts,
 )
 from db.session import DatabaseError, autocommit
+from worker.discovery import discover
 from worker.errors import UserError
+from worker.imaging.dicom import is_dicom_uid
 from worker.logs import describe_error
 from worker.metrics import metrics
 from worker.model import Classifier, read_card
@@ -46,7 +47,6 @@ from worker.screening import StudyOutcome, screen_study
 
 log = logging.getLogger(__name__)
 
-UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 MESSAGE_KEYS = frozenset({"study_instance_uid", "files", "model_version", "force"})
 BATCH_KEYS = frozenset({"studies", "model_version", "force"})
 BATCH_STUDY_KEYS = frozenset({"study_instance_uid", "files"})
@@ -81,12 +81,6 @@ class IngestError(UserError, ValueError):
 
 class IngestRootUnavailable(OSError):
     """The configured ingest root is not mounted here (yet): a transient failure."""
-
-
-def is_dicom_uid(value: object) -> TypeGuard[str]:
-    """A UID the queue and the results tables carry: digits and dots, at most 64
-    characters. The one test for both sides: what ingest queues, a worker accepts."""
-    return isinstance(value, str) and len(value) <= 64 and UID_PATTERN.fullmatch(value) is not None
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -277,7 +271,6 @@ def ingest(
     Safe to repeat: studies with a final result for this model are skipped (unless
     ``force``); a study queued twice is screened twice into the same rows.
     """
-    from worker.discovery import discover  # not at the top: discovery uses is_dicom_uid
 
     progress = progress or IngestProgress()
     model_version = read_card(settings.model).model_version

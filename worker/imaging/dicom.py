@@ -13,6 +13,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import pydicom
@@ -129,7 +130,7 @@ def instance_header(ds: Dataset) -> InstanceHeader:
             RejectCode.UNREADABLE, "missing SOPInstanceUID or StudyInstanceUID in the header"
         )
     for keyword, uid in (("SOPInstanceUID", sop), ("StudyInstanceUID", study)):
-        if not is_uid(uid):
+        if not is_dicom_uid(uid):
             raise RejectedInput(
                 RejectCode.UNREADABLE,
                 f"{keyword} is not a DICOM UID (digits and dots, at most 64 characters)",
@@ -137,7 +138,7 @@ def instance_header(ds: Dataset) -> InstanceHeader:
     series = _text(ds, "SeriesInstanceUID")
     return InstanceHeader(
         sop_instance_uid=sop,
-        series_instance_uid=series if series and is_uid(series) else None,
+        series_instance_uid=series if is_dicom_uid(series) else None,
         study_instance_uid=study,
         accession_number=_text(ds, "AccessionNumber"),
         study_date=_date(_text(ds, "StudyDate")),
@@ -147,10 +148,12 @@ def instance_header(ds: Dataset) -> InstanceHeader:
     )
 
 
-def is_uid(text: str) -> bool:
-    """A UID the results tables and the queue can carry: PS3.5 9.1 digits and dots, at
-    most 64 characters (leading zeros in a component, seen in real exports, are let be)."""
-    return len(text) <= 64 and UID_PATTERN.fullmatch(text) is not None
+def is_dicom_uid(value: object) -> TypeGuard[str]:
+    """A UID the results tables and the queue carry: PS3.5 9.1 digits and dots, at most
+    64 characters (leading zeros in a component, seen in real exports, are let be).
+    The one test for every side: what discovery accepts, ingest queues and a worker
+    takes."""
+    return isinstance(value, str) and len(value) <= 64 and UID_PATTERN.fullmatch(value) is not None
 
 
 def header_or_none(ds: Dataset) -> InstanceHeader | None:
