@@ -9,7 +9,6 @@ DICOM gate refuses gets ``status=rejected`` and the reason; it never stops the r
 from __future__ import annotations
 
 import csv
-import io
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -109,7 +108,7 @@ def predict_to_csv(
     if csv_out is None:
         return write_csv(predictions, sys.stdout)
     Path(csv_out).parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    n = write_csv(predictions, buffer)
-    Path(csv_out).write_text(buffer.getvalue())
-    return n
+    # Rows go out as they are scored; backslashreplace writes a file name that is not
+    # UTF-8 as escapes, so one such name cannot stop the run and the CSV stays UTF-8.
+    with Path(csv_out).open("w", newline="", encoding="utf-8", errors="backslashreplace") as out:
+        return write_csv(predictions, out)

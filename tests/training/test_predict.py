@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from training.predict import COLUMNS, predict_paths, write_csv
+from training.predict import COLUMNS, predict_paths, predict_to_csv, write_csv
 
 
 def _rows(paths: list[Path], model: Path) -> list[dict[str, str]]:
@@ -83,3 +84,17 @@ def test_predict_matches_the_classifier_on_model_input(
     expected = clf.predict(model_input(load_gray(sample_png), clf.input_size)[np.newaxis])[0]
     (row,) = _rows([sample_png], shipped_model)
     assert float(row["covid_probability"]) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_csv_file_survives_a_file_name_that_is_not_utf8(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    odd = tmp_path / "in" / os.fsdecode(b"film\xff.png")
+    odd.parent.mkdir()
+    odd.symlink_to(sample_png)
+    (tmp_path / "in" / "z.png").symlink_to(sample_png)
+    out = tmp_path / "out.csv"
+    assert predict_to_csv([tmp_path / "in"], shipped_model, out) == 2
+    rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"))))
+    assert [Path(r["path"]).name for r in rows] == ["film\\udcff.png", "z.png"]
+    assert {r["status"] for r in rows} == {"screened"}
