@@ -23,8 +23,10 @@ chart.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from training import CLASS_NAMES
 from training.data import Sample, list_samples, load_or_reason, split_dir
 from training.robustness import SHIFTS, GrayTransform
 from training.train import binary_summary
+from worker.errors import UserError
 from worker.imaging.pipeline import load_gray, model_input
 from worker.model import CARD_FILE, KERAS_FILE, Classifier, read_card
 
@@ -330,14 +333,16 @@ def plot_robustness(full: dict[str, Any], shifts: dict[str, Any], path: Path) ->
     plt = _plt()
     names = ["full image", *shifts]
     rows = [full, *shifts.values()]
+    aucs = np.array([np.nan if r["auc"] is None else r["auc"] for r in rows], np.float64)
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.2))
-    ax.barh(names, [r["auc"] for r in rows], color=["#4c72b0"] + ["#dd8452"] * len(shifts))
-    left = max(0.5, min(r["auc"] for r in rows) - 0.05)
+    ax.barh(names, aucs, color=["#4c72b0"] + ["#dd8452"] * len(shifts))
+    left = max(0.5, float(np.min(aucs, initial=1.0, where=~np.isnan(aucs))) - 0.05)
     for i, r in enumerate(rows):
         ax.text(
             left + 0.002,
             i,
-            f"AUC {r['auc']:.3f}  sens {r['sensitivity']:.2f}  spec {r['specificity']:.2f}",
+            f"AUC {_num(r['auc'], 3)}  sens {_num(r['sensitivity'], 2)}  "
+            f"spec {_num(r['specificity'], 2)}",
             va="center",
             color="white",
             fontsize=8,
@@ -539,6 +544,12 @@ def evaluate(
     paths = [s.path for s in samples]
     probs, rejected = score_files(paths, scorer, size)
     ok = ~np.isnan(probs)
+    if not ok.any():
+        path, reason = rejected[0]
+        raise UserError(
+            f"none of the {len(samples)} normal/covid images under {folder} could be scored "
+            f"(first: {path}: {reason})"
+        )
     y_all = np.array([s.target for s in samples])
     y, p = y_all[ok], probs[ok]
     good = [s for s, k in zip(samples, ok, strict=True) if k]
@@ -565,16 +576,13 @@ def evaluate(
     plot_roc(y, p, m, out / "roc.png", f"ROC - {name}")
     plot_confusion(m, out / "confusion_matrix.png", f"{split} @ {threshold:.3f}")
     plot_reliability(m, out / "reliability.png", f"Reliability - {name}")
-    (out / "predictions.csv").write_text(
-        "path,label,covid_probability\n"
-        + "".join(f"{s.path},{s.label},{q:.6f}\n" for s, q in zip(samples, probs, strict=True))
-    )
+    write_predictions(samples, probs, out / "predictions.csv")
 
     if shortcut_audit:
         audit: dict[str, Any] = {"full_image_auc": m["auc"]}
         audit.update(score_altered(AUDITS, readable, y, scorer, size, threshold))
         audit["examples_png"] = "audit_examples.png"
-        plot_audit_examples(samples, size, out / "audit_examples.png")
+        plot_audit_examples(good, size, out / "audit_examples.png")
         model_k = scorer.keras_model
         if model_k is None and (model_dir / KERAS_FILE).is_file():
             model_k = load_keras(model_dir)
@@ -593,7 +601,7 @@ def evaluate(
         plot_robustness(m, shifts, out / "robustness.png")
 
     metrics["text"] = summary_text(metrics)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics.json").write_text(to_json(metrics))
     (out / "report.txt").write_text(metrics["text"] + "\n")
     if write_card:
         _store_in_card(model_dir, split, metrics)
@@ -655,7 +663,35 @@ def _store_in_card(model_dir: Path, split: str, metrics: dict[str, Any]) -> None
     if "robustness" in metrics:
         entry["robustness_auc"] = {k: v["auc"] for k, v in metrics["robustness"]["shifts"].items()}
     card.setdefault("metrics", {})[split] = entry
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    card_path.write_text(to_json(card))
+
+
+def write_predictions(samples: Sequence[Sample], probs: np.ndarray, path: Path) -> None:
+    # backslashreplace: a file name that is not UTF-8 still gives a valid UTF-8 CSV
+    with path.open("w", newline="", encoding="utf-8", errors="backslashreplace") as stream:
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(("path", "label", "covid_probability"))
+        writer.writerows((s.path, s.label, f"{q:.6f}") for s, q in zip(samples, probs, strict=True))
+
+
+def _without_nan(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def to_json(value: Any) -> str:
+    """Indented JSON with undefined figures (NaN, e.g. an AUC on one class) as null."""
+    return json.dumps(_without_nan(value), indent=2, allow_nan=False) + "\n"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    """A figure for the report; "n/a" when undefined (None or NaN)."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def summary_text(m: dict[str, Any]) -> str:
@@ -667,14 +703,14 @@ def summary_text(m: dict[str, Any]) -> str:
         m["classification_report_text"],
         f"confusion matrix [rows true normal, covid; cols predicted]: "
         f"{m['confusion_matrix']['matrix']}",
-        f"ROC AUC {m['auc']:.4f} (95% bootstrap CI {m['auc_ci95'][0]:.4f}-{m['auc_ci95'][1]:.4f},"
-        f" {m['bootstrap_resamples']} resamples)",
-        f"at threshold {m['threshold']:.4f}: sensitivity {m['sensitivity']:.4f}, "
-        f"specificity {m['specificity']:.4f}",
+        f"ROC AUC {_num(m['auc'])} (95% bootstrap CI {_num(m['auc_ci95'][0])}-"
+        f"{_num(m['auc_ci95'][1])}, {m['bootstrap_resamples']} resamples)",
+        f"at threshold {m['threshold']:.4f}: sensitivity {_num(m['sensitivity'])}, "
+        f"specificity {_num(m['specificity'])}",
     ]
     for pv in m["predictive_values"]:
         lines.append(
-            f"  prevalence {pv['prevalence']:.0%}: PPV {pv['ppv']:.4f}, NPV {pv['npv']:.4f}"
+            f"  prevalence {pv['prevalence']:.0%}: PPV {_num(pv['ppv'])}, NPV {_num(pv['npv'])}"
         )
     lines.append(f"expected calibration error ({ECE_BINS} bins): {m['calibration']['ece']:.4f}")
     if "pneumonia" in m:
@@ -688,14 +724,14 @@ def summary_text(m: dict[str, Any]) -> str:
         lines.append(
             "shortcut audit (AUC): "
             + ", ".join(
-                f"{k} {v['auc']:.4f}" for k, v in a.items() if isinstance(v, dict) and "auc" in v
+                f"{k} {_num(v['auc'])}" for k, v in a.items() if isinstance(v, dict) and "auc" in v
             )
         )
     if "robustness" in m:
         lines.append(
             "acquisition shifts (AUC / sens / spec): "
             + ", ".join(
-                f"{k} {v['auc']:.4f} / {v['sensitivity']:.3f} / {v['specificity']:.3f}"
+                f"{k} {_num(v['auc'])} / {_num(v['sensitivity'], 3)} / {_num(v['specificity'], 3)}"
                 for k, v in m["robustness"]["shifts"].items()
             )
         )

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,7 @@ from training.evaluate import (
     predictive_values,
 )
 from training.robustness import SHIFTS
+from worker.errors import UserError
 
 
 def test_predictive_values_follow_bayes() -> None:
@@ -91,3 +95,56 @@ def test_evaluate_audits_the_shipped_model_and_records_them_in_a_card_copy(
     card = json.loads((model / "model_card.json").read_text())
     assert set(card["metrics"]["test"]["robustness_auc"]) == set(SHIFTS)
     assert "acquisition shifts" in m["text"]
+
+
+def _sample_folder(root: Path, cxr_dir: Path, split: str, per_label: dict[str, int]) -> Path:
+    for label, n in per_label.items():
+        (root / label).mkdir(parents=True)
+        for png in sorted((cxr_dir / split / label).glob("*.png"))[:n]:
+            (root / label / png.name).symlink_to(png)
+    return root
+
+
+def test_unreadable_files_and_odd_names_are_reported_not_fatal(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    data = _sample_folder(tmp_path / "data", cxr_dir, "test", {"normal": 3, "covid": 3})
+    (data / "covid" / "000_corrupt.png").write_bytes(b"not a png")  # sorted first
+    odd = data / "covid" / os.fsdecode(b'a,b "c"\xff.png')
+    odd.symlink_to(sorted((cxr_dir / "test" / "covid").glob("*.png"))[-1])
+    m = evaluate(data, shipped_model, tmp_path / "eval", shortcut_audit=True, n_bootstrap=100)
+    assert m["n"] == 7 and [Path(r["path"]).name for r in m["rejected"]] == ["000_corrupt.png"]
+    assert (tmp_path / "eval" / "audit_examples.png").is_file()
+    text = (tmp_path / "eval" / "predictions.csv").read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 8 and all(set(r) == {"path", "label", "covid_probability"} for r in rows)
+    assert 'a,b "c"\\udcff.png' in {Path(r["path"]).name for r in rows}
+
+
+def test_a_split_with_one_class_gives_a_report(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    data = _sample_folder(tmp_path / "data", cxr_dir, "test", {"covid": 4})
+    m = evaluate(
+        data,
+        shipped_model,
+        tmp_path / "eval",
+        shortcut_audit=True,
+        robustness=True,
+        n_bootstrap=100,
+    )
+    assert "ROC AUC n/a" in m["text"] and "border_only n/a" in m["text"]
+    saved = json.loads(
+        (tmp_path / "eval" / "metrics.json").read_text(), parse_constant=pytest.fail
+    )  # JSON has no NaN: undefined figures are null
+    assert saved["auc"] is None and saved["specificity"] is None
+
+
+def test_a_split_where_every_file_is_rejected_is_a_user_error(
+    shipped_model: Path, tmp_path: Path
+) -> None:
+    for label in ("normal", "covid"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        (tmp_path / "data" / label / "x.png").write_bytes(b"")
+    with pytest.raises(UserError, match="none of the 2 normal/covid images"):
+        evaluate(tmp_path / "data", shipped_model, tmp_path / "eval", n_bootstrap=100)
