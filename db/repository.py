@@ -11,7 +11,7 @@ import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Table, func, select, text
+from sqlalchemy import String, Table, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -44,7 +44,7 @@ def save_study(
     row = _study_row(outcome, patient_id_mode, hash_key)
     if attempts is not None:
         row["attempts"] = attempts
-    insert_values = {"queued_at": outcome.started_at, "attempts": 1, **row}
+    insert_values = fit_to_columns(STUDIES, {"queued_at": outcome.started_at, "attempts": 1, **row})
     columns = tuple(k for k in row if not (keep_files and k == "files"))
     statement = _study_statement(_dialect(session), columns)
     if session.execute(statement, insert_values).first() is not None:
@@ -147,9 +147,30 @@ def _upsert(
     statement = _upsert_statement(
         _dialect(session), table, tuple(keys), columns, where, only_if_not_final
     )
+    rows = [fit_to_columns(table, row) for row in rows]
     # Rows of one statement must share their keys; group by column set.
     for group in _by_columns(rows):
         session.execute(statement, group[0] if len(group) == 1 else group)
+
+
+def fit_to_columns(table: Table, row: dict[str, Any]) -> dict[str, Any]:
+    """Header text cut to its column's width. Exports break the VR limits (a 70-character
+    AccessionNumber, ViewPosition "AP ERECT PORTABLE"); SQLite stores them whole but
+    PostgreSQL refuses the statement, which took the whole ingest or study down."""
+    widths = _string_widths(table)
+    return {
+        key: value[: widths[key]] if isinstance(value, str) and key in widths else value
+        for key, value in row.items()
+    }
+
+
+@functools.cache
+def _string_widths(table: Table) -> dict[str, int]:
+    return {
+        column.name: column.type.length
+        for column in table.columns
+        if isinstance(column.type, String) and column.type.length
+    }
 
 
 def _new_study(

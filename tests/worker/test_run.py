@@ -207,3 +207,21 @@ def test_cli_errors_are_one_clear_line(
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_header_text_longer_than_the_standard_allows_is_stored_cut(
+    database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """PostgreSQL refused such rows and the whole run stopped; SQLite stored them whole."""
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    ds = base_dataset(png_pixels(png), view="AP ERECT PORTABLE")
+    ds.AccessionNumber = "A" * 70
+    write(ds, tmp_path / "export" / "long.dcm")
+    write(base_dataset(png_pixels(png)), tmp_path / "export" / "plain.dcm")
+    run([tmp_path / "export"], settings_for(database_url, model_dir))
+    assert rows(database_url, "SELECT view_position, status FROM predictions ORDER BY source") == [
+        ("AP ERECT PORTABL", "screened"),
+        ("PA", "screened"),
+    ]
+    accessions = rows(database_url, "SELECT accession_number FROM studies")
+    assert sorted(len(a) for (a,) in accessions) == [7, 64]
