@@ -91,7 +91,8 @@ def train_command(
         typer.Option(
             min=0.5,
             max=1.0,
-            help="The threshold is the highest one reaching this sensitivity on val/.",
+            help="The threshold keeps this sensitivity on val/ (midway between the covid "
+            "score that reaches it and the next lower score).",
         ),
     ] = 0.97,
     name: Annotated[
@@ -179,6 +180,14 @@ def evaluate_command(
         Path | None, typer.Option(help="Report folder [default: <model>/evaluation].")
     ] = None,
     split: Annotated[str, typer.Option(help="Sub-folder to evaluate if present.")] = "test",
+    rethreshold: Annotated[
+        bool,
+        typer.Option(
+            "--rethreshold",
+            help="With --split val: choose the card threshold again on these scores with the "
+            "current rule and store it, with metrics.val, in the model card.",
+        ),
+    ] = False,
     shortcut_audit: Annotated[
         bool,
         typer.Option(
@@ -223,6 +232,7 @@ def evaluate_command(
         robustness=robustness,
         use_keras=use_keras,
         write_card=write_card,
+        rethreshold=rethreshold,
         n_bootstrap=bootstrap,
         seed=seed,
     )

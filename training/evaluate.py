@@ -36,7 +36,12 @@ import numpy as np
 from training import CLASS_NAMES
 from training.data import Sample, list_samples, load_or_reason, split_dir
 from training.robustness import SHIFTS, GrayTransform
-from training.train import binary_summary
+from training.train import (
+    DEFAULT_TARGET_SENSITIVITY,
+    binary_summary,
+    threshold_for_sensitivity,
+    threshold_rule,
+)
 from worker.errors import UserError
 from worker.imaging.pipeline import load_gray, model_input
 from worker.model import CARD_FILE, KERAS_FILE, Classifier, read_card
@@ -527,9 +532,14 @@ def evaluate(
     robustness: bool = False,
     use_keras: bool = False,
     write_card: bool = False,
+    rethreshold: bool = False,
     n_bootstrap: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
+    """With ``rethreshold`` (validation split only) the card's threshold is chosen again on
+    this split's scores with the current rule and stored, with metrics.val, in the card."""
+    if rethreshold and split != "val":
+        raise UserError("the threshold is chosen on the validation split: use --split val")
     model_dir, out = Path(model_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = split_dir(data_dir, split)
@@ -554,6 +564,8 @@ def evaluate(
     y, p = y_all[ok], probs[ok]
     good = [s for s, k in zip(samples, ok, strict=True) if k]
     readable = [s.path for s in good]
+    if rethreshold:
+        threshold = store_threshold(model_dir, y, p, "keras" if use_keras else "tflite")
     m = binary_metrics(y, p, threshold, n_bootstrap, seed)
     metrics: dict[str, Any] = {
         "model": scorer.card.model_version,
@@ -664,6 +676,23 @@ def _store_in_card(model_dir: Path, split: str, metrics: dict[str, Any]) -> None
         entry["robustness_auc"] = {k: v["auc"] for k, v in metrics["robustness"]["shifts"].items()}
     card.setdefault("metrics", {})[split] = entry
     card_path.write_text(to_json(card))
+
+
+def store_threshold(model_dir: Path, y: np.ndarray, p: np.ndarray, scored_with: str) -> float:
+    """Choose the threshold on validation scores (y, p) with the current rule and store it,
+    the rule and metrics.val in the model card; returns the threshold."""
+    card_path = Path(model_dir) / CARD_FILE
+    card = json.loads(card_path.read_text())
+    target = float(card.get("target_sensitivity", DEFAULT_TARGET_SENSITIVITY))
+    threshold = threshold_for_sensitivity(y, p, target)
+    card["threshold"] = threshold
+    card["threshold_rule"] = threshold_rule(target)
+    card.setdefault("metrics", {})["val"] = {
+        **binary_summary(y, p, threshold),
+        "scored_with": scored_with,
+    }
+    card_path.write_text(to_json(card))
+    return threshold
 
 
 def write_predictions(samples: Sequence[Sample], probs: np.ndarray, path: Path) -> None:

@@ -133,13 +133,27 @@ def subsample(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
     return sorted(out, key=lambda s: str(s.path))
 
 
+def threshold_rule(target: float) -> str:
+    return (
+        f"midpoint between the lowest covid score that keeps sensitivity >= {target} on the "
+        "validation split and the next lower validation score (the highest threshold's "
+        "confusion matrix, robust to small runtime differences); predict covid when "
+        "probability >= threshold"
+    )
+
+
 def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
-    """Highest threshold t such that sensitivity of ``p >= t`` on (y, p) is >= target."""
+    """The midpoint between the k-th highest positive score, k the fewest positives that
+    reach ``target`` sensitivity, and the next lower score of either class (half of it if
+    none): same confusion matrix as thresholding at that score, but a LiteRT score 1e-6
+    lower no longer drops the positive."""
     positives = np.sort(p[y == 1])[::-1]
     if len(positives) == 0:
         raise ValueError("no positive (covid) images to choose a threshold on")
     k = min(len(positives), max(1, math.ceil(target * len(positives))))
-    return float(positives[k - 1])
+    score = float(positives[k - 1])
+    lower = p[p < score]
+    return (score + (float(lower.max()) if len(lower) else 0.0)) / 2
 
 
 def binary_summary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -401,8 +415,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "class_names": list(CLASS_NAMES),
         "positive_class": POSITIVE_CLASS,
         "threshold": threshold,
-        "threshold_rule": f"highest threshold with sensitivity >= {cfg.target_sensitivity} on "
-        f"the validation split (predict covid when probability >= threshold)",
+        "threshold_rule": threshold_rule(cfg.target_sensitivity),
         "target_sensitivity": cfg.target_sensitivity,
         "training_manifest_sha256": manifest_sha256(train_samples, Path(cfg.data_dir)),
         "training_manifest_rule": "sha256 of sorted '<path relative to DATA_DIR>\\t<label>\\n' "

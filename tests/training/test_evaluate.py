@@ -22,6 +22,7 @@ from training.evaluate import (
     predictive_values,
 )
 from training.robustness import SHIFTS
+from training.train import threshold_for_sensitivity, threshold_rule
 from worker.errors import UserError
 
 
@@ -148,3 +149,35 @@ def test_a_split_where_every_file_is_rejected_is_a_user_error(
         (tmp_path / "data" / label / "x.png").write_bytes(b"")
     with pytest.raises(UserError, match="none of the 2 normal/covid images"):
         evaluate(tmp_path / "data", shipped_model, tmp_path / "eval", n_bootstrap=100)
+
+
+def test_rethreshold_stores_the_validation_threshold_in_the_card(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    model = tmp_path / "model"
+    shutil.copytree(shipped_model, model, ignore=shutil.ignore_patterns("evaluation"))
+    data = _sample_folder(tmp_path / "data" / "val", cxr_dir, "val", {"normal": 10, "covid": 10})
+    args = ["evaluate", str(tmp_path / "data"), "--model", str(model), "--out", str(tmp_path / "e")]
+    assert CliRunner().invoke(app, [*args, "--rethreshold"]).exit_code == 2  # not on test/
+    result = CliRunner().invoke(app, [*args, "--split", "val", "--rethreshold"])
+    assert result.exit_code == 0, result.output
+
+    card = json.loads((model / "model_card.json").read_text())
+    y = np.array([1 if p.parent.name == "covid" else 0 for p in sorted(data.rglob("*.png"))])
+    scored = {
+        Path(r["path"]).name: r for r in csv.DictReader((tmp_path / "e" / "predictions.csv").open())
+    }
+    p = np.array([float(scored[q.name]["covid_probability"]) for q in sorted(data.rglob("*.png"))])
+    assert card["threshold"] == pytest.approx(threshold_for_sensitivity(y, p, 0.97), abs=1e-6)
+    assert card["threshold_rule"] == threshold_rule(0.97)
+    val = card["metrics"]["val"]
+    assert val["n"] == 20 and val["sensitivity"] == 1.0 and val["scored_with"] == "tflite"
+    assert (
+        val["threshold"]
+        == card["threshold"]
+        != json.loads((shipped_model / "model_card.json").read_text())["threshold"]
+    )
