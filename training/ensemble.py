@@ -3,7 +3,9 @@
 Networks trained from scratch on a few thousand radiographs vary from seed to seed; the
 mean of their probabilities is steadier than any one of them. The members become one
 Keras model (and one TFLite file), so the worker runs an ensemble like any other model.
-The threshold is chosen again, on the validation split, with the members' rule.
+The threshold is chosen again, on the validation split, with the members' rule. Members
+must share the training images (one training manifest), so the card's training fields
+hold for the ensemble; its validation fields are the ensemble's own.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from training.data import list_split, make_dataset
+from training.data import counts, list_split, make_dataset
 from training.evaluate import load_keras
 from training.train import (
     binary_summary,
     export_tflite,
     predict_keras,
     threshold_for_sensitivity,
+    threshold_rule,
     verify_tflite,
     write_card,
 )
+from worker.errors import UserError
 from worker.model import CARD_FILE, KERAS_FILE, TFLITE_FILE
 
 
@@ -41,14 +45,25 @@ def combine(members: list[Any], size: int) -> Any:
     return keras.Model(inputs, outputs, name="cxr_ensemble")
 
 
+def check_members(cards: list[dict[str, Any]]) -> None:
+    """One input size, one preprocessing version and one training manifest."""
+    for key in ("input_size", "preprocessing_version", "training_manifest_sha256"):
+        values = {c.get(key) for c in cards}
+        if len(values) != 1 or None in values:
+            raise UserError(f"ensemble members need one {key}; found {sorted(map(str, values))}")
+
+
+def shared(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The entries that every dict holds with the same value."""
+    return {k: v for k, v in dicts[0].items() if all(k in d and d[k] == v for d in dicts)}
+
+
 def build_ensemble(
     member_dirs: list[Path], data_dir: Path, out: Path, *, version: str = "1.0.0"
 ) -> dict[str, Any]:
     started = time.perf_counter()
     cards = [json.loads((Path(d) / CARD_FILE).read_text()) for d in member_dirs]
-    sizes = {c["input_size"] for c in cards} | {c["preprocessing_version"] for c in cards}
-    if len({c["input_size"] for c in cards}) != 1 or len(sizes) != 2:
-        raise ValueError("ensemble members need one input size and one preprocessing version")
+    check_members(cards)
     first = cards[0]
     size = int(first["input_size"])
     model = combine([load_keras(Path(d)) for d in member_dirs], size)
@@ -83,13 +98,19 @@ def build_ensemble(
                 "best_epoch": c.get("best_epoch"),
                 "epochs_run": c.get("epochs_run"),
                 "training_seconds": c["training_seconds"],
+                "hyperparameters": c["hyperparameters"],
+                "augmentation": c.get("augmentation"),
             }
             for c in cards
         ],
+        "hyperparameters": shared([c["hyperparameters"] for c in cards]),
+        "augmentation": shared([c.get("augmentation") or {} for c in cards]),
+        "validation_counts": counts(val_samples),
         "parameters": int(model.count_params()),
         "training_seconds": round(sum(c["training_seconds"] for c in cards), 1),
         "ensemble_seconds": round(time.perf_counter() - started, 1),
         "threshold": threshold,
+        "threshold_rule": threshold_rule(target),
         "tflite_max_abs_diff_vs_keras": verify_tflite(model, out / TFLITE_FILE, probe),
         "metrics": {"val": binary_summary(y_val, p_val, threshold), "test": None},
     }

@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from training.train import threshold_rule
+from worker.errors import UserError
 from worker.imaging.pipeline import load_gray, model_input
 from worker.model import Classifier
 
@@ -40,5 +43,25 @@ def test_ensemble_of_one_model_twice_predicts_like_the_model(
     assert card["parameters"] == 2 * member["parameters"]
     assert len(card["members"]) == 2 and card["metrics"]["test"] is None
     assert card["metrics"]["val"]["sensitivity"] >= card["target_sensitivity"]
+    # the validation fields describe the split the threshold was chosen on
+    assert (
+        card["validation_counts"]
+        == {"covid": 20, "normal": 20}
+        == {k: card["metrics"]["val"][f"n_{k}"] for k in ("covid", "normal")}
+    )
+    assert card["threshold_rule"] == threshold_rule(card["target_sensitivity"])
+    assert card["hyperparameters"] == member["hyperparameters"]
     cams = grad_cam(load_keras(out), batch, np.ones(len(batch)))
     assert cams.shape == (len(batch), size, size) and float(cams.max()) <= 1.0 + 1e-6
+
+
+def test_members_trained_on_other_images_are_refused(shipped_model: Path, tmp_path: Path) -> None:
+    from training.ensemble import build_ensemble
+
+    other = tmp_path / "other"
+    other.mkdir()
+    card = json.loads((shipped_model / "model_card.json").read_text())
+    card["training_manifest_sha256"] = "0" * 64
+    (other / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(UserError, match="training_manifest_sha256"):
+        build_ensemble([shipped_model, other], tmp_path, tmp_path / "out")
