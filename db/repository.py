@@ -36,7 +36,7 @@ def save_study(
 ) -> None:
     """Instance rows and the study row of one screened study, in the caller's transaction.
 
-    A ``screened`` study is not replaced by a ``failed`` outcome (a duplicate delivery
+    A ``screened`` or ``rejected`` study is not replaced by a ``failed`` outcome (a duplicate delivery
     that ran out of memory, say): then nothing is written.
     ``keep_files``: a row's ``files`` stay as they are (ingest's paths, from which
     ``requeue`` makes messages; a worker may see the export under another root).
@@ -93,6 +93,26 @@ def save_instances(
         (with_uid if row["sop_instance_uid"] else without_uid).append(row)
     _upsert(session, PREDICTIONS, with_uid, ["sop_instance_uid", "model_version"])
     _upsert(session, PREDICTIONS, without_uid, ["source", "model_version"], where=NO_UID)
+    # A file keyed the other way before (unreadable then, its UID read now, or the
+    # reverse) keeps one row: the one just written.
+    _delete_rows_of(session, with_uid, model_version, PREDICTIONS.c.sop_instance_uid.is_(None))
+    _delete_rows_of(
+        session, without_uid, model_version, PREDICTIONS.c.sop_instance_uid.is_not(None)
+    )
+
+
+def _delete_rows_of(
+    session: Session, rows: list[dict[str, Any]], model_version: str, keyed: Any
+) -> None:
+    sources = sorted({row["source"] for row in rows})
+    for start in range(0, len(sources), 500):
+        session.execute(
+            PREDICTIONS.delete().where(
+                keyed,
+                PREDICTIONS.c.model_version == model_version,
+                PREDICTIONS.c.source.in_(sources[start : start + 500]),
+            )
+        )
 
 
 def study_status_counts(session: Session) -> dict[str, int]:
@@ -226,12 +246,11 @@ def _upsert_statement(
 
 @functools.cache
 def _study_statement(dialect: str, columns: tuple[str, ...]) -> Any:
-    """The study row's upsert, returning the row unless it kept a screened result."""
+    """The study row's upsert, returning the row unless it kept a final (screened or
+    rejected) result against a failed one."""
     statement = _insert(dialect)(STUDIES)
     excluded = statement.excluded
-    downgrade = (STUDIES.c.status == StudyStatus.SCREENED.value) & (
-        excluded.status == StudyStatus.FAILED.value
-    )
+    downgrade = ~_not_final(STUDIES) & (excluded.status == StudyStatus.FAILED.value)
     return statement.on_conflict_do_update(
         index_elements=["study_instance_uid", "model_version"],
         set_={column: excluded[column] for column in columns},

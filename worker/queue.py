@@ -43,7 +43,7 @@ from worker.imaging.dicom import is_dicom_uid
 from worker.logs import describe_error
 from worker.metrics import metrics
 from worker.model import Classifier, read_card
-from worker.screening import StudyOutcome, screen_study
+from worker.screening import StudyOutcome, failed_outcome, screen_study
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def process_study(
             "each time (a file that crashes or hangs the decoder?)"
         )
         with sessions.begin() as session:
-            mark_failed(session, uid, version, reason, files=sorted(files))
+            save_outcome(session, task, failed_outcome(uid, files, version, reason), settings)
         log.error("study %s: %s", uid, reason)
         return "failed"
     (outcome,) = screen_and_save({task: files}, settings, classifier, sessions)
@@ -471,10 +471,10 @@ def record_failure(
     if sessions is None:
         log.error("study %s failed (%s); database unavailable to record it", uid, error)
         return
-    files = sorted(worker_paths(task.files, settings.ingest_root))
+    files = worker_paths(task.files, settings.ingest_root)
     try:
         with sessions.begin() as session:
-            mark_failed(session, uid, model_version, error, files=files)
+            save_outcome(session, task, failed_outcome(uid, files, model_version, error), settings)
     except Exception as exc:
         log.error(
             "study %s failed (%s) and could not be recorded: %s", uid, error, describe_error(exc)

@@ -20,13 +20,13 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from db.repository import mark_failed, save_instances, save_study
+from db.repository import save_instances, save_study
 from db.session import open_database
 from worker.discovery import discover
 from worker.imaging.enum import Label, StudyStatus
 from worker.logs import describe_error
 from worker.model import Classifier, read_card
-from worker.screening import StudyOutcome, screen_study
+from worker.screening import StudyOutcome, failed_outcome, screen_study
 
 CRASHED = (
     "the process screening this study died, also when it screened this study alone "
@@ -95,9 +95,7 @@ class Results:
         self._count(outcome.status, outcome.predicted_label is Label.COVID)
 
     def fail(self, study_instance_uid: str, files: list[str], reason: str) -> None:
-        with self.sessions.begin() as session:
-            mark_failed(session, study_instance_uid, self.model_version, reason, files=files)
-        self._count(StudyStatus.FAILED, False)
+        self.save(failed_outcome(study_instance_uid, files, self.model_version, reason))
 
     def _count(self, status: StudyStatus, positive: bool) -> None:
         self.summary.count(status, positive)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from worker.imaging.dicom import InstanceHeader
+from worker.imaging.dicom import InstanceHeader, header_or_none, read_dataset
 from worker.imaging.enum import Label, RejectCode, Status, StudyStatus
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pipeline import model_input, read_dicom_image
@@ -77,7 +77,7 @@ class StudyOutcome:
     study_instance_uid: str
     instances: tuple[InstanceResult, ...]
     model_version: str
-    threshold: float
+    threshold: float | None  # None when nothing was screened (see failed_outcome)
     started_at: dt.datetime
     finished_at: dt.datetime
     header: InstanceHeader | None = field(default=None)
@@ -120,7 +120,7 @@ class StudyOutcome:
     @property
     def predicted_label(self) -> Label | None:
         probability = self.covid_probability
-        if probability is None:
+        if probability is None or self.threshold is None:
             return None
         return Label.COVID if probability >= self.threshold else Label.NORMAL
 
@@ -166,6 +166,43 @@ def screen_study(
         finished_at=dt.datetime.now(dt.UTC),
         header=header,
     )
+
+
+def failed_outcome(
+    study_instance_uid: str, files: Sequence[str], model_version: str, reason: str
+) -> StudyOutcome:
+    """A study that gave no outcome (its process died, it was delivered too often, the
+    work kept failing): one ``failed`` row per file, so every file still has a row, keyed
+    by the instance's header where it can be read."""
+    now = dt.datetime.now(dt.UTC)
+    results = mark_duplicates(
+        [
+            InstanceResult(
+                source=path,
+                status=Status.FAILED,
+                header=_header_only(path),
+                reason_code="error",
+                reason=reason,
+            )
+            for path in sorted(files)
+        ]
+    )
+    return StudyOutcome(
+        study_instance_uid=study_instance_uid,
+        instances=tuple(results),
+        model_version=model_version,
+        threshold=None,
+        started_at=now,
+        finished_at=now,
+        header=next((r.header for r in results if r.header and not r.duplicate_of), None),
+    )
+
+
+def _header_only(path: str) -> InstanceHeader | None:
+    try:
+        return header_or_none(read_dataset(path, pixels=False))
+    except Exception:  # unreadable now: the row is keyed by its path
+        return None
 
 
 def _prepare(path: str, size: int, max_pixels: int) -> tuple[InstanceResult, np.ndarray | None]:

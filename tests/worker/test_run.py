@@ -161,8 +161,11 @@ def test_a_study_that_kills_its_process_is_failed_and_no_other_study_is_lost(
     )
     assert studies.pop(huge_uid) == f"failed: {CRASHED}"
     assert set(studies.values()) == {None}  # screened, no reason
-    files = rows(sqlite_url, "SELECT source, status FROM predictions ORDER BY source")
-    assert files == [(str(tmp_path / "export" / f"{i}.dcm"), "screened") for i in range(5)]
+    files = rows(sqlite_url, "SELECT source, status, reason FROM predictions ORDER BY source")
+    export = tmp_path / "export"
+    assert files == [(str(export / f"{i}.dcm"), "screened", None) for i in range(5)] + [
+        (str(export / f"huge{i}.dcm"), "failed", CRASHED) for i in range(2)
+    ]
 
 
 def cli(*args: str, env_model: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -225,3 +228,23 @@ def test_header_text_longer_than_the_standard_allows_is_stored_cut(
     ]
     accessions = rows(database_url, "SELECT accession_number FROM studies")
     assert sorted(len(a) for (a,) in accessions) == [7, 64]
+
+
+def test_a_file_read_after_it_was_unreadable_keeps_one_row(
+    database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """Unreadable, a file's row is keyed by its path; readable, by its SOP Instance UID.
+    Re-running after the file is mended (or broken) must not leave both rows."""
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    path = write(base_dataset(png_pixels(png)), tmp_path / "export" / "film.dcm")
+    whole = path.read_bytes()
+    settings = settings_for(database_url, model_dir)
+    query = "SELECT status, sop_instance_uid IS NULL FROM predictions"
+    for content, expected in [
+        (whole[:200], ("rejected", True)),
+        (whole, ("screened", False)),
+        (whole[:200], ("rejected", True)),
+    ]:
+        path.write_bytes(content)
+        run([tmp_path / "export"], settings)
+        assert rows(database_url, query) == [expected]
