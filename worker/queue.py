@@ -154,11 +154,12 @@ def parse_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyTask:
     files = kwargs.get("files")
     if not isinstance(files, list) or not files:
         raise MalformedTask("files must be a non-empty list of paths")
-    for path in files:
+    # The reasons name the position, not the path: export paths often hold patient names.
+    for index, path in enumerate(files):
         if not isinstance(path, str) or not path or "\x00" in path:
-            raise MalformedTask(f"not a file path: {str(path)[:80]!r}")
+            raise MalformedTask(f"files[{index}] is not a file path")
         if not Path(path).is_absolute() and ".." in PurePosixPath(path).parts:
-            raise MalformedTask(f"path escapes the ingest root: {path[:200]!r}")
+            raise MalformedTask(f"path escapes the ingest root (files[{index}])")
     version = kwargs.get("model_version")
     if not isinstance(version, str) or not version:
         raise MalformedTask("model_version must be a non-empty string")
