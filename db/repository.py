@@ -36,8 +36,8 @@ def save_study(
 ) -> None:
     """Instance rows and the study row of one screened study, in the caller's transaction.
 
-    A ``screened`` or ``rejected`` study is not replaced by a ``failed`` outcome (a duplicate delivery
-    that ran out of memory, say): then nothing is written.
+    A ``screened`` or ``rejected`` study is not replaced by a ``failed`` outcome (a
+    duplicate delivery that ran out of memory, say): then nothing is written.
     ``keep_files``: a row's ``files`` stay as they are (ingest's paths, from which
     ``requeue`` makes messages; a worker may see the export under another root).
     """
