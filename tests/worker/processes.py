@@ -69,8 +69,10 @@ def resident_mb(pid: int) -> int:
 
 class OomKiller:
     """The kernel's OOM killer for one test: a thread that SIGKILLs any child of this
-    process whose resident memory grows ``limit_mb`` beyond this process's own (a forked
-    child starts with about as much)."""
+    process whose resident memory grows ``limit_mb`` beyond what it had when first seen.
+    (Not beyond this process's own: a forked child shares the parent's file-backed pages
+    without counting them, so after a long test session its resident memory stays far
+    below the parent's whatever it allocates.)"""
 
     def __init__(self, limit_mb: int) -> None:
         self.limit_mb = limit_mb
@@ -88,10 +90,11 @@ class OomKiller:
 
     def _watch(self) -> None:
         parent = os.getpid()
+        baseline: dict[int, float] = {}
         while not self._stop.wait(0.002):
-            ceiling = resident_mb(parent) + self.limit_mb
             for child in children_of(parent):
-                if resident_mb(child) > ceiling:
+                resident = resident_mb(child)
+                if resident > baseline.setdefault(child, resident) + self.limit_mb:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child, signal.SIGKILL)
                         self.killed.append(child)
