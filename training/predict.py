@@ -9,6 +9,7 @@ DICOM gate refuses gets ``status=rejected`` and the reason; it never stops the r
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ def predict_to_csv(
 ) -> int:
     predictions = predict_paths(paths, model_dir, threshold)
     if csv_out is None:
+        if isinstance(sys.stdout, io.TextIOWrapper):  # the same escaping as in a file
+            sys.stdout.reconfigure(errors="backslashreplace")
         return write_csv(predictions, sys.stdout)
     Path(csv_out).parent.mkdir(parents=True, exist_ok=True)
     # Rows go out as they are scored; backslashreplace writes a file name that is not

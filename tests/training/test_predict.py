@@ -3,6 +3,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +100,20 @@ def test_csv_file_survives_a_file_name_that_is_not_utf8(
     rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"))))
     assert [Path(r["path"]).name for r in rows] == ["film\\udcff.png", "z.png"]
     assert {r["status"] for r in rows} == {"screened"}
+
+
+def test_standard_output_survives_a_file_name_that_is_not_utf8(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    odd = tmp_path / "in" / os.fsdecode(b"film\xff.png")
+    odd.parent.mkdir()
+    odd.symlink_to(sample_png)
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "predict", str(odd.parent), "--model", str(shipped_model)],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    rows = list(csv.DictReader(io.StringIO(done.stdout.decode("utf-8"))))
+    assert [(Path(r["path"]).name, r["status"]) for r in rows] == [("film\\udcff.png", "screened")]
