@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import redis
+from celery.exceptions import Reject
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -409,9 +410,15 @@ def screen_and_save(
 
 
 def split_batch(tasks: Sequence[StudyTask], send: Send) -> None:
+    """Send each study of a batch as a message of its own. When the broker refuses one,
+    the batch goes back on the queue whole: an exception would make Celery drop it
+    (``task_acks_on_failure_or_timeout`` is off), and studies sent twice are harmless."""
     log.warning("a batch of %d studies came back; sending them one per message", len(tasks))
-    for task in tasks:
-        send(task.message())
+    try:
+        for task in tasks:
+            send(task.message())
+    except Exception as exc:
+        raise Reject(f"could not split the batch: {describe_error(exc)}", requeue=True) from exc
 
 
 def warn_if_other_model(task: StudyTask, version: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery.exceptions import Reject
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,6 +38,7 @@ from worker.queue import (
     process_study,
     record_failure,
     requeue,
+    split_batch,
     study_messages,
     worker_paths,
 )
@@ -349,3 +351,18 @@ def test_ingest_and_worker_write_exactly_the_rows_run_writes(
         "patient_ref, CAST(study_date AS TEXT) FROM studies ORDER BY 1"
     )
     assert rows(postgres_url, study_columns) == rows(sqlite_url, study_columns)
+
+
+def test_a_batch_that_cannot_be_split_goes_back_on_the_queue_whole() -> None:
+    """Celery drops a message whose task raises (acks on failure off); Reject requeues it."""
+    sent: list[dict[str, Any]] = []
+
+    def broker_fails_after_one(message: dict[str, Any]) -> None:
+        if sent:
+            raise redis.ConnectionError("Connection refused")
+        sent.append(message)
+
+    tasks = [parse_message((), {**GOOD, "study_instance_uid": f"1.2.3.{i}"}) for i in range(3)]
+    with pytest.raises(Reject) as caught:
+        split_batch(tasks, broker_fails_after_one)
+    assert caught.value.requeue and len(sent) == 1
