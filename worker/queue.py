@@ -339,6 +339,9 @@ def process_study(
         attempts = mark_processing(session, uid, version, sorted(files), force=task.force)
     if attempts is None:
         log.info("study %s already has a final result for model %s; skipped", uid, version)
+        if task.model_version != version:  # else the queued version's row waits for ever
+            with sessions.begin() as session:
+                mark_failed(session, uid, task.model_version, mismatch(task, version))
         return "skipped"
     if attempts > delivery_limit(settings):
         reason = (
@@ -449,10 +452,15 @@ def save_outcome(
             session,
             task.study_instance_uid,
             task.model_version,
-            f"model version mismatch: queued for {task.model_version}, "
-            f"screened by a worker running {outcome.model_version} "
-            f"(results stored under {outcome.model_version})",
+            mismatch(task, outcome.model_version),
         )
+
+
+def mismatch(task: StudyTask, version: str) -> str:
+    return (
+        f"model version mismatch: queued for {task.model_version}, "
+        f"screened by a worker running {version} (results stored under {version})"
+    )
 
 
 def report_outcome(outcome: StudyOutcome) -> None:

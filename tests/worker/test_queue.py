@@ -32,6 +32,7 @@ from worker.queue import (
     StudyTask,
     backoff,
     message_paths,
+    mismatch,
     parse_batch_message,
     parse_message,
     process_batch,
@@ -262,6 +263,29 @@ def test_a_model_mismatch_screens_with_the_workers_model_and_says_so(
         )
     )
     assert status == {"old-0.1": "failed", classifier.model_version: "screened"}
+
+
+def test_a_mismatched_study_the_worker_already_screened_is_not_left_queued(
+    sqlite_url: str, model_dir: Path, dicom_dir: Path
+) -> None:
+    from db.repository import queue_studies
+
+    done = ingest_in_process(dicom_dir / "cxr", sqlite_url, model_dir)
+    settings, sessions = done.settings, done.sessions
+    task = parse_message((), done.sent[0])
+    classifier = Classifier(model_dir)
+    process_study(task, settings=settings, classifier=classifier, sessions=sessions)
+    old = StudyTask(**{**task.__dict__, "model_version": "old-0.1"})
+    with sessions.begin() as session:
+        queue_studies(
+            session, [{"study_instance_uid": old.study_instance_uid, "files": old.files}], "old-0.1"
+        )
+    assert process_study(old, settings=settings, classifier=classifier, sessions=sessions) == (
+        "skipped"
+    )
+    assert rows(
+        sqlite_url, "SELECT status, reason FROM studies WHERE model_version = 'old-0.1'"
+    ) == [("failed", mismatch(old, classifier.model_version))]
 
 
 def test_failed_studies_are_requeued(sqlite_url: str, model_dir: Path, dicom_dir: Path) -> None:
