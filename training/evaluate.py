@@ -540,6 +540,8 @@ def evaluate(
     this split's scores with the current rule and stored, with metrics.val, in the card."""
     if rethreshold and split != "val":
         raise UserError("the threshold is chosen on the validation split: use --split val")
+    if rethreshold and write_card:
+        raise UserError("--rethreshold stores metrics.val in the card itself: drop --write-card")
     model_dir, out = Path(model_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = split_dir(data_dir, split)

@@ -163,6 +163,8 @@ def test_rethreshold_stores_the_validation_threshold_in_the_card(
     data = _sample_folder(tmp_path / "data" / "val", cxr_dir, "val", {"normal": 10, "covid": 10})
     args = ["evaluate", str(tmp_path / "data"), "--model", str(model), "--out", str(tmp_path / "e")]
     assert CliRunner().invoke(app, [*args, "--rethreshold"]).exit_code == 2  # not on test/
+    both = [*args, "--split", "val", "--rethreshold", "--write-card"]
+    assert CliRunner().invoke(app, both).exit_code == 2  # the card entry would be overwritten
     result = CliRunner().invoke(app, [*args, "--split", "val", "--rethreshold"])
     assert result.exit_code == 0, result.output
 
