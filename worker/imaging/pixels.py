@@ -57,12 +57,12 @@ def display_gray(ds: Dataset, stored: np.ndarray, working_side: int) -> np.ndarr
     applied at full resolution before the shrink. A display that is all one grey (a blank
     image, or a window that clips every pixel) is rejected rather than scored.
     """
-    has_lut = lut_item(ds, "ModalityLUTSequence") is not None or (
-        lut_item(ds, "VOILUTSequence") is not None
-    )
+    modality_lut = lookup_table(ds, "ModalityLUTSequence")
+    voi_lut = lookup_table(ds, "VOILUTSequence")
+    has_lut = modality_lut is not None or voi_lut is not None
     stored = padding_to_black(ds, stored)
     values = stored if has_lut else block_reduce_mean(stored, working_side)
-    gray = voi_to_unit(ds, modality_values(ds, values))
+    gray = voi_to_unit(ds, modality_values(ds, values, modality_lut), voi_lut, modality_lut)
     if has_lut:
         gray = block_reduce_mean(gray, working_side)
     if is_inverted(ds):
@@ -105,16 +105,13 @@ def check_not_blank(gray: np.ndarray) -> None:
         )
 
 
-def modality_values(ds: Dataset, values: np.ndarray) -> np.ndarray:
-    """Modality LUT sequence, else rescale slope and intercept, else the stored values.
-
-    An empty or malformed LUT item counts as absent (the rescale, if any, then applies);
-    empty slope or intercept elements take their defaults 1 and 0.
+def modality_values(ds: Dataset, values: np.ndarray, lut: LookupTable | None) -> np.ndarray:
+    """The modality LUT (``lookup_table(ds, "ModalityLUTSequence")``), else rescale slope
+    and intercept, else the stored values. Empty slope or intercept elements take their
+    defaults 1 and 0.
     """
-    item = lut_item(ds, "ModalityLUTSequence")
-    if item is not None:
-        table, _ = item
-        return table.lookup(values)
+    if lut is not None:
+        return lut.lookup(values)
     slope = _first_number(ds, "RescaleSlope")
     intercept = _first_number(ds, "RescaleIntercept")
     slope = 1.0 if slope is None else slope
@@ -130,17 +127,20 @@ def modality_values(ds: Dataset, values: np.ndarray) -> np.ndarray:
     )
 
 
-def voi_to_unit(ds: Dataset, values: np.ndarray) -> np.ndarray:
+def voi_to_unit(
+    ds: Dataset,
+    values: np.ndarray,
+    voi_lut: LookupTable | None,
+    modality_lut: LookupTable | None,
+) -> np.ndarray:
     """Apply the VOI LUT or the first window, or stretch when there is neither."""
-    item = lut_item(ds, "VOILUTSequence")
-    if item is not None:
-        table, bits = item
-        return np.clip(table.lookup(values) / float(2**bits - 1), 0.0, 1.0)
+    if voi_lut is not None:
+        return np.clip(voi_lut.lookup(values) / float(2**voi_lut.bits - 1), 0.0, 1.0)
     center, width = _first_window(ds)
     if center is not None and width is not None and width > 0:
         function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
         return window(values, center, width, function)
-    return _stretch(ds, values)
+    return _stretch(ds, values, rescaled=modality_lut is not None or "RescaleSlope" in ds)
 
 
 def window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -159,10 +159,11 @@ def window(values: np.ndarray, center: float, width: float, function: str) -> np
 @dataclass(frozen=True)
 class LookupTable:
     """One LUT item (PS3.3 C.11.1.1.1): input ``first_mapped`` maps to ``entries[0]``;
-    inputs below or above the table take its first or last entry."""
+    inputs below or above the table take its first or last entry; entries have ``bits``."""
 
     first_mapped: int
     entries: np.ndarray
+    bits: int
 
     def lookup(self, values: np.ndarray) -> np.ndarray:
         # Indexing in int64 (not in the entries' 8- or 16-bit type, which wraps inputs
@@ -172,9 +173,9 @@ class LookupTable:
         return self.entries[index]
 
 
-def lut_item(ds: Dataset, keyword: str) -> tuple[LookupTable, int] | None:
-    """The first item of a Modality or VOI LUT sequence and its bits per entry, or None
-    when the sequence is absent, empty or its item cannot be used."""
+def lookup_table(ds: Dataset, keyword: str) -> LookupTable | None:
+    """The first item of a Modality or VOI LUT sequence, or None when the sequence is
+    absent, empty or its item cannot be used (then it counts as absent)."""
     try:
         sequence = ds.get(keyword)
         if not sequence:
@@ -192,7 +193,7 @@ def lut_item(ds: Dataset, keyword: str) -> tuple[LookupTable, int] | None:
         return None
     if len(entries) < count:
         return None
-    return LookupTable(first, entries[:count].astype(np.float32)), bits
+    return LookupTable(first, entries[:count].astype(np.float32), bits)
 
 
 def _lut_entries(ds: Dataset, item: Dataset) -> np.ndarray:
@@ -220,9 +221,9 @@ def _first_number(ds: Dataset, keyword: str) -> float | None:
         return None
 
 
-def _stretch(ds: Dataset, values: np.ndarray) -> np.ndarray:
-    """No window: 8-bit data as is (like an 8-bit PNG); deeper data min-max scaled."""
-    rescaled = "RescaleSlope" in ds or "ModalityLUTSequence" in ds
+def _stretch(ds: Dataset, values: np.ndarray, *, rescaled: bool) -> np.ndarray:
+    """No window: 8-bit data as is (like an 8-bit PNG); deeper or rescaled data min-max
+    scaled."""
     bits = int(ds.get("BitsStored", 8) or 8)
     integer = "PixelData" in ds and int(ds.get("PixelRepresentation", 0) or 0) == 0
     if bits <= 8 and integer and not rescaled:
