@@ -121,6 +121,9 @@ def test_large_image_is_reduced_before_the_model(sample_png: Path, tmp_path: Pat
     ("change", "code"),
     [
         ({"ViewPosition": "LL"}, RejectCode.NOT_FRONTAL),
+        ({"ViewPosition": "RAO"}, RejectCode.NOT_FRONTAL),
+        ({"ViewPosition": "LLO"}, RejectCode.NOT_FRONTAL),
+        ({"ViewPosition": "LEFT LATERAL DECUBITUS"}, RejectCode.NOT_FRONTAL),
         ({"BodyPartExamined": "KNEE"}, RejectCode.NOT_CHEST),
         ({"Modality": "MG"}, RejectCode.NOT_CHEST),
         ({"NumberOfFrames": 2}, RejectCode.UNSUPPORTED),

@@ -42,7 +42,12 @@ IMAGE_SOP_CLASSES = frozenset(
 # BodyPartExamined is free text in practice, often in the site's language (CS allows no
 # accents, but exports carry them).
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "TÓRAX", "TORACE", "BRUST", "POITRINE")
-LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})
+# ViewPosition defined terms (PS3.3 C.8.11.5) and the spellings exports use; a value is
+# free text in practice ("AP ERECT PORTABLE"), so each word is checked.
+NON_FRONTAL_VIEWS = frozenset(
+    {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "DECUBITUS"}
+    | {"RLO", "LLO", "RAO", "LAO", "RPO", "LPO", "OBL", "OBLIQUE"}
+)
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 MIN_SIDE = 64  # pixels; below this a radiograph carries too little to screen
@@ -186,7 +191,7 @@ def check_chest_radiograph(ds: Dataset) -> None:
     if body_part and not any(part in body_part for part in CHEST_BODY_PARTS):
         raise RejectedInput(RejectCode.NOT_CHEST, f"body part {body_part} is not the chest")
     view = (_text(ds, "ViewPosition") or "").upper()
-    if view in LATERAL_VIEWS:
+    if NON_FRONTAL_VIEWS.intersection(re.findall(r"[A-Z]+", view)):
         raise RejectedInput(RejectCode.NOT_FRONTAL, f"view position {view} is not frontal")
 
 
