@@ -41,17 +41,27 @@ class Prediction:
 
 
 def expand(paths: Iterable[Path]) -> Iterator[Path]:
-    """Files as given, folders walked recursively in sorted order."""
+    """Files as given, folders walked recursively in sorted order (broken symbolic links
+    included, so they get a row rather than vanishing)."""
     for path in paths:
         path = Path(path)
         if path.is_dir():
             for child in sorted(path.rglob("*")):
-                if child.is_file() and not any(
+                if (child.is_file() or _is_broken_link(child)) and not any(
                     part.startswith(".") for part in child.relative_to(path).parts
                 ):
                     yield child
         else:
             yield path
+
+
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def _missing_reason(path: Path) -> str:
+    what = "broken symbolic link" if _is_broken_link(path) else "no such file"
+    return f"unreadable: FileNotFoundError: {what}"
 
 
 def _reject(path: Path, reason: str) -> Prediction:
@@ -82,7 +92,7 @@ def predict_paths(
         if path.exists():
             pending.append((path, *load_or_reason(path, size)))
         else:
-            pending.append((path, None, "unreadable: FileNotFoundError: no such file"))
+            pending.append((path, None, _missing_reason(path)))
         if len(pending) >= BATCH:
             yield from flush()
     yield from flush()

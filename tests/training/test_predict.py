@@ -72,8 +72,11 @@ def test_folders_are_walked_recursively(
     Image.open(sample_png).save(nested / "x.png")
     (tmp_path / "a" / "readme.txt").write_text("hello")
     (tmp_path / "a" / ".hidden").write_text("skip me")
-    rows = _rows([tmp_path / "a"], shipped_model)
-    assert sorted(Path(r["path"]).name for r in rows) == ["readme.txt", "x.png"]
+    (tmp_path / "a" / "moved.png").symlink_to(tmp_path / "gone.png")
+    rows = {Path(r["path"]).name: r for r in _rows([tmp_path / "a"], shipped_model)}
+    assert sorted(rows) == ["moved.png", "readme.txt", "x.png"]
+    assert rows["moved.png"]["status"] == "rejected"
+    assert "broken symbolic link" in rows["moved.png"]["reason"]
 
 
 def test_predict_matches_the_classifier_on_model_input(
