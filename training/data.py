@@ -21,7 +21,8 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,21 +118,30 @@ def manifest_sha256(samples: Sequence[Sample], root: Path) -> str:
 
 
 def _relative(path: Path, root: Path) -> str:
-    try:
-        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return Path(path).as_posix()
+    """``path`` relative to ``root`` as listed, symbolic links not followed: a data set
+    whose images are links into a shared store hashes the same wherever the store is."""
+    relative = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root)))
+    return (Path(path) if relative.parts[:1] == ("..",) else relative).as_posix()
 
 
-def class_weights(samples: Sequence[Sample]) -> dict[int, float]:
-    """Inverse-frequency weights, normalised so a balanced set gets 1.0 for each class."""
-    targets = np.array([s.target for s in samples])
-    n = len(targets)
+def class_weights(per_label: Mapping[str, int]) -> dict[int, float]:
+    """Inverse-frequency weights from images per label, normalised so a balanced set gets
+    1.0 for each class."""
+    n = sum(per_label.get(name, 0) for name in CLASS_NAMES)
     weights = {}
-    for cls in range(len(CLASS_NAMES)):
-        k = int((targets == cls).sum())
+    for cls, name in enumerate(CLASS_NAMES):
+        k = per_label.get(name, 0)
         weights[cls] = float(n / (len(CLASS_NAMES) * k)) if k else 1.0
     return weights
+
+
+def readable_counts(samples: Sequence[Sample], size: int, cache_dir: Path) -> dict[str, int]:
+    """Images per label that decode, read from the input cache (built here, or found there:
+    ``make_dataset`` reuses it). Unreadable files never reach training, so they must not
+    count in the class weights or the model card."""
+    targets = InputCache.build(samples, size, Path(cache_dir)).targets
+    names = {target: label for label, target in LABELS.items()}
+    return dict(sorted(Counter(names[int(t)] for t in targets).items()))
 
 
 def load_input(path: str | Path, size: int) -> np.ndarray:

@@ -34,6 +34,7 @@ from training.data import (
     list_split,
     make_dataset,
     manifest_sha256,
+    readable_counts,
 )
 from training.models import DEFAULT_SIZES, build_model
 from worker.errors import UserError
@@ -68,7 +69,6 @@ class TrainConfig:
     time_budget_minutes: float | None = 25.0  # stop fitting before this (best epoch kept)
     max_train: int | None = None  # subsample (stratified, seeded) for quick runs/tests
     max_val: int | None = None
-    cache_inputs: bool = True  # decode each image once into a file under out/ (removed after)
     precision: str = "auto"  # see resolve_precision
     verbose: int | str = "auto"
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -336,13 +336,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     val_samples = subsample(list_split(cfg.data_dir, "val"), cfg.max_val, cfg.seed)
     if len({s.label for s in train_samples}) < 2 or len({s.label for s in val_samples}) < 2:
         raise UserError("train/ and val/ both need normal/ and covid/ images")
-    weights = class_weights(train_samples)
-    log.info(
-        "train %s, val %s, class weights %s", counts(train_samples), counts(val_samples), weights
-    )
-
-    cache_dir = out / INPUT_CACHE_DIR if cfg.cache_inputs else None
+    cache_dir = out / INPUT_CACHE_DIR
     try:
+        used = readable_counts(train_samples, size, cache_dir)
+        unreadable = len(train_samples) - sum(used.values())
+        if unreadable:
+            log.warning("%d training images cannot be read and are left out", unreadable)
+        if len(used) < 2:
+            raise UserError("train/ needs readable normal/ and covid/ images")
+        weights = class_weights(used)
+        log.info("train %s, val %s, class weights %s", used, counts(val_samples), weights)
         train_ds = make_dataset(
             train_samples,
             size,
@@ -358,7 +361,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
         with dtype_policy(precision):
             model = build_model(cfg.arch, size, cfg.weights)
-            compile_model(model, cfg, steps=math.ceil(len(train_samples) / cfg.batch_size))
+            compile_model(model, cfg, steps=math.ceil(sum(used.values()) / cfg.batch_size))
             fit_started = time.perf_counter()
             hist = model.fit(
                 train_ds,
@@ -374,8 +377,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         shipped.set_weights(model.get_weights())
         y_val, p_val = predict_keras(shipped, val_samples, size, cfg.batch_size, cache_dir)
     finally:
-        if cache_dir is not None:
-            shutil.rmtree(cache_dir, ignore_errors=True)
+        shutil.rmtree(cache_dir, ignore_errors=True)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     best_epoch = int(np.argmax(history["val_auc"])) + 1
 
@@ -420,7 +422,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "training_manifest_sha256": manifest_sha256(train_samples, Path(cfg.data_dir)),
         "training_manifest_rule": "sha256 of sorted '<path relative to DATA_DIR>\\t<label>\\n' "
         "lines of the training images",
-        "training_counts": counts(train_samples),
+        "training_counts": used,
+        "training_unreadable": unreadable,
         "validation_counts": counts(val_samples),
         "pneumonia_policy": PNEUMONIA_POLICY,
         "class_weights": {CLASS_NAMES[k]: v for k, v in weights.items()},

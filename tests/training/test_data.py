@@ -60,11 +60,25 @@ def test_manifest_hash_is_order_and_location_independent(tmp_path: Path) -> None
     assert manifest_sha256(a[:1], tmp_path) != h
 
 
+def test_manifest_hash_does_not_follow_links_out_of_the_data_folder(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    hashes = []
+    for copy in ("one", "two"):
+        (tmp_path / copy / "covid").mkdir(parents=True)
+        (store / f"{copy}.png").write_bytes(b"x")
+        (tmp_path / copy / "covid" / "a.png").symlink_to(store / f"{copy}.png")
+        hashes.append(
+            manifest_sha256([Sample(tmp_path / copy / "covid" / "a.png", "covid")], tmp_path / copy)
+        )
+    assert hashes[0] == hashes[1]
+
+
 def test_class_weights_balance_the_classes() -> None:
     samples = [Sample(Path(f"n{i}"), "normal") for i in range(30)] + [
         Sample(Path(f"c{i}"), "covid") for i in range(10)
     ]
-    w = class_weights(samples)
+    w = class_weights(counts(samples))
     assert w[1] == pytest.approx(2.0) and w[0] == pytest.approx(40 / 60)
     assert 30 * w[0] == pytest.approx(10 * w[1])
 
@@ -129,6 +143,20 @@ def test_the_input_cache_gives_the_decoded_pixels_and_is_built_once(
     labels = np.sort(np.concatenate([y.numpy().reshape(-1) for _, y in decoded]))
     for _ in range(2):  # every epoch sees every cached image once
         np.testing.assert_array_equal(np.sort(next(iter(train))[1].numpy().reshape(-1)), labels)
+
+
+def test_readable_counts_leave_out_files_that_cannot_be_read(
+    cxr_dir: Path, bad_files: dict[str, Path], tmp_path: Path
+) -> None:
+    from training.data import readable_counts
+
+    samples = list_split(cxr_dir, "val")[:3] + list_split(cxr_dir, "val")[-2:]
+    samples.append(Sample(bad_files["truncated_dicom"], "covid"))
+    samples.append(Sample(bad_files["empty"], "normal"))
+    listed = counts(samples)
+    found = readable_counts(samples, 32, tmp_path)
+    assert sum(listed.values()) == 7 and sum(found.values()) == 5
+    assert found == counts(samples[:5])
 
 
 def test_the_input_cache_is_keyed_on_the_preprocessing_version(
