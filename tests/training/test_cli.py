@@ -51,3 +51,22 @@ def test_train_needs_train_and_val_folders(cxr_dir: Path, tmp_path: Path) -> Non
     result = runner.invoke(app, ["train", str(flat), *args, "--max-val", "16"])
     assert result.exit_code == 2, result.output
     assert "no train/ folder" in result.output
+
+
+def test_train_stops_when_a_class_has_no_readable_image(
+    cxr_dir: Path, bad_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Every training covid file is unreadable: no class weight, no training."""
+    data = tmp_path / "data"
+    linked = [("train", "normal"), ("val", "normal"), ("val", "covid")]
+    for split, label in linked:
+        (data / split / label).mkdir(parents=True)
+        for png in sorted((cxr_dir / split / label).glob("*.png"))[:4]:
+            (data / split / label / png.name).symlink_to(png)
+    (data / "train" / "covid").mkdir()
+    (data / "train" / "covid" / "empty.png").symlink_to(bad_files["empty"])
+    args = ["--out", str(tmp_path / "model"), "--image-size", "32", "--epochs", "1"]
+    result = runner.invoke(app, ["train", str(data), *args])
+    assert result.exit_code == 2, result.output
+    assert "needs readable normal/ and covid/ images" in result.output
+    assert not (tmp_path / "model" / ".input-cache").exists()
