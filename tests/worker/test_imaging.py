@@ -108,6 +108,23 @@ def test_dicom_wrapping_gives_the_same_model_input_as_the_png(
     assert float(difference.max()) < 0.02, f"{name}: max difference {difference.max()}"
 
 
+@pytest.mark.parametrize(
+    ("stored_turns", "orientation"),
+    [(0, ["L", "F"]), (1, ["F", "R"]), (2, ["R", "H"]), (3, ["H", "L"]), (0, ["L", "PF"])],
+)
+def test_a_film_stored_on_its_side_is_turned_upright_by_its_patient_orientation(
+    stored_turns: int, orientation: list[str], sample_png: Path, tmp_path: Path
+) -> None:
+    """np.rot90(upright, k) of an "L\\F" film has the patient orientation given."""
+    upright = png_pixels(sample_png)
+    ds = base_dataset(np.ascontiguousarray(np.rot90(upright, stored_turns)))
+    ds.PatientOrientation = orientation
+    gray = read_dicom_image(write(ds, tmp_path / "x.dcm"), MAX_PIXELS).gray
+    assert gray.shape == upright.shape
+    reference = model_input(load_picture(sample_png), SIZE)
+    assert float(np.abs(model_input(gray, SIZE) - reference).mean()) < 0.005
+
+
 def test_large_image_is_reduced_before_the_model(sample_png: Path, tmp_path: Path) -> None:
     big = np.kron(png_pixels(sample_png), np.ones((9, 9), dtype=np.uint8))  # 2016 px a side
     path = write(base_dataset(big), tmp_path / "big.dcm")

@@ -21,6 +21,7 @@ from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
@@ -323,6 +324,32 @@ def malformed(exc: Exception) -> RejectedInput:
     return RejectedInput(
         RejectCode.UNREADABLE, f"malformed header element ({type(exc).__name__}: {exc})"
     )
+
+
+def quarter_turns_to_upright(ds: Dataset) -> int:
+    """Counter-clockwise quarter turns (``np.rot90``'s k) that put the patient's feet at the
+    bottom of the image, read from PatientOrientation: the patient directions of the rows
+    and of the columns (PS3.3 C.7.6.1.1.1; an upright chest film is "L\\F" or "R\\F").
+    0 when the film is upright or the header does not say."""
+    try:
+        value = ds.get("PatientOrientation")
+    except Exception:  # a malformed element must not stop the read
+        return 0
+    if value is None:
+        return 0
+    parts = [str(v) for v in value] if isinstance(value, MultiValue) else str(value).split("\\")
+    if len(parts) != 2:
+        return 0
+    along_row, down_column = (part.strip().upper() for part in parts)
+    if "F" in down_column:
+        return 0
+    if "H" in down_column:
+        return 2  # upside down
+    if "F" in along_row:
+        return 3  # feet to the right: a clockwise quarter turn
+    if "H" in along_row:
+        return 1  # feet to the left
+    return 0
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

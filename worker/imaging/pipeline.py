@@ -34,6 +34,7 @@ from worker.imaging.dicom import (
     gate,
     header_or_none,
     instance_header,
+    quarter_turns_to_upright,
     read_dataset,
 )
 from worker.imaging.enum import RejectCode
@@ -76,7 +77,8 @@ def crop_border(image: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def read_dicom_image(path: str | Path, max_pixels: int) -> DicomImage:
-    """One read of a DICOM file: header, gate, decode, display grey.
+    """One read of a DICOM file: header, gate, decode, display grey, turned upright where
+    the header says the film is stored on its side or upside down.
 
     A rejection after the header was read carries the header, so it can be recorded
     against the instance.
@@ -91,6 +93,7 @@ def read_dicom_image(path: str | Path, max_pixels: int) -> DicomImage:
         if stored is None:
             stored = decode_fastest(ds)
         gray = display_gray(ds, stored, WORKING_SIDE)
+        gray = np.ascontiguousarray(np.rot90(gray, quarter_turns_to_upright(ds)))
     except RejectedInput as exc:
         exc.header = header
         raise
