@@ -108,21 +108,55 @@ def test_dicom_wrapping_gives_the_same_model_input_as_the_png(
     assert float(difference.max()) < 0.02, f"{name}: max difference {difference.max()}"
 
 
+STORED_AS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "as displayed": lambda a: a,
+    "turned left": lambda a: np.rot90(a, 1),
+    "upside down": lambda a: np.rot90(a, 2),
+    "turned right": lambda a: np.rot90(a, 3),
+    "mirrored": np.fliplr,
+    "flipped": np.flipud,
+    "transposed": np.transpose,
+}
+
+
 @pytest.mark.parametrize(
-    ("stored_turns", "orientation"),
-    [(0, ["L", "F"]), (1, ["F", "R"]), (2, ["R", "H"]), (3, ["H", "L"]), (0, ["L", "PF"])],
+    ("stored", "orientation"),
+    [
+        ("as displayed", ["L", "F"]),
+        ("as displayed", ["L", "FP"]),  # feet first: the principal direction leads
+        ("turned left", ["F", "R"]),
+        ("turned left", ["FL", "RF"]),  # a few degrees off: principal letters decide
+        ("upside down", ["R", "H"]),
+        ("turned right", ["H", "L"]),
+        ("mirrored", ["R", "F"]),
+        ("flipped", ["L", "H"]),
+        ("transposed", ["F", "L"]),
+    ],
 )
-def test_a_film_stored_on_its_side_is_turned_upright_by_its_patient_orientation(
-    stored_turns: int, orientation: list[str], sample_png: Path, tmp_path: Path
+def test_a_film_stored_turned_or_mirrored_is_shown_as_its_patient_orientation_says(
+    stored: str, orientation: list[str], sample_png: Path, tmp_path: Path
 ) -> None:
-    """np.rot90(upright, k) of an "L\\F" film has the patient orientation given."""
+    """The PNG is the chest display (L\\F); each stored form carries the orientation of
+    that display after the same change."""
     upright = png_pixels(sample_png)
-    ds = base_dataset(np.ascontiguousarray(np.rot90(upright, stored_turns)))
+    ds = base_dataset(np.ascontiguousarray(STORED_AS[stored](upright)))
     ds.PatientOrientation = orientation
     gray = read_dicom_image(write(ds, tmp_path / "x.dcm"), MAX_PIXELS).gray
     assert gray.shape == upright.shape
     reference = model_input(load_picture(sample_png), SIZE)
     assert float(np.abs(model_input(gray, SIZE) - reference).mean()) < 0.005
+
+
+@pytest.mark.parametrize("orientation", [["L", "PF"], ["A", "L"], ["", ""], ["F"], "L"])
+def test_a_patient_orientation_without_a_principal_feet_or_head_direction_changes_nothing(
+    orientation: object, sample_png: Path, tmp_path: Path
+) -> None:
+    upright = png_pixels(sample_png)
+    ds = base_dataset(upright)
+    ds.PatientOrientation = orientation
+    plain = read_dicom_image(write(base_dataset(upright), tmp_path / "a.dcm"), MAX_PIXELS)
+    oriented = read_dicom_image(write(ds, tmp_path / "b.dcm"), MAX_PIXELS)
+    np.testing.assert_array_equal(oriented.gray, plain.gray)
 
 
 def test_large_image_is_reduced_before_the_model(sample_png: Path, tmp_path: Path) -> None:

@@ -46,9 +46,10 @@ CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "TÓRAX", "TORACE", "BRU
 # ViewPosition defined terms (PS3.3 C.8.11.5) and the spellings exports use; a value is
 # free text in practice ("AP ERECT PORTABLE"), so each word is checked.
 NON_FRONTAL_VIEWS = frozenset(
-    {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "DECUBITUS"}
+    {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
     | {"RLO", "LLO", "RAO", "LAO", "RPO", "LPO", "OBL", "OBLIQUE"}
 )
+OPPOSITE_DIRECTION = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 MIN_SIDE = 64  # pixels; below this a radiograph carries too little to screen
@@ -326,30 +327,38 @@ def malformed(exc: Exception) -> RejectedInput:
     )
 
 
-def quarter_turns_to_upright(ds: Dataset) -> int:
-    """Counter-clockwise quarter turns (``np.rot90``'s k) that put the patient's feet at the
-    bottom of the image, read from PatientOrientation: the patient directions of the rows
-    and of the columns (PS3.3 C.7.6.1.1.1; an upright chest film is "L\\F" or "R\\F").
-    0 when the film is upright or the header does not say."""
+@dataclass(frozen=True)
+class Reorientation:
+    """How to bring a stored film to the chest display: counter-clockwise quarter turns
+    (``np.rot90``'s k), then an optional left-right mirror."""
+
+    quarter_turns: int = 0
+    mirror: bool = False
+
+
+def display_orientation(ds: Dataset) -> Reorientation:
+    """The turn (and mirror) that shows the film as a chest radiograph is read - feet at
+    the bottom, the patient's left on the image's right (``L\\F``) - from
+    PatientOrientation: the patient directions along the rows and down the columns, the
+    principal one first in each value (PS3.3 C.7.6.1.1.1). Nothing when the header does
+    not say, or names no head-feet direction."""
     try:
         value = ds.get("PatientOrientation")
     except Exception:  # a malformed element must not stop the read
-        return 0
+        return Reorientation()
     if value is None:
-        return 0
+        return Reorientation()
     parts = [str(v) for v in value] if isinstance(value, MultiValue) else str(value).split("\\")
     if len(parts) != 2:
-        return 0
-    along_row, down_column = (part.strip().upper() for part in parts)
-    if "F" in down_column:
-        return 0
-    if "H" in down_column:
-        return 2  # upside down
-    if "F" in along_row:
-        return 3  # feet to the right: a clockwise quarter turn
-    if "H" in along_row:
-        return 1  # feet to the left
-    return 0
+        return Reorientation()
+    along_row, down_column = (part.strip().upper()[:1] for part in parts)
+    for turns in range(4):
+        if down_column == "F":
+            return Reorientation(turns, mirror=along_row == "R")
+        # np.rot90(k=1): the old column direction runs along the new rows, and the new
+        # columns run against the old rows
+        along_row, down_column = down_column, OPPOSITE_DIRECTION.get(along_row, "")
+    return Reorientation()
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

@@ -29,18 +29,22 @@ from skimage.transform import resize
 from config.settings import DEFAULT_MAX_PIXELS
 from worker.imaging.dicom import (
     InstanceHeader,
+    Reorientation,
     check_dimensions,
     decode_pixels,
+    display_orientation,
     gate,
     header_or_none,
     instance_header,
-    quarter_turns_to_upright,
     read_dataset,
 )
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pixels import block_reduce_mean, display_gray
 
+# Versions model_input, the step from a display grey image to the network input. Fixes
+# that bring a DICOM file to the display its PNG export shows (LUTs, padding, orientation)
+# leave it alone: the PNG training inputs do not change.
 PREPROCESSING_VERSION = "2"
 WORKING_SIDE = 512
 BORDER_FRACTION = 0.10
@@ -77,8 +81,8 @@ def crop_border(image: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def read_dicom_image(path: str | Path, max_pixels: int) -> DicomImage:
-    """One read of a DICOM file: header, gate, decode, display grey, turned upright where
-    the header says the film is stored on its side or upside down.
+    """One read of a DICOM file: header, gate, decode, display grey, turned and mirrored
+    to the chest display where the header says the film is stored otherwise.
 
     A rejection after the header was read carries the header, so it can be recorded
     against the instance.
@@ -93,11 +97,16 @@ def read_dicom_image(path: str | Path, max_pixels: int) -> DicomImage:
         if stored is None:
             stored = decode_fastest(ds)
         gray = display_gray(ds, stored, WORKING_SIDE)
-        gray = np.ascontiguousarray(np.rot90(gray, quarter_turns_to_upright(ds)))
+        gray = reorient(gray, display_orientation(ds))
     except RejectedInput as exc:
         exc.header = header
         raise
     return DicomImage(header=header, gray=gray)
+
+
+def reorient(gray: np.ndarray, how: Reorientation) -> np.ndarray:
+    turned = np.rot90(gray, how.quarter_turns)
+    return np.ascontiguousarray(turned[:, ::-1] if how.mirror else turned)
 
 
 def decode_fastest(ds: Dataset) -> np.ndarray:
