@@ -56,7 +56,9 @@ class Sample:
 
 
 def is_image_file(path: Path) -> bool:
-    if path.name.startswith(".") or not path.is_file():
+    """An image by its name; a broken symbolic link counts, so it is reported unreadable
+    instead of vanishing from the counts."""
+    if path.name.startswith(".") or path.is_dir() or not (path.is_file() or path.is_symlink()):
         return False
     return is_picture(path) or path.suffix.lower() in DICOM_SUFFIXES
 

@@ -159,6 +159,20 @@ def test_readable_counts_leave_out_files_that_cannot_be_read(
     assert found == counts(samples[:5])
 
 
+def test_a_broken_link_in_a_label_folder_is_listed_to_be_counted_unreadable(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    from training.data import readable_counts
+
+    folder = tmp_path / "train" / "covid"
+    folder.mkdir(parents=True)
+    (folder / "ok.png").symlink_to(sample_png)
+    (folder / "moved.png").symlink_to(tmp_path / "gone.png")
+    samples = list_split(tmp_path, "train")
+    assert [s.path.name for s in samples] == ["moved.png", "ok.png"]
+    assert readable_counts(samples, 32, tmp_path / "cache") == {"covid": 1}
+
+
 def test_the_input_cache_is_keyed_on_the_preprocessing_version(
     cxr_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
