@@ -44,10 +44,13 @@ IMAGE_SOP_CLASSES = frozenset(
 # accents, but exports carry them).
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "TÓRAX", "TORACE", "BRUST", "POITRINE")
 # ViewPosition defined terms (PS3.3 C.8.11.5) and the spellings exports use; a value is
-# free text in practice ("AP ERECT PORTABLE"), so each word is checked.
+# free text in practice ("AP ERECT PORTABLE"), in the site's language like the body part,
+# so each word is checked.
 NON_FRONTAL_VIEWS = frozenset(
     {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
+    | {"LATERALE", "LATÉRAL", "LATÉRALE", "PERFIL", "SEITLICH"}
     | {"RLO", "LLO", "RAO", "LAO", "RPO", "LPO", "OBL", "OBLIQUE"}
+    | {"OBLICUA", "OBLICUO", "OBLÍCUA", "OBLIQUA", "OBLIQUO", "SCHRÄG", "SCHRAEG"}
 )
 OPPOSITE_DIRECTION = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
@@ -193,7 +196,7 @@ def check_chest_radiograph(ds: Dataset) -> None:
     if body_part and not any(part in body_part for part in CHEST_BODY_PARTS):
         raise RejectedInput(RejectCode.NOT_CHEST, f"body part {body_part} is not the chest")
     view = (_text(ds, "ViewPosition") or "").upper()
-    if NON_FRONTAL_VIEWS.intersection(re.findall(r"[A-Z]+", view)):
+    if NON_FRONTAL_VIEWS.intersection(re.findall(r"[^\W\d_]+", view)):
         raise RejectedInput(RejectCode.NOT_FRONTAL, f"view position {view} is not frontal")
 
 
