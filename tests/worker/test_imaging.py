@@ -331,3 +331,20 @@ def test_pixel_padding_shows_black_not_white(sample_png: Path, tmp_path: Path) -
     gray = read_dicom_image(write(ds, tmp_path / "padded.dcm"), MAX_PIXELS).gray
     difference = np.abs(model_input(gray, SIZE) - model_input(rendered, SIZE))
     assert float(difference.mean()) < 0.005, f"mean difference {difference.mean()}"
+
+
+def test_pixel_padding_is_found_before_a_reduced_jpeg2000_decode(tmp_path: Path) -> None:
+    """The reduced decode blends padding into the real pixels at the field's edge, where
+    no longer equal to PixelPaddingValue they would show as a white rim: such a file is
+    decoded in full, like its uncompressed twin."""
+    rows, cols = np.indices((1200, 1400))
+    stored = (4095 - (np.sin(rows / 40) + np.cos(cols / 55) + 2) * 900).astype(np.uint16)
+    stored[rows + cols < 500] = 0
+    grays = []
+    for name, syntax in (("raw.dcm", None), ("j2k.dcm", JPEG2000Lossless)):
+        ds = base_dataset(stored, bits=12, photometric="MONOCHROME1")
+        ds.PixelPaddingValue = 0
+        if syntax is not None:
+            ds.compress(syntax)
+        grays.append(read_dicom_image(write(ds, tmp_path / name), MAX_PIXELS).gray)
+    np.testing.assert_allclose(grays[1], grays[0], atol=1e-6)

@@ -63,6 +63,7 @@ JPEG_SYNTAXES = frozenset(
 JPEG2000_SYNTAXES = frozenset(
     {f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 201, 202, 203)}  # JPEG 2000, HTJ2K
 )
+SIZED_STREAM_SYNTAXES = JPEG_SYNTAXES | JPEG2000_SYNTAXES  # stream size checked by the gate
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 # SOF0-3, 5-7, 9-11, 13-15 (ITU T.81) and SOF55 (JPEG-LS, T.87)
 JPEG_START_OF_FRAME = frozenset(
@@ -123,6 +124,12 @@ def looks_like_dicom(ds: Dataset) -> bool:
         return True
     # keys(), not the Dataset itself: iterating a Dataset decodes every element's value.
     return any(tag.group in STANDARD_GROUPS for tag in ds.keys())  # noqa: SIM118
+
+
+def transfer_syntax(ds: Dataset) -> str:
+    """The file's TransferSyntaxUID, "" when it has no file meta or no such element."""
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
 
 
 def is_dicomdir(ds: Dataset) -> bool:
@@ -243,9 +250,8 @@ def check_encoded_size(ds: Dataset, rows: int, cols: int) -> None:
     Columns: a 200 kB file whose stream claims 60,000 x 60,000 pixels would pass the
     header's size gate and take tens of GB while decoding.
     """
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if syntax not in JPEG_SYNTAXES | JPEG2000_SYNTAXES or "PixelData" not in ds:
+    syntax = transfer_syntax(ds)
+    if syntax not in SIZED_STREAM_SYNTAXES or "PixelData" not in ds:
         return
     try:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))

@@ -37,10 +37,11 @@ from worker.imaging.dicom import (
     header_or_none,
     instance_header,
     read_dataset,
+    transfer_syntax,
 )
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
-from worker.imaging.pixels import block_reduce_mean, display_gray
+from worker.imaging.pixels import block_reduce_mean, display_gray, shrinks_before_display
 
 # Versions model_input, the step from a display grey image to the network input. Fixes
 # that bring a DICOM file to the display its PNG export shows (LUTs, padding, orientation)
@@ -111,8 +112,7 @@ def reorient(gray: np.ndarray, how: Reorientation) -> np.ndarray:
 
 def decode_fastest(ds: Dataset) -> np.ndarray:
     """``decode_pixels`` with the fastest installed plugin first, then pydicom's order."""
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    syntax = transfer_syntax(ds)
     plugin = PREFERRED_PLUGINS.get(syntax)
     if plugin is not None and plugin in _available_plugins(syntax):
         try:
@@ -138,18 +138,13 @@ def decode_jpeg2000_reduced(ds: Dataset, working_side: int) -> np.ndarray | None
     stream, low-pass filtered by the wavelet, and decoding only those levels skips most
     of the work (a 2,048 x 2,500 12-bit lossless image: about 40 ms instead of 500 ms).
     It is taken only where it stands in for the box-filter shrink that follows anyway:
-    whole halvings that keep the short side >= ``working_side``, before a linear
-    rescale and window (not before a LUT sequence), unsigned single-sample data whose
+    whole halvings that keep the short side >= ``working_side``, where display_gray
+    would shrink first too (``shrinks_before_display``), unsigned single-sample data whose
     codestream precision is BitsStored. Anything else, or any error, returns None and
     the file is decoded the usual way (which also reports a corrupt stream).
     """
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if (
-        syntax not in REDUCIBLE_JPEG2000_SYNTAXES
-        or "ModalityLUTSequence" in ds
-        or "VOILUTSequence" in ds
-    ):
+    syntax = transfer_syntax(ds)
+    if syntax not in REDUCIBLE_JPEG2000_SYNTAXES or not shrinks_before_display(ds):
         return None
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)

@@ -71,6 +71,15 @@ def display_gray(ds: Dataset, stored: np.ndarray, working_side: int) -> np.ndarr
     return gray.astype(np.float32, copy=False)
 
 
+def shrinks_before_display(ds: Dataset) -> bool:
+    """Whether a stored image may be shrunk before ``display_gray`` and give the same
+    grey: not with a LUT sequence (not linear) nor with pixel padding (found by its exact
+    stored value, which a shrink blends into the real pixels at the field's edge)."""
+    return not any(
+        keyword in ds for keyword in ("ModalityLUTSequence", "VOILUTSequence", "PixelPaddingValue")
+    )
+
+
 def padding_to_black(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     """Pixel padding (PS3.3 C.7.5.1.1.2: the area outside the exposed field, e.g. after a
     rotation) set to the darkest-displayed value of the real pixels, so it shows black as
