@@ -55,10 +55,14 @@ class Sample:
         return LABELS.get(self.label, 0)
 
 
+def is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
 def is_image_file(path: Path) -> bool:
     """An image by its name; a broken symbolic link counts, so it is reported unreadable
     instead of vanishing from the counts."""
-    if path.name.startswith(".") or path.is_dir() or not (path.is_file() or path.is_symlink()):
+    if path.name.startswith(".") or not (path.is_file() or is_broken_link(path)):
         return False
     return is_picture(path) or path.suffix.lower() in DICOM_SUFFIXES
 
@@ -141,9 +145,12 @@ def readable_counts(samples: Sequence[Sample], size: int, cache_dir: Path) -> di
     """Images per label that decode, read from the input cache (built here, or found there:
     ``make_dataset`` reuses it). Unreadable files never reach training, so they must not
     count in the class weights or the model card."""
-    targets = InputCache.build(samples, size, Path(cache_dir)).targets
-    names = {target: label for label, target in LABELS.items()}
-    return dict(sorted(Counter(names[int(t)] for t in targets).items()))
+    return label_counts(InputCache.build(samples, size, Path(cache_dir)).targets)
+
+
+def label_counts(targets: Iterable[float]) -> dict[str, int]:
+    """Images per label name from 0/1 targets (what was actually read or scored)."""
+    return dict(sorted(Counter(CLASS_NAMES[int(t)] for t in targets).items()))
 
 
 def load_input(path: str | Path, size: int) -> np.ndarray:

@@ -18,14 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from training.data import counts, list_split, make_dataset
+from training.data import label_counts, list_split, make_dataset
 from training.evaluate import load_keras
 from training.train import (
-    binary_summary,
     export_tflite,
     predict_keras,
-    threshold_for_sensitivity,
-    threshold_rule,
+    threshold_fields,
     verify_tflite,
     write_card,
 )
@@ -74,7 +72,7 @@ def build_ensemble(
     val_samples = list_split(data_dir, "val", include=("normal", "covid"))
     y_val, p_val = predict_keras(model, val_samples, size, 32)
     target = float(first["target_sensitivity"])
-    threshold = threshold_for_sensitivity(y_val, p_val, target)
+    chosen = threshold_fields(y_val, p_val, target)
     probe = np.stack(
         [
             x
@@ -105,14 +103,14 @@ def build_ensemble(
         ],
         "hyperparameters": shared([c["hyperparameters"] for c in cards]),
         "augmentation": shared([c.get("augmentation") or {} for c in cards]),
-        "validation_counts": counts(val_samples),
+        "validation_counts": label_counts(y_val),
         "parameters": int(model.count_params()),
         "training_seconds": round(sum(c["training_seconds"] for c in cards), 1),
         "ensemble_seconds": round(time.perf_counter() - started, 1),
-        "threshold": threshold,
-        "threshold_rule": threshold_rule(target),
+        "threshold": chosen["threshold"],
+        "threshold_rule": chosen["threshold_rule"],
         "tflite_max_abs_diff_vs_keras": verify_tflite(model, out / TFLITE_FILE, probe),
-        "metrics": {"val": binary_summary(y_val, p_val, threshold), "test": None},
+        "metrics": {"val": chosen["val"], "test": None},
     }
     for key in ("fit_seconds", "epochs_run", "best_epoch"):
         card.pop(key, None)

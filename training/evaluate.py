@@ -39,8 +39,8 @@ from training.robustness import SHIFTS, GrayTransform
 from training.train import (
     DEFAULT_TARGET_SENSITIVITY,
     binary_summary,
-    threshold_for_sensitivity,
-    threshold_rule,
+    threshold_fields,
+    to_json,
 )
 from worker.errors import UserError
 from worker.imaging.pipeline import load_gray, model_input
@@ -686,15 +686,11 @@ def store_threshold(model_dir: Path, y: np.ndarray, p: np.ndarray, scored_with: 
     card_path = Path(model_dir) / CARD_FILE
     card = json.loads(card_path.read_text())
     target = float(card.get("target_sensitivity", DEFAULT_TARGET_SENSITIVITY))
-    threshold = threshold_for_sensitivity(y, p, target)
-    card["threshold"] = threshold
-    card["threshold_rule"] = threshold_rule(target)
-    card.setdefault("metrics", {})["val"] = {
-        **binary_summary(y, p, threshold),
-        "scored_with": scored_with,
-    }
+    chosen = threshold_fields(y, p, target)
+    card["threshold"], card["threshold_rule"] = chosen["threshold"], chosen["threshold_rule"]
+    card.setdefault("metrics", {})["val"] = {**chosen["val"], "scored_with": scored_with}
     card_path.write_text(to_json(card))
-    return threshold
+    return float(chosen["threshold"])
 
 
 def write_predictions(samples: Sequence[Sample], probs: np.ndarray, path: Path) -> None:
@@ -703,21 +699,6 @@ def write_predictions(samples: Sequence[Sample], probs: np.ndarray, path: Path) 
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(("path", "label", "covid_probability"))
         writer.writerows((s.path, s.label, f"{q:.6f}") for s, q in zip(samples, probs, strict=True))
-
-
-def _without_nan(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _without_nan(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_without_nan(v) for v in value]
-    return value
-
-
-def to_json(value: Any) -> str:
-    """Indented JSON with undefined figures (NaN, e.g. an AUC on one class) as null."""
-    return json.dumps(_without_nan(value), indent=2, allow_nan=False) + "\n"
 
 
 def _num(value: float | None, digits: int = 4) -> str:

@@ -19,7 +19,7 @@ from typing import TextIO
 import numpy as np
 
 from training import CLASS_NAMES
-from training.data import load_or_reason
+from training.data import is_broken_link, load_or_reason
 from worker.imaging.enum import Status
 from worker.model import Classifier
 
@@ -47,7 +47,7 @@ def expand(paths: Iterable[Path]) -> Iterator[Path]:
         path = Path(path)
         if path.is_dir():
             for child in sorted(path.rglob("*")):
-                if (child.is_file() or _is_broken_link(child)) and not any(
+                if (child.is_file() or is_broken_link(child)) and not any(
                     part.startswith(".") for part in child.relative_to(path).parts
                 ):
                     yield child
@@ -55,12 +55,8 @@ def expand(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
-def _is_broken_link(path: Path) -> bool:
-    return path.is_symlink() and not path.exists()
-
-
 def _missing_reason(path: Path) -> str:
-    what = "broken symbolic link" if _is_broken_link(path) else "no such file"
+    what = "broken symbolic link" if is_broken_link(path) else "no such file"
     return f"unreadable: FileNotFoundError: {what}"
 
 

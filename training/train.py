@@ -31,6 +31,7 @@ from training.data import (
     Sample,
     class_weights,
     counts,
+    label_counts,
     list_split,
     make_dataset,
     manifest_sha256,
@@ -154,6 +155,16 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> fl
     score = float(positives[k - 1])
     lower = p[p < score]
     return (score + (float(lower.max()) if len(lower) else 0.0)) / 2
+
+
+def threshold_fields(y: np.ndarray, p: np.ndarray, target: float) -> dict[str, Any]:
+    """The card's threshold and threshold_rule, and metrics.val, for validation scores."""
+    threshold = threshold_for_sensitivity(y, p, target)
+    return {
+        "threshold": threshold,
+        "threshold_rule": threshold_rule(target),
+        "val": binary_summary(y, p, threshold),
+    }
 
 
 def binary_summary(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -381,8 +392,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     best_epoch = int(np.argmax(history["val_auc"])) + 1
 
-    threshold = threshold_for_sensitivity(y_val, p_val, cfg.target_sensitivity)
-    val_metrics = binary_summary(y_val, p_val, threshold)
+    chosen = threshold_fields(y_val, p_val, cfg.target_sensitivity)
 
     shipped.save(out / KERAS_FILE)
     export_tflite(shipped, out / TFLITE_FILE)
@@ -416,15 +426,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "histogram equalisation",
         "class_names": list(CLASS_NAMES),
         "positive_class": POSITIVE_CLASS,
-        "threshold": threshold,
-        "threshold_rule": threshold_rule(cfg.target_sensitivity),
+        "threshold": chosen["threshold"],
+        "threshold_rule": chosen["threshold_rule"],
         "target_sensitivity": cfg.target_sensitivity,
         "training_manifest_sha256": manifest_sha256(train_samples, Path(cfg.data_dir)),
         "training_manifest_rule": "sha256 of sorted '<path relative to DATA_DIR>\\t<label>\\n' "
         "lines of the training images",
         "training_counts": used,
         "training_unreadable": unreadable,
-        "validation_counts": counts(val_samples),
+        "validation_counts": label_counts(y_val),
         "pneumonia_policy": PNEUMONIA_POLICY,
         "class_weights": {CLASS_NAMES[k]: v for k, v in weights.items()},
         "augmentation": asdict(cfg.augmentation),
@@ -449,11 +459,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "weights": str(cfg.weights) if cfg.weights else None,
         },
         "tflite_max_abs_diff_vs_keras": tflite_diff,
-        "metrics": {"val": val_metrics, "test": None},
+        "metrics": {"val": chosen["val"], "test": None},
     }
     write_card(out, card)
     return card
 
 
 def write_card(model_dir: Path, card: dict[str, Any]) -> None:
-    (Path(model_dir) / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    (Path(model_dir) / CARD_FILE).write_text(to_json(card))
+
+
+def _without_nan(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nan(v) for v in value]
+    return value
+
+
+def to_json(value: Any) -> str:
+    """Indented JSON with undefined figures (NaN, e.g. an AUC on one class) as null."""
+    return json.dumps(_without_nan(value), indent=2, allow_nan=False) + "\n"
