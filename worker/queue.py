@@ -338,10 +338,7 @@ def process_study(
     with autocommit(sessions) as session:
         attempts = mark_processing(session, uid, version, sorted(files), force=task.force)
     if attempts is None:
-        log.info("study %s already has a final result for model %s; skipped", uid, version)
-        if task.model_version != version:  # else the queued version's row waits for ever
-            with sessions.begin() as session:
-                mark_failed(session, uid, task.model_version, mismatch(task, version))
+        skip_finished(task, version, sessions)
         return "skipped"
     if attempts > delivery_limit(settings):
         reason = (
@@ -378,12 +375,23 @@ def process_batch(
     with autocommit(sessions) as session:
         attempts = mark_processing_many(session, markers, version, force=batch.studies[0].force)
     todo = {t: paths for t, paths in files.items() if t.study_instance_uid in attempts}
-    for uid in sorted(markers.keys() - attempts.keys()):
-        log.info("study %s already has a final result for model %s; skipped", uid, version)
+    for task in files:
+        if task.study_instance_uid not in attempts:
+            skip_finished(task, version, sessions)
     if any(attempts[t.study_instance_uid] > 1 for t in todo):
         split_batch(list(todo), send)
         return "split"
     return f"{len(screen_and_save(todo, settings, classifier, sessions))} screened"
+
+
+def skip_finished(task: StudyTask, version: str, sessions: sessionmaker[Session]) -> None:
+    """A study this worker's model has already finished is not screened again; a row
+    queued for another model version is failed with the reason (else it waits for ever)."""
+    uid = task.study_instance_uid
+    log.info("study %s already has a final result for model %s; skipped", uid, version)
+    if task.model_version != version:
+        with sessions.begin() as session:
+            mark_failed(session, uid, task.model_version, mismatch(task, version))
 
 
 def screen_and_save(

@@ -29,6 +29,7 @@ from worker.queue import (
     IngestError,
     IngestSummary,
     MalformedTask,
+    StudyBatch,
     StudyTask,
     backoff,
     message_paths,
@@ -265,8 +266,9 @@ def test_a_model_mismatch_screens_with_the_workers_model_and_says_so(
     assert status == {"old-0.1": "failed", classifier.model_version: "screened"}
 
 
+@pytest.mark.parametrize("batched", [False, True])
 def test_a_mismatched_study_the_worker_already_screened_is_not_left_queued(
-    sqlite_url: str, model_dir: Path, dicom_dir: Path
+    batched: bool, sqlite_url: str, model_dir: Path, dicom_dir: Path
 ) -> None:
     from db.repository import queue_studies
 
@@ -280,9 +282,15 @@ def test_a_mismatched_study_the_worker_already_screened_is_not_left_queued(
         queue_studies(
             session, [{"study_instance_uid": old.study_instance_uid, "files": old.files}], "old-0.1"
         )
-    assert process_study(old, settings=settings, classifier=classifier, sessions=sessions) == (
-        "skipped"
-    )
+    if batched:
+        batch = StudyBatch(studies=(old,))
+        assert process_batch(
+            batch, settings=settings, classifier=classifier, sessions=sessions, send=print
+        ) == ("0 screened")
+    else:
+        assert process_study(old, settings=settings, classifier=classifier, sessions=sessions) == (
+            "skipped"
+        )
     assert rows(
         sqlite_url, "SELECT status, reason FROM studies WHERE model_version = 'old-0.1'"
     ) == [("failed", mismatch(old, classifier.model_version))]
