@@ -50,6 +50,7 @@ class Prediction(Base):
             postgresql_where=text("sop_instance_uid IS NULL"),
         ),
         Index("ix_predictions_study_instance_uid", "study_instance_uid"),
+        Index("ix_predictions_source_model_version", "source", "model_version"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -31,7 +31,6 @@ def save_study(
     *,
     patient_id_mode: PatientIdMode,
     hash_key: str,
-    attempts: int | None = None,
     keep_files: bool = False,
 ) -> None:
     """Instance rows and the study row of one screened study, in the caller's transaction.
@@ -42,8 +41,6 @@ def save_study(
     ``requeue`` makes messages; a worker may see the export under another root).
     """
     row = _study_row(outcome, patient_id_mode, hash_key)
-    if attempts is not None:
-        row["attempts"] = attempts
     insert_values = fit_to_columns(STUDIES, {"queued_at": outcome.started_at, "attempts": 1, **row})
     columns = tuple(k for k in row if not (keep_files and k == "files"))
     statement = _study_statement(_dialect(session), columns)
@@ -393,13 +390,11 @@ def mark_failed(
     study_instance_uid: str,
     model_version: str,
     reason: str,
-    *,
-    files: Sequence[str] | None = None,
 ) -> None:
     """Record a study as ``failed`` with the last error, unless it already has a result."""
     now = utcnow()
     row = {
-        **_new_study(study_instance_uid, model_version, StudyStatus.FAILED, now, files),
+        **_new_study(study_instance_uid, model_version, StudyStatus.FAILED, now),
         "reason": reason[:2000],
         "finished_at": now,
     }
