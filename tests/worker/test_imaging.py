@@ -296,14 +296,24 @@ def test_study_uid_that_is_not_a_dicom_uid_is_rejected_at_discovery(
     ]
 
 
+@pytest.mark.parametrize(
+    ("keyword", "element"),  # tag and VR as written in explicit VR little endian
+    [
+        ("SamplesPerPixel", b"\x28\x00\x02\x00US"),  # read by the gate
+        ("WindowCenter", b"\x28\x00\x50\x10DS"),  # read by the display
+        ("PresentationLUTShape", b"\x50\x20\x20\x00CS"),
+    ],
+)
 def test_element_that_cannot_be_parsed_is_a_rejection_not_a_crash(
-    sample_png: Path, tmp_path: Path
+    keyword: str, element: bytes, sample_png: Path, tmp_path: Path
 ) -> None:
-    path = write(base_dataset(png_pixels(sample_png)), tmp_path / "x.dcm")
+    ds = base_dataset(png_pixels(sample_png), bits=12)
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PresentationLUTShape = "IDENTITY"
+    path = write(ds, tmp_path / "x.dcm")
     data = path.read_bytes()
-    samples_per_pixel = b"\x28\x00\x02\x00US"  # explicit VR little endian
-    assert data.count(samples_per_pixel) == 1
-    path.write_bytes(data.replace(samples_per_pixel, b"\x28\x00\x02\x00\x55\xf5"))
+    assert data.count(element) == 1, keyword
+    path.write_bytes(data.replace(element, element[:4] + b"\x55\xf5"))
     with pytest.raises(RejectedInput, match="malformed header element") as caught:
         read_dicom_image(path, MAX_PIXELS)
     assert caught.value.code == RejectCode.UNREADABLE

@@ -13,7 +13,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import numpy as np
 import pydicom
@@ -326,6 +326,15 @@ def gate(ds: Dataset, max_pixels: int) -> None:
     except RejectedInput:
         raise
     except Exception as exc:  # pydicom parses an element on first access; it may be corrupt
+        raise malformed(exc) from exc
+
+
+def header_value(ds: Dataset, keyword: str, default: object = None) -> Any:
+    """``ds.get(keyword, default)``, with an element pydicom cannot parse (it parses on
+    first access) as the malformed-element rejection rather than a crash."""
+    try:
+        return ds.get(keyword, default)
+    except Exception as exc:
         raise malformed(exc) from exc
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
+from worker.imaging.dicom import header_value
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
 
@@ -100,8 +101,8 @@ def padding_to_black(ds: Dataset, stored: np.ndarray) -> np.ndarray:
 def is_inverted(ds: Dataset) -> bool:
     """MONOCHROME1, or a Presentation LUT Shape of INVERSE (PS3.3 C.11.6): the same one
     inversion, said two ways, so it is applied once."""
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    photometric = str(header_value(ds, "PhotometricInterpretation", "")).strip()
+    shape = str(header_value(ds, "PresentationLUTShape", "") or "").strip().upper()
     return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
@@ -147,7 +148,7 @@ def voi_to_unit(
         return np.clip(voi_lut.lookup(values) / float(2**voi_lut.bits - 1), 0.0, 1.0)
     center, width = _first_window(ds)
     if center is not None and width is not None and width > 0:
-        function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
+        function = str(header_value(ds, "VOILUTFunction", "LINEAR")).strip().upper()
         return window(values, center, width, function)
     return _stretch(ds, values, rescaled=modality_lut is not None or "RescaleSlope" in ds)
 
@@ -219,7 +220,7 @@ def _first_window(ds: Dataset) -> tuple[float | None, float | None]:
 
 def _first_number(ds: Dataset, keyword: str) -> float | None:
     """The element's (first) value as a number, or None when absent, empty or not numeric."""
-    value = ds.get(keyword)
+    value = header_value(ds, keyword)
     if value is None or value == "":
         return None
     try:
@@ -233,8 +234,8 @@ def _first_number(ds: Dataset, keyword: str) -> float | None:
 def _stretch(ds: Dataset, values: np.ndarray, *, rescaled: bool) -> np.ndarray:
     """No window: 8-bit data as is (like an 8-bit PNG); deeper or rescaled data min-max
     scaled."""
-    bits = int(ds.get("BitsStored", 8) or 8)
-    integer = "PixelData" in ds and int(ds.get("PixelRepresentation", 0) or 0) == 0
+    bits = int(header_value(ds, "BitsStored", 8) or 8)
+    integer = "PixelData" in ds and int(header_value(ds, "PixelRepresentation", 0) or 0) == 0
     if bits <= 8 and integer and not rescaled:
         return (values / float(2**bits - 1)).astype(np.float32)
     low, high = float(values.min()), float(values.max())
