@@ -63,7 +63,8 @@ def display_gray(ds: Dataset, stored: np.ndarray, working_side: int) -> np.ndarr
     has_lut = modality_lut is not None or voi_lut is not None
     stored = padding_to_black(ds, stored)
     values = stored if has_lut else block_reduce_mean(stored, working_side)
-    gray = voi_to_unit(ds, modality_values(ds, values, modality_lut), voi_lut, modality_lut)
+    rescaled = modality_lut is not None or "RescaleSlope" in ds
+    gray = voi_to_unit(ds, modality_values(ds, values, modality_lut), voi_lut, rescaled=rescaled)
     if has_lut:
         gray = block_reduce_mean(gray, working_side)
     if is_inverted(ds):
@@ -130,27 +131,28 @@ def modality_values(ds: Dataset, values: np.ndarray, lut: LookupTable | None) ->
         raise RejectedInput(
             RejectCode.UNSUPPORTED, f"rescale slope {slope} / intercept {intercept} unusable"
         )
+    out = values.astype(np.float32, copy=False)
     if slope == 1.0 and intercept == 0.0:
-        return values.astype(np.float32, copy=False)
-    return (values.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(
-        np.float32, copy=False
-    )
+        return out
+    return out * np.float32(slope) + np.float32(intercept)
 
 
 def voi_to_unit(
     ds: Dataset,
     values: np.ndarray,
     voi_lut: LookupTable | None,
-    modality_lut: LookupTable | None,
+    *,
+    rescaled: bool,
 ) -> np.ndarray:
-    """Apply the VOI LUT or the first window, or stretch when there is neither."""
+    """Apply the VOI LUT or the first window, or stretch (``rescaled``: as values a
+    modality LUT or rescale produced) when there is neither."""
     if voi_lut is not None:
         return np.clip(voi_lut.lookup(values) / float(2**voi_lut.bits - 1), 0.0, 1.0)
-    center, width = _first_window(ds)
+    center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
     if center is not None and width is not None and width > 0:
         function = str(header_value(ds, "VOILUTFunction", "LINEAR")).strip().upper()
         return window(values, center, width, function)
-    return _stretch(ds, values, rescaled=modality_lut is not None or "RescaleSlope" in ds)
+    return _stretch(ds, values, rescaled=rescaled)
 
 
 def window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -212,10 +214,6 @@ def _lut_entries(ds: Dataset, item: Dataset) -> np.ndarray:
         little = ds.original_encoding[1] is not False
         return np.frombuffer(element.value, dtype="<u2" if little else ">u2")
     return np.atleast_1d(np.asarray(element.value, dtype=np.int64))
-
-
-def _first_window(ds: Dataset) -> tuple[float | None, float | None]:
-    return _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
 
 
 def _first_number(ds: Dataset, keyword: str) -> float | None:
