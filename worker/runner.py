@@ -53,15 +53,15 @@ class RunSummary:
     rejected_files: int = 0
     seconds: float = 0.0
 
-    def count(self, status: StudyStatus, positive: bool) -> None:
+    def count(self, outcome: StudyOutcome) -> None:
         self.studies += 1
-        if status is StudyStatus.SCREENED:
+        if outcome.status is StudyStatus.SCREENED:
             self.screened += 1
-        elif status is StudyStatus.FAILED:
+        elif outcome.status is StudyStatus.FAILED:
             self.failed += 1
         else:
             self.rejected += 1
-        self.positives += positive
+        self.positives += outcome.predicted_label is Label.COVID
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Progress:
 
     on_discovered: Callable[[int], None] = lambda n: None
     on_file: Callable[[str], None] = lambda path: None
-    on_study: Callable[[StudyStatus], None] = lambda status: None
+    on_study: Callable[[StudyOutcome], None] = lambda outcome: None
 
 
 @dataclass
@@ -92,14 +92,11 @@ class Results:
                 patient_id_mode=self.settings.patient_id_mode,
                 hash_key=self.settings.hash_key,
             )
-        self._count(outcome.status, outcome.predicted_label is Label.COVID)
+        self.summary.count(outcome)
+        self.progress.on_study(outcome)
 
     def fail(self, study_instance_uid: str, files: list[str], reason: str) -> None:
         self.save(failed_outcome(study_instance_uid, files, self.model_version, reason))
-
-    def _count(self, status: StudyStatus, positive: bool) -> None:
-        self.summary.count(status, positive)
-        self.progress.on_study(status)
 
 
 def run(

@@ -155,16 +155,29 @@ def screen_study(
             results.extend(_classify(pending, classifier))
             pending = []
     results.extend(_classify(pending, classifier))
+    return _outcome(
+        study_instance_uid, results, classifier.model_version, classifier.threshold, started
+    )
+
+
+def _outcome(
+    study_instance_uid: str,
+    results: list[InstanceResult],
+    model_version: str,
+    threshold: float | None,
+    started: dt.datetime,
+) -> StudyOutcome:
+    """The study's outcome from its files' results: duplicates marked, the study header
+    taken from its first instance that is not a duplicate."""
     results = mark_duplicates(results)
-    header = next((r.header for r in results if r.header and not r.duplicate_of), None)
     return StudyOutcome(
         study_instance_uid=study_instance_uid,
         instances=tuple(results),
-        model_version=classifier.model_version,
-        threshold=classifier.threshold,
+        model_version=model_version,
+        threshold=threshold,
         started_at=started,
         finished_at=dt.datetime.now(dt.UTC),
-        header=header,
+        header=next((r.header for r in results if r.header and not r.duplicate_of), None),
     )
 
 
@@ -174,28 +187,18 @@ def failed_outcome(
     """A study that gave no outcome (its process died, it was delivered too often, the
     work kept failing): one ``failed`` row per file, so every file still has a row, keyed
     by the instance's header where it can be read."""
-    now = dt.datetime.now(dt.UTC)
-    results = mark_duplicates(
-        [
-            InstanceResult(
-                source=path,
-                status=Status.FAILED,
-                header=_header_only(path),
-                reason_code="error",
-                reason=reason,
-            )
-            for path in sorted(files)
-        ]
-    )
-    return StudyOutcome(
-        study_instance_uid=study_instance_uid,
-        instances=tuple(results),
-        model_version=model_version,
-        threshold=None,
-        started_at=now,
-        finished_at=now,
-        header=next((r.header for r in results if r.header and not r.duplicate_of), None),
-    )
+    started = dt.datetime.now(dt.UTC)
+    results = [
+        InstanceResult(
+            source=path,
+            status=Status.FAILED,
+            header=_header_only(path),
+            reason_code="error",
+            reason=reason,
+        )
+        for path in sorted(files)
+    ]
+    return _outcome(study_instance_uid, results, model_version, None, started)
 
 
 def _header_only(path: str) -> InstanceHeader | None:
