@@ -612,8 +612,10 @@ def requeue(
         chosen = []
         for study in studies:
             task = requeue_task(study, settings.ingest_root, model_version)
-            (done.skipped if task is None else done.sent).append(study.study_instance_uid)
-            if task is not None:
+            if task is None:
+                done.skipped.append(study.study_instance_uid)
+            else:
+                done.sent.append(study.study_instance_uid)
                 chosen.append((study, task))
         rows = [{"study_instance_uid": s.study_instance_uid, "files": s.files} for s, _ in chosen]
         queue_studies(session, rows, model_version)
