@@ -345,8 +345,7 @@ def process_study(
             f"gave up after {attempts - 1} deliveries: the worker was lost or timed out "
             "each time (a file that crashes or hangs the decoder?)"
         )
-        with sessions.begin() as session:
-            save_outcome(session, task, failed_outcome(uid, files, version, reason), settings)
+        save_failure(sessions, task, files, version, reason, settings)
         log.error("study %s: %s", uid, reason)
         return "failed"
     (outcome,) = screen_and_save({task: files}, settings, classifier, sessions)
@@ -464,6 +463,20 @@ def save_outcome(
         )
 
 
+def save_failure(
+    sessions: sessionmaker[Session],
+    task: StudyTask,
+    files: Sequence[str],
+    model_version: str,
+    reason: str,
+    settings: Settings,
+) -> None:
+    """A study that gave no outcome, saved ``failed`` with one row per file."""
+    outcome = failed_outcome(task.study_instance_uid, files, model_version, reason)
+    with sessions.begin() as session:
+        save_outcome(session, task, outcome, settings)
+
+
 def mismatch(task: StudyTask, version: str) -> str:
     return (
         f"model version mismatch: queued for {task.model_version}, "
@@ -497,8 +510,7 @@ def record_failure(
         return
     files = worker_paths(task.files, settings.ingest_root)
     try:
-        with sessions.begin() as session:
-            save_outcome(session, task, failed_outcome(uid, files, model_version, error), settings)
+        save_failure(sessions, task, files, model_version, error, settings)
     except Exception as exc:
         log.error(
             "study %s failed (%s) and could not be recorded: %s", uid, error, describe_error(exc)
