@@ -59,6 +59,11 @@ def is_broken_link(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
 
 
+def missing_reason(path: Path) -> str:
+    what = "broken symbolic link" if is_broken_link(path) else "no such file"
+    return f"unreadable: FileNotFoundError: {what}"
+
+
 def is_image_file(path: Path) -> bool:
     """An image by its name; a broken symbolic link counts, so it is reported unreadable
     instead of vanishing from the counts."""
@@ -163,6 +168,8 @@ def load_or_reason(path: str | Path, size: int) -> tuple[np.ndarray | None, str]
 
     Never raises: one corrupt file must not stop a long run.
     """
+    if not Path(path).exists():
+        return None, missing_reason(Path(path))
     try:
         return load_input(path, size), ""
     except RejectedInput as exc:

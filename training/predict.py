@@ -55,11 +55,6 @@ def expand(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
-def _missing_reason(path: Path) -> str:
-    what = "broken symbolic link" if is_broken_link(path) else "no such file"
-    return f"unreadable: FileNotFoundError: {what}"
-
-
 def _reject(path: Path, reason: str) -> Prediction:
     return Prediction(path, None, "", Status.REJECTED.value, reason)
 
@@ -85,10 +80,7 @@ def predict_paths(
         pending.clear()
 
     for path in expand(paths):
-        if path.exists():
-            pending.append((path, *load_or_reason(path, size)))
-        else:
-            pending.append((path, None, _missing_reason(path)))
+        pending.append((path, *load_or_reason(path, size)))
         if len(pending) >= BATCH:
             yield from flush()
     yield from flush()

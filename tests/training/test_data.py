@@ -173,6 +173,17 @@ def test_a_broken_link_in_a_label_folder_is_listed_to_be_counted_unreadable(
     assert readable_counts(samples, 32, tmp_path / "cache") == {"covid": 1}
 
 
+def test_a_missing_file_is_named_as_missing_wherever_it_is_loaded(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    from training.data import load_or_reason
+
+    (tmp_path / "moved.png").symlink_to(tmp_path / "gone.png")
+    for path, what in [("moved.png", "broken symbolic link"), ("never.dcm", "no such file")]:
+        x, reason = load_or_reason(tmp_path / path, 32)
+        assert x is None and reason == f"unreadable: FileNotFoundError: {what}"
+
+
 def test_the_input_cache_is_keyed_on_the_preprocessing_version(
     cxr_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
