@@ -23,7 +23,12 @@ from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
@@ -57,12 +62,8 @@ GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 MIN_SIDE = 64  # pixels; below this a radiograph carries too little to screen
 STANDARD_GROUPS = frozenset({0x0008, 0x0010, 0x0018, 0x0020, 0x0028})
-JPEG_SYNTAXES = frozenset(
-    {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 57, 70, 80, 81)}  # JPEG, JPEG-LS
-)
-JPEG2000_SYNTAXES = frozenset(
-    {f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 201, 202, 203)}  # JPEG 2000, HTJ2K
-)
+JPEG_SYNTAXES = frozenset(JPEGTransferSyntaxes + JPEGLSTransferSyntaxes)
+JPEG2000_SYNTAXES = frozenset(JPEG2000TransferSyntaxes)  # with HTJ2K
 SIZED_STREAM_SYNTAXES = JPEG_SYNTAXES | JPEG2000_SYNTAXES  # stream size checked by the gate
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 # SOF0-3, 5-7, 9-11, 13-15 (ITU T.81) and SOF55 (JPEG-LS, T.87)

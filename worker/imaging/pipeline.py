@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless
 from skimage.exposure import equalize_hist
 from skimage.transform import resize
 
@@ -51,13 +51,10 @@ WORKING_SIDE = 512
 BORDER_FRACTION = 0.10
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 # JPEG 2000 that Pillow's OpenJPEG can decode at a reduced resolution (not HTJ2K).
-REDUCIBLE_JPEG2000_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+REDUCIBLE_JPEG2000_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
 # Decoder plugins tried first where installed: CharLS (pyjpegls) decodes JPEG-LS about
 # 3.5x faster than libjpeg (2,048 x 2,500 12-bit: 74 ms vs 269 ms), same values.
-PREFERRED_PLUGINS = {
-    "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS lossless
-    "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS near-lossless
-}
+PREFERRED_PLUGINS: dict[str, str] = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
 
 
 @dataclass(frozen=True)
