@@ -10,9 +10,9 @@ import redis
 from db.repository import mark_processing
 from db.session import open_database
 from tests.conftest import REDIS_URL
+from tests.sql import rows
 from tests.worker.processes import Worker, wait_for
 from tests.worker.test_faults import all_final, cli, ingest, worker_env
-from tests.worker.test_run import rows
 from worker.model import read_card
 
 # Its own Redis database: this worker must not take messages other tests queue.

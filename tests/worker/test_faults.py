@@ -19,28 +19,18 @@ import pytest
 import redis
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless
-from sqlalchemy import create_engine, text
 
 from config.settings import REPO_ROOT, Settings
 from tests.dicom_factory import base_dataset, png_pixels, write
+from tests.sql import rows, scalar
 from tests.worker.processes import PrivatePostgres, PrivateRedis, Worker, wait_for
 from tests.worker.test_imaging import EXPECTED_CODE
-from tests.worker.test_run import rows
 from worker.celery_app import QUEUE, SCREEN_TASK, make_app
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def scalar(url: str, query: str) -> Any:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(text(query)).scalar()
-    finally:
-        engine.dispose()
 
 
 def status_counts(url: str) -> dict[str, int]:

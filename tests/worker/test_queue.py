@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from db.session import open_database
 from tests.conftest import REDIS_URL
+from tests.sql import rows
 from tests.worker.processes import Worker, wait_for
-from tests.worker.test_faults import all_final, ingest, rows, worker_env
+from tests.worker.test_faults import all_final, ingest, worker_env
 from tests.worker.test_run import predictions
 from worker.celery_app import celery_config
 from worker.model import Classifier

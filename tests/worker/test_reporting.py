@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import insert
 from typer.testing import CliRunner
 
 from config.settings import Settings
 from db.models import Prediction, Study
 from db.session import open_database
+from tests.sql import rows
 from worker import reporting
 from worker.cli import app
 from worker.reporting import NoResultsError, Period
@@ -29,16 +30,6 @@ from worker.runner import run
 CHROMIUM = Path("/usr/bin/chromium")
 UTC = dt.UTC
 DAY1 = dt.date(2024, 3, 1)
-
-
-def rows(url: str, query: str, timezone: str | None = None) -> list[tuple[Any, ...]]:
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        if timezone:
-            conn.execute(text(f"SET TIME ZONE '{timezone}'"))
-        result = [tuple(r) for r in conn.execute(text(query))]
-    engine.dispose()
-    return result
 
 
 def at(day: dt.date, hour: int, minute: int = 0, second: float = 0) -> dt.datetime:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, text
 
 from config.settings import Settings
 from tests.dicom_factory import base_dataset, png_pixels, write
+from tests.sql import rows
 from tests.worker.processes import OomKiller
 from tests.worker.test_imaging import EXPECTED_CODE
 from worker.discovery import walk
@@ -26,14 +26,6 @@ ROW_COLUMNS = (
 
 def settings_for(url: str, model_dir: Path) -> Settings:
     return Settings(database_url=url, model=model_dir, workers=2)
-
-
-def rows(url: str, query: str) -> list[tuple]:
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        result = [tuple(r) for r in conn.execute(text(query))]
-    engine.dispose()
-    return result
 
 
 def predictions(url: str) -> dict[str, tuple]:

@@ -6,24 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from db.repository import queue_studies
 from db.session import open_database
 from tests.dicom_factory import base_dataset, png_pixels, write
+from tests.sql import execute, rows
 from tests.worker.processes import Worker, wait_for
 from tests.worker.test_faults import all_final, ingest, send_raw, worker_env
-from tests.worker.test_run import rows
 from worker.celery_app import SCREEN_BATCH_TASK
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
-
-
-def execute(url: str, statement: str) -> None:
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text(statement))
-    engine.dispose()
 
 
 def test_a_database_error_reaches_logs_and_reason_without_patient_data(
