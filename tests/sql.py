@@ -3,35 +3,35 @@ engine, so a helper never holds a connection a worker process or a test needs.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
+
+
+@contextmanager
+def connection(url: str, *, transaction: bool = False) -> Iterator[Connection]:
+    engine = create_engine(url)
+    try:
+        with engine.begin() if transaction else engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
 
 
 def rows(url: str, query: str, timezone: str | None = None) -> list[tuple[Any, ...]]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            if timezone:
-                conn.execute(text(f"SET TIME ZONE '{timezone}'"))
-            return [tuple(r) for r in conn.execute(text(query))]
-    finally:
-        engine.dispose()
+    with connection(url) as conn:
+        if timezone:
+            conn.execute(text(f"SET TIME ZONE '{timezone}'"))
+        return [tuple(r) for r in conn.execute(text(query))]
 
 
 def scalar(url: str, query: str) -> Any:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(text(query)).scalar()
-    finally:
-        engine.dispose()
+    with connection(url) as conn:
+        return conn.execute(text(query)).scalar()
 
 
 def execute(url: str, statement: str) -> None:
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(text(statement))
-    finally:
-        engine.dispose()
+    with connection(url, transaction=True) as conn:
+        conn.execute(text(statement))
