@@ -252,32 +252,53 @@ def test_window_that_clips_every_pixel_is_rejected(sample_png: Path, tmp_path: P
         read_dicom_image(write(ds, tmp_path / "clipped.dcm"), MAX_PIXELS)
 
 
-def _patch_j2k_size(frame: bytearray, side: int) -> None:
+def _patch_j2k_size(frame: bytearray) -> None:
     siz = frame.find(b"\xff\x4f\xff\x51")
-    frame[siz + 8 : siz + 16] = struct.pack(">II", side, side)  # Xsiz, Ysiz
+    frame[siz + 8 : siz + 16] = struct.pack(">II", 60_000, 60_000)  # Xsiz, Ysiz
 
 
-def _patch_jpeg_ls_size(frame: bytearray, side: int) -> None:
+def _patch_jpeg_ls_size(frame: bytearray) -> None:
     sof55 = frame.find(b"\xff\xf7")
-    frame[sof55 + 5 : sof55 + 9] = struct.pack(">HH", side, side)  # Y, X
+    frame[sof55 + 5 : sof55 + 9] = struct.pack(">HH", 60_000, 60_000)  # Y, X
+
+
+def _patch_j2k_components(frame: bytearray) -> None:
+    siz = frame.find(b"\xff\x4f\xff\x51")
+    frame[siz + 40 : siz + 42] = struct.pack(">H", 128)  # Csiz
+
+
+def _patch_jpeg_ls_components(frame: bytearray) -> None:
+    sof55 = frame.find(b"\xff\xf7")
+    frame[sof55 + 9] = 128  # Nf
+
+
+SIZE_CLAIM = "is 60000x60000 pixels but the header says"
+COMPONENTS_CLAIM = "has 128 components but the header says 1 sample"
 
 
 @pytest.mark.parametrize(
-    ("syntax", "patch"),
-    [(JPEG2000Lossless, _patch_j2k_size), (JPEGLSLossless, _patch_jpeg_ls_size)],
-    ids=["jpeg2000", "jpeg-ls"],
+    ("syntax", "patch", "claim"),
+    [
+        (JPEG2000Lossless, _patch_j2k_size, SIZE_CLAIM),
+        (JPEGLSLossless, _patch_jpeg_ls_size, SIZE_CLAIM),
+        (JPEG2000Lossless, _patch_j2k_components, COMPONENTS_CLAIM),
+        (JPEGLSLossless, _patch_jpeg_ls_components, COMPONENTS_CLAIM),
+    ],
+    ids=["jpeg2000-size", "jpeg-ls-size", "jpeg2000-components", "jpeg-ls-components"],
 )
-def test_compressed_stream_larger_than_the_header_is_rejected_before_decoding(
-    syntax: UID, patch: Callable[[bytearray, int], None], sample_png: Path, tmp_path: Path
+def test_compressed_stream_bigger_than_the_header_is_rejected_before_decoding(
+    syntax: UID, patch: Callable[[bytearray], None], claim: str, sample_png: Path, tmp_path: Path
 ) -> None:
-    """Decoders allocate for the stream's own size; the header's size gate must hold."""
+    """Decoders allocate for the stream's own size and components (OpenJPEG took 0.9 GB
+    for 128 components in a 1 kB file); the header's size gate must hold."""
     ds = base_dataset(png_pixels(sample_png))
     ds.compress(syntax)
     frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
-    patch(frame, 60_000)
+    patch(frame)
     ds.PixelData = encapsulate([bytes(frame)])
-    with pytest.raises(RejectedInput, match="60000x60000 pixels but the header says"):
+    with pytest.raises(RejectedInput, match=claim) as caught:
         read_dicom_image(write(ds, tmp_path / "bomb.dcm"), MAX_PIXELS)
+    assert caught.value.code == RejectCode.UNREADABLE
 
 
 def test_study_uid_that_is_not_a_dicom_uid_is_rejected_at_discovery(

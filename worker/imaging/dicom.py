@@ -245,10 +245,11 @@ def check_dimensions(rows: int, cols: int, max_pixels: int) -> None:
 
 
 def check_encoded_size(ds: Dataset, rows: int, cols: int) -> None:
-    """A compressed frame must be the size the header says.
+    """A compressed frame must be the size, and have the one sample, the header says.
 
-    Decoders allocate for the size written in the compressed stream, not for Rows and
-    Columns: a 200 kB file whose stream claims 60,000 x 60,000 pixels would pass the
+    Decoders allocate for what the compressed stream's own header says, not for Rows,
+    Columns and SamplesPerPixel: a 200 kB file whose stream claims 60,000 x 60,000
+    pixels, or a 1 kB JPEG 2000 stream that claims 16,384 components, would pass the
     header's size gate and take tens of GB while decoding.
     """
     syntax = transfer_syntax(ds)
@@ -258,33 +259,56 @@ def check_encoded_size(ds: Dataset, rows: int, cols: int) -> None:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     except Exception:  # a broken encapsulation is reported by the decoder
         return
-    reader = _jpeg_frame_size if syntax in JPEG_SYNTAXES else _jpeg2000_frame_size
-    size = reader(frame)
-    if size is not None and size != (rows, cols):
+    reader = _jpeg_frame_shape if syntax in JPEG_SYNTAXES else _jpeg2000_frame_shape
+    shape = reader(frame)
+    if shape is None:
+        return
+    if shape.size != (rows, cols):
         raise RejectedInput(
             RejectCode.UNREADABLE,
-            f"compressed frame is {size[0]}x{size[1]} pixels but the header says {rows}x{cols}",
+            f"compressed frame is {shape.rows}x{shape.cols} pixels but the header says "
+            f"{rows}x{cols}",
+        )
+    if shape.components != 1:
+        raise RejectedInput(
+            RejectCode.UNREADABLE,
+            f"compressed frame has {shape.components} components but the header says "
+            "1 sample per pixel",
         )
 
 
-def _jpeg2000_frame_size(frame: bytes) -> tuple[int, int] | None:
-    """(rows, columns) from the SIZ marker of a codestream, bare or in a JP2 file."""
+@dataclass(frozen=True)
+class FrameShape:
+    """What a compressed stream's own header says it holds."""
+
+    rows: int
+    cols: int
+    components: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+
+def _jpeg2000_frame_shape(frame: bytes) -> FrameShape | None:
+    """From the SIZ marker of a codestream, bare or in a JP2 file (ITU T.800 A.5.1)."""
     start = 0
     if frame.startswith(JP2_SIGNATURE):
         box = frame.find(b"jp2c")
         start = box + 4 if box >= 0 else len(frame)
-    if frame[start : start + 4] != b"\xff\x4f\xff\x51" or len(frame) < start + 24:
+    if frame[start : start + 4] != b"\xff\x4f\xff\x51" or len(frame) < start + 42:
         return None
     width, height, x_offset, y_offset = struct.unpack(">4I", frame[start + 8 : start + 24])
-    return height - y_offset, width - x_offset
+    (components,) = struct.unpack(">H", frame[start + 40 : start + 42])
+    return FrameShape(height - y_offset, width - x_offset, components)
 
 
-def _jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
-    """(rows, columns) from the frame header of a JPEG or JPEG-LS stream."""
+def _jpeg_frame_shape(frame: bytes) -> FrameShape | None:
+    """From the frame header of a JPEG (ITU T.81 B.2.2) or JPEG-LS (T.87) stream."""
     if not frame.startswith(b"\xff\xd8"):
         return None
     position = 2
-    while position + 9 <= len(frame):
+    while position + 10 <= len(frame):
         if frame[position] != 0xFF:
             return None
         marker = frame[position + 1]
@@ -292,8 +316,9 @@ def _jpeg_frame_size(frame: bytes) -> tuple[int, int] | None:
             position += 1
             continue
         if marker in JPEG_START_OF_FRAME:
-            height, width = struct.unpack(">HH", frame[position + 5 : position + 9])
-            return (height, width) if height else None  # 0: lines given later (DNL)
+            height, width, components = struct.unpack(">HHB", frame[position + 5 : position + 10])
+            # height 0: the number of lines comes later (DNL marker)
+            return FrameShape(height, width, components) if height else None
         if marker == 0xDA:  # start of scan before any frame header
             return None
         (length,) = struct.unpack(">H", frame[position + 2 : position + 4])
