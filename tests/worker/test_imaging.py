@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from tests.conftest import shared
 from tests.dicom_factory import base_dataset, png_pixels, variants, write
@@ -299,6 +299,26 @@ def test_compressed_stream_bigger_than_the_header_is_rejected_before_decoding(
     with pytest.raises(RejectedInput, match=claim) as caught:
         read_dicom_image(write(ds, tmp_path / "bomb.dcm"), MAX_PIXELS)
     assert caught.value.code == RejectCode.UNREADABLE
+
+
+def test_deflated_file_that_inflates_past_the_limit_is_rejected_before_parsing(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    """pydicom inflates a deflated data set whole; the size is counted first, in steps."""
+    from worker.imaging.dicom import check_inflated_size
+
+    ds = base_dataset(png_pixels(sample_png))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    plain = write(ds, tmp_path / "deflated.dcm")
+    assert read_dicom_image(plain, MAX_PIXELS).gray.shape == png_pixels(sample_png).shape
+    ds.add_new(0x7FE10010, "LO", "PADDING")
+    ds.add_new(0x7FE11010, "OB", bytes(4_000_000))
+    padded = write(ds, tmp_path / "padded.dcm")
+    assert padded.stat().st_size < 100_000
+    check_inflated_size(padded, limit=5_000_000)
+    with pytest.raises(RejectedInput, match="inflates to more than 3 MB") as caught:
+        check_inflated_size(padded, limit=3_000_000)
+    assert caught.value.code == RejectCode.UNSUPPORTED
 
 
 def test_study_uid_that_is_not_a_dicom_uid_is_rejected_at_discovery(
