@@ -301,6 +301,20 @@ def test_compressed_stream_bigger_than_the_header_is_rejected_before_decoding(
     assert caught.value.code == RejectCode.UNREADABLE
 
 
+def test_native_pixels_with_the_high_bit_not_at_bits_stored_are_rejected(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    """12 bits at the top of the 16-bit cell (HighBit 15): decoders keep the low bits."""
+    ds = base_dataset(png_pixels(sample_png).astype(np.uint16) << 8, bits=12)
+    ds.HighBit = 15
+    with pytest.raises(RejectedInput, match="high bit 15 with 12 bits stored") as caught:
+        read_dicom_image(write(ds, tmp_path / "top.dcm"), MAX_PIXELS)
+    assert caught.value.code == RejectCode.UNSUPPORTED
+    ds = base_dataset(png_pixels(sample_png).astype(np.uint16) << 4, bits=12)
+    assert ds.HighBit == 11
+    assert read_dicom_image(write(ds, tmp_path / "low.dcm"), MAX_PIXELS).gray.std() > 0.1
+
+
 def test_deflated_file_that_inflates_past_the_limit_is_rejected_before_parsing(
     sample_png: Path, tmp_path: Path
 ) -> None:

@@ -31,6 +31,7 @@ from pydicom.uid import (
     JPEG2000TransferSyntaxes,
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
+    UncompressedTransferSyntaxes,
 )
 
 from config.settings import DEFAULT_MAX_PIXELS
@@ -265,9 +266,25 @@ def check_decodable(ds: Dataset, max_pixels: int) -> None:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise RejectedInput(RejectCode.UNSUPPORTED, f"multi-frame image ({frames} frames)")
+    check_bit_layout(ds)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     check_dimensions(rows, cols, max_pixels)
     check_encoded_size(ds, rows, cols)
+
+
+def check_bit_layout(ds: Dataset) -> None:
+    """Native pixel cells must hold their bits from bit 0 (HighBit = BitsStored - 1, as
+    PS3.5 8.1.1 now requires). Legacy exports put 12 bits at the top of the word
+    (HighBit 15); decoders keep the low bits, and a scrambled film would be screened."""
+    if transfer_syntax(ds) not in ("", *UncompressedTransferSyntaxes):
+        return  # a compressed stream carries its own precision
+    stored, high = ds.get("BitsStored"), ds.get("HighBit")
+    if stored is not None and high is not None and int(high) != int(stored) - 1:
+        raise RejectedInput(
+            RejectCode.UNSUPPORTED,
+            f"high bit {int(high)} with {int(stored)} bits stored (pixel cells with the bits "
+            "not from bit 0, a retired layout)",
+        )
 
 
 def check_dimensions(rows: int, cols: int, max_pixels: int) -> None:
