@@ -301,6 +301,50 @@ def test_compressed_stream_bigger_than_the_header_is_rejected_before_decoding(
     assert caught.value.code == RejectCode.UNREADABLE
 
 
+def _exif_turned(upright: np.ndarray, path: Path) -> None:
+    """Stored a quarter turn anticlockwise, with EXIF Orientation 6 (turn clockwise to view)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(upright)).save(path, exif=exif)
+
+
+def _transparent_margin_over_white(upright: np.ndarray, path: Path) -> None:
+    rgba = np.dstack([upright] * 3 + [np.full_like(upright, 255)])
+    rgba[:20], rgba[:, :20] = (255, 255, 255, 0), (255, 255, 255, 0)
+    Image.fromarray(rgba, "RGBA").save(path)
+
+
+def _float_tiff(upright: np.ndarray, path: Path) -> None:
+    Image.fromarray(upright.astype(np.float32) / 255.0, "F").save(path)
+
+
+@pytest.mark.parametrize(
+    ("save", "name"),
+    [
+        (_exif_turned, "turned.png"),
+        (_transparent_margin_over_white, "margin.png"),
+        (_float_tiff, "film.tif"),
+    ],
+    ids=["exif-orientation", "alpha-on-black", "float-tiff"],
+)
+def test_a_picture_reaches_the_model_as_a_viewer_shows_it(
+    save: Callable[[np.ndarray, Path], None], name: str, sample_png: Path, tmp_path: Path
+) -> None:
+    upright = png_pixels(sample_png)
+    save(upright, tmp_path / name)
+    expected = upright.astype(np.float32) / 255.0
+    if name == "margin.png":  # transparency flattened on black, as the training PNGs were
+        expected[:20], expected[:, :20] = 0.0, 0.0
+    np.testing.assert_allclose(load_picture(tmp_path / name), expected, atol=1e-6)
+
+
+def test_a_blank_picture_is_rejected_like_a_blank_dicom_image(tmp_path: Path) -> None:
+    Image.fromarray(np.full((256, 256), 128, np.uint8)).save(tmp_path / "blank.png")
+    with pytest.raises(RejectedInput, match=r"image is blank \(one grey level\)") as caught:
+        load_picture(tmp_path / "blank.png")
+    assert caught.value.code == RejectCode.UNREADABLE
+
+
 def test_native_pixels_with_the_high_bit_not_at_bits_stored_are_rejected(
     sample_png: Path, tmp_path: Path
 ) -> None:

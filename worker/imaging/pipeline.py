@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
@@ -41,7 +41,12 @@ from worker.imaging.dicom import (
 )
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
-from worker.imaging.pixels import block_reduce_mean, display_gray, shrinks_before_display
+from worker.imaging.pixels import (
+    block_reduce_mean,
+    check_not_blank,
+    display_gray,
+    shrinks_before_display,
+)
 
 # Versions model_input, the step from a display grey image to the network input. Fixes
 # that bring a DICOM file to the display its PNG export shows (LUTs, padding, orientation)
@@ -49,6 +54,7 @@ from worker.imaging.pixels import block_reduce_mean, display_gray, shrinks_befor
 PREPROCESSING_VERSION = "2"
 WORKING_SIDE = 512
 BORDER_FRACTION = 0.10
+DEEP_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
 PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 # JPEG 2000 that Pillow's OpenJPEG can decode at a reduced resolution (not HTJ2K).
 REDUCIBLE_JPEG2000_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
@@ -183,21 +189,35 @@ def decode_jpeg2000_reduced(ds: Dataset, working_side: int) -> np.ndarray | None
 
 
 def load_picture(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A PNG/JPEG (8- or 16-bit greyscale or colour) as grey in [0, 1], after the same
-    size gate as DICOM (read from the header, before the pixels are decoded)."""
+    """A PNG/JPEG/TIFF as grey in [0, 1], shown as a viewer shows it, after the same size
+    gate as DICOM (read from the header, before the pixels are decoded); a blank picture
+    is rejected as a blank DICOM image is."""
     try:
         with Image.open(path) as img:
             check_dimensions(img.height, img.width, max_pixels)
-            if img.mode in ("I;16", "I;16B", "I"):
-                array = np.asarray(img, dtype=np.float32)
-                return array / max(float(array.max()), 1.0)
-            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+            gray = picture_gray(ImageOps.exif_transpose(img))
     except Image.DecompressionBombError as exc:
         raise RejectedInput(
             RejectCode.UNSUPPORTED, f"image is over the size limit ({exc})"
         ) from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise RejectedInput(RejectCode.UNREADABLE, f"not a readable image ({exc})") from exc
+    check_not_blank(gray, where="")
+    return gray
+
+
+def picture_gray(img: Image.Image) -> np.ndarray:
+    """8-bit grey or colour as value / 255; deeper grey (16-bit, 32-bit, float) as value /
+    its maximum. The EXIF orientation is applied by the caller; transparent areas are
+    flattened on black, as the training PNGs were."""
+    if img.mode in DEEP_GREY_MODES:
+        array = np.asarray(img, dtype=np.float32)
+        peak = float(np.nanmax(array)) if array.size else 0.0
+        return np.clip(array / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(array)
+    if "A" in img.getbands() or "transparency" in img.info:
+        black = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, img.convert("RGBA"))
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
 
 
 def is_picture(path: str | Path) -> bool:

@@ -107,13 +107,11 @@ def is_inverted(ds: Dataset) -> bool:
     return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
-def check_not_blank(gray: np.ndarray) -> None:
+def check_not_blank(gray: np.ndarray, where: str = " after the window or LUT") -> None:
     if not np.isfinite(gray).all():
         raise RejectedInput(RejectCode.UNREADABLE, "pixel values are not finite (NaN or inf)")
     if float(gray.max()) - float(gray.min()) < BLANK_RANGE:
-        raise RejectedInput(
-            RejectCode.UNREADABLE, "image is blank (one grey level after the window or LUT)"
-        )
+        raise RejectedInput(RejectCode.UNREADABLE, f"image is blank (one grey level{where})")
 
 
 def modality_values(ds: Dataset, values: np.ndarray, lut: LookupTable | None) -> np.ndarray:
