@@ -23,7 +23,6 @@ chart.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ import numpy as np
 
 from training import CLASS_NAMES
 from training.data import Sample, list_samples, load_or_reason, split_dir
+from training.predict import write_csv_row
 from training.robustness import SHIFTS, GrayTransform
 from training.train import (
     DEFAULT_TARGET_SENSITIVITY,
@@ -696,9 +696,9 @@ def store_threshold(model_dir: Path, y: np.ndarray, p: np.ndarray, scored_with: 
 def write_predictions(samples: Sequence[Sample], probs: np.ndarray, path: Path) -> None:
     # backslashreplace: a file name that is not UTF-8 still gives a valid UTF-8 CSV
     with path.open("w", newline="", encoding="utf-8", errors="backslashreplace") as stream:
-        writer = csv.writer(stream, lineterminator="\n")
-        writer.writerow(("path", "label", "covid_probability"))
-        writer.writerows((s.path, s.label, f"{q:.6f}") for s, q in zip(samples, probs, strict=True))
+        write_csv_row(stream, ("path", "label", "covid_probability"))
+        for sample, q in zip(samples, probs, strict=True):
+            write_csv_row(stream, (sample.path, sample.label, f"{q:.6f}"))
 
 
 def _num(value: float | None, digits: int = 4) -> str:

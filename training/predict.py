@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -86,12 +86,22 @@ def predict_paths(
     yield from flush()
 
 
+def write_csv_row(stream: TextIO, fields: Sequence[object]) -> None:
+    """One CSV row ending in "\\n", with any field holding "\\r" or "\\n" quoted.
+
+    Python 3.11's csv writer quotes only the characters of its line terminator, so with
+    "\\n" a file name holding a carriage return would split its row: the row is written
+    with "\\r\\n" and the terminator shortened afterwards."""
+    line = io.StringIO()
+    csv.writer(line, lineterminator="\r\n").writerow(fields)
+    stream.write(line.getvalue().removesuffix("\r\n") + "\n")
+
+
 def write_csv(predictions: Iterable[Prediction], stream: TextIO) -> int:
-    writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    write_csv_row(stream, COLUMNS)
     n = 0
     for pred in predictions:
-        writer.writerow(pred.row())
+        write_csv_row(stream, pred.row())
         stream.flush()
         n += 1
     return n

@@ -58,6 +58,19 @@ def sample_png(cxr_dir: Path) -> Path:
     return sorted((cxr_dir / "test" / "covid").glob("*.png"))[0]
 
 
+@pytest.fixture(scope="session")
+def csv_awkward_names() -> tuple[str, ...]:
+    """File names a CSV row must quote to survive being read back."""
+    return (
+        "carriage\rreturn.png",
+        "new\nline.png",
+        "both\r\nends.png",
+        "comma,name.png",
+        'quote"name.png',
+        "tab\tname.png",
+    )
+
+
 @pytest.fixture()
 def bad_files(tmp_path: Path) -> dict[str, Path]:
     empty = tmp_path / "empty.png"

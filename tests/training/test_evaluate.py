@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from training.data import Sample
 from training.evaluate import (
     binary_metrics,
     bootstrap_auc,
@@ -20,6 +21,7 @@ from training.evaluate import (
     evaluate,
     lungs_hidden,
     predictive_values,
+    write_predictions,
 )
 from training.robustness import SHIFTS
 from training.train import threshold_for_sensitivity, threshold_rule
@@ -120,6 +122,20 @@ def test_unreadable_files_and_odd_names_are_reported_not_fatal(
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 8 and all(set(r) == {"path", "label", "covid_probability"} for r in rows)
     assert 'a,b "c"\\udcff.png' in {Path(r["path"]).name for r in rows}
+
+
+def test_predictions_csv_gives_one_row_per_file_whatever_its_name(
+    csv_awkward_names: tuple[str, ...], tmp_path: Path
+) -> None:
+    samples = [Sample(tmp_path / "covid" / name, "covid") for name in csv_awkward_names]
+    probs = np.linspace(0.1, 0.9, len(samples))
+    write_predictions(samples, probs, tmp_path / "predictions.csv")
+    with (tmp_path / "predictions.csv").open(newline="", encoding="utf-8") as stream:
+        rows = list(csv.reader(stream))
+    assert rows[0] == ["path", "label", "covid_probability"]
+    assert rows[1:] == [
+        [str(s.path), "covid", f"{q:.6f}"] for s, q in zip(samples, probs, strict=True)
+    ]
 
 
 def test_a_split_with_one_class_gives_a_report(

@@ -91,6 +91,24 @@ def test_predict_matches_the_classifier_on_model_input(
     assert float(row["covid_probability"]) == pytest.approx(float(expected), abs=1e-6)
 
 
+def test_csv_rows_survive_line_breaks_commas_quotes_and_tabs_in_file_names(
+    shipped_model: Path, sample_png: Path, csv_awkward_names: tuple[str, ...], tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in csv_awkward_names:
+        (folder / name).symlink_to(sample_png)
+    out = tmp_path / "out.csv"
+    assert predict_to_csv([folder], shipped_model, out) == len(csv_awkward_names)
+    assert out.read_bytes().startswith(",".join(COLUMNS).encode() + b"\n")
+    with out.open(newline="", encoding="utf-8") as stream:
+        header, *rows = csv.reader(stream)
+    assert header == list(COLUMNS)
+    assert sorted(Path(row[0]).name for row in rows) == sorted(csv_awkward_names)
+    assert {len(row) for row in rows} == {len(COLUMNS)}
+    assert {row[3] for row in rows} == {"screened"}
+
+
 @pytest.fixture
 def odd_names(sample_png: Path, tmp_path: Path) -> Path:
     """A folder with a film whose name is not UTF-8 (film<0xff>.png) and a plain z.png."""
