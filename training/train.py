@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,12 @@ def threshold_rule(target: float) -> str:
     )
 
 
+def fewest_positives(target: float, n: int) -> int:
+    """The fewest of ``n`` positives whose share reaches ``target``, in exact arithmetic:
+    in floating point 0.81 * 300 is 243.00000000000003, whose ceiling asks for 244."""
+    return math.ceil(Fraction(str(target)) * n)
+
+
 def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> float:
     """The midpoint between the k-th highest positive score, k the fewest positives that
     reach ``target`` sensitivity, and the next lower score of either class (half of it if
@@ -151,7 +158,7 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> fl
     positives = np.sort(p[y == 1])[::-1]
     if len(positives) == 0:
         raise ValueError("no positive (covid) images to choose a threshold on")
-    k = min(len(positives), max(1, math.ceil(target * len(positives))))
+    k = min(len(positives), max(1, fewest_positives(target, len(positives))))
     score = float(positives[k - 1])
     lower = p[p < score]
     return (score + (float(lower.max()) if len(lower) else 0.0)) / 2

@@ -38,6 +38,28 @@ def test_threshold_keeps_the_highest_thresholds_counts_with_a_margin() -> None:
     assert threshold_for_sensitivity(y, p, 1.0) == pytest.approx(p.min() / 2)
 
 
+@pytest.mark.parametrize(
+    ("target", "n_covid", "kept"),
+    [
+        (0.81, 300, 243),
+        (0.56, 25, 14),
+        (0.55, 100, 55),
+        (0.68, 75, 51),
+        (0.97, 200, 194),
+        (0.97, 199, 194),
+        (1.0, 7, 7),
+        (0.5, 1, 1),
+    ],
+)
+def test_threshold_keeps_the_fewest_positives_that_reach_the_target(
+    target: float, n_covid: int, kept: int
+) -> None:
+    y = np.array([1] * n_covid + [0] * 50)
+    p = np.concatenate([np.linspace(0.99, 0.3, n_covid), np.linspace(0.0, 0.6, 50)])
+    t = threshold_for_sensitivity(y, p, target)
+    assert int(((p >= t) & (y == 1)).sum()) == kept
+
+
 def test_precision_auto_follows_the_cpu_flags(tmp_path: Path) -> None:
     amx = tmp_path / "amx"
     amx.write_text("flags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n")
