@@ -125,7 +125,13 @@ def counts(samples: Sequence[Sample]) -> dict[str, int]:
 def manifest_sha256(samples: Sequence[Sample], root: Path) -> str:
     """SHA-256 of the sorted ``relative/path<TAB>label`` lines (location independent)."""
     lines = sorted(f"{_relative(s.path, root)}\t{s.label}\n" for s in samples)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    return hashlib.sha256(name_bytes("".join(lines))).hexdigest()
+
+
+def name_bytes(text: str) -> bytes:
+    """UTF-8, with a file name that is not UTF-8 given back as its own bytes (Python
+    holds those as surrogate escapes, which plain ``encode()`` refuses)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -261,14 +267,14 @@ def make_dataset(
 def _decoded_inputs(samples: Sequence[Sample], size: int, training: bool, seed: int) -> Any:
     import tensorflow as tf
 
-    paths = [str(s.path) for s in samples]
+    paths = [os.fsencode(s.path) for s in samples]  # bytes: a name need not be UTF-8
     targets = np.array([s.target for s in samples], np.float32)
     ds = tf.data.Dataset.from_tensor_slices((paths, targets))
     if training:
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
 
     def _load(path: Any) -> tuple[np.ndarray, bool]:
-        return try_load(path.decode() if isinstance(path, bytes) else str(path), size)
+        return try_load(os.fsdecode(path), size)
 
     def _map(path: Any, y: Any) -> tuple[Any, Any, Any]:
         x, ok = tf.numpy_function(_load, [path], [tf.float32, tf.bool], stateful=False)
@@ -322,7 +328,7 @@ class InputCache:
         folder.mkdir(parents=True, exist_ok=True)
         header = f"{PREPROCESSING_VERSION}\n{size}\n"
         key = hashlib.sha256(
-            (header + "".join(f"{s.path}\t{s.label}\n" for s in samples)).encode()
+            name_bytes(header + "".join(f"{s.path}\t{s.label}\n" for s in samples))
         ).hexdigest()[:16]
         path, targets_path = folder / f"inputs-{key}.f32", folder / f"targets-{key}.npy"
         if not targets_path.exists():

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,15 @@ def test_manifest_hash_does_not_follow_links_out_of_the_data_folder(tmp_path: Pa
             manifest_sha256([Sample(tmp_path / copy / "covid" / "a.png", "covid")], tmp_path / copy)
         )
     assert hashes[0] == hashes[1]
+
+
+def test_manifest_hash_covers_the_bytes_of_names_that_are_not_utf8(tmp_path: Path) -> None:
+    """Such a name hashes as its bytes; UTF-8 names hash as before."""
+    odd = Sample(tmp_path / "covid" / os.fsdecode(b"film\xe9.png"), "covid")
+    assert manifest_sha256([odd], tmp_path) == sha256(b"covid/film\xe9.png\tcovid\n").hexdigest()
+    plain = Sample(tmp_path / "covid" / "film\xe9.png", "covid")
+    expected = sha256("covid/film\xe9.png\tcovid\n".encode()).hexdigest()
+    assert manifest_sha256([plain], tmp_path) == expected
 
 
 def test_class_weights_balance_the_classes() -> None:
@@ -182,6 +193,22 @@ def test_a_missing_file_is_named_as_missing_wherever_it_is_loaded(
     for path, what in [("moved.png", "broken symbolic link"), ("never.dcm", "no such file")]:
         x, reason = load_or_reason(tmp_path / path, 32)
         assert x is None and reason == f"unreadable: FileNotFoundError: {what}"
+
+
+def test_a_file_name_that_is_not_utf8_is_read_with_and_without_the_input_cache(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    from training.data import make_dataset, readable_counts
+
+    folder = tmp_path / "train" / "covid"
+    folder.mkdir(parents=True)
+    (folder / os.fsdecode(b"film\xe9.png")).symlink_to(sample_png)
+    samples = list_split(tmp_path, "train")
+    assert readable_counts(samples, 32, tmp_path / "cache") == {"covid": 1}
+    for cache_dir in (tmp_path / "cache", None):
+        ((x, y),) = make_dataset(samples, 32, 4, training=False, cache_dir=cache_dir)
+        np.testing.assert_array_equal(x.numpy()[0], load_input(sample_png, 32))
+        assert y.numpy().reshape(-1).tolist() == [1.0]
 
 
 def test_the_input_cache_is_keyed_on_the_preprocessing_version(
