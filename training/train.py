@@ -31,7 +31,6 @@ from training.data import (
     Augmentation,
     Sample,
     class_weights,
-    counts,
     label_counts,
     list_split,
     make_dataset,
@@ -340,6 +339,20 @@ def callbacks(cfg: TrainConfig, out: Path) -> list[Any]:
     return found
 
 
+def readable_split_counts(
+    samples: list[Sample], split: str, size: int, cache_dir: Path
+) -> dict[str, int]:
+    """Images per label of one split that decode (into the input cache). Each class needs
+    one: train for its class weights, val for early stopping and the threshold."""
+    found = readable_counts(samples, size, cache_dir)
+    unreadable = len(samples) - sum(found.values())
+    if unreadable:
+        log.warning("%d %s images cannot be read and are left out", unreadable, split)
+    if len(found) < 2:
+        raise UserError(f"{split}/ needs readable normal/ and covid/ images")
+    return found
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run one training; returns the model card (also written to ``cfg.out``)."""
 
@@ -356,14 +369,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise UserError("train/ and val/ both need normal/ and covid/ images")
     cache_dir = out / INPUT_CACHE_DIR
     try:
-        used = readable_counts(train_samples, size, cache_dir)
+        used = readable_split_counts(train_samples, "train", size, cache_dir)
         unreadable = len(train_samples) - sum(used.values())
-        if unreadable:
-            log.warning("%d training images cannot be read and are left out", unreadable)
-        if len(used) < 2:
-            raise UserError("train/ needs readable normal/ and covid/ images")
+        val_used = readable_split_counts(val_samples, "val", size, cache_dir)
         weights = class_weights(used)
-        log.info("train %s, val %s, class weights %s", used, counts(val_samples), weights)
+        log.info("train %s, val %s, class weights %s", used, val_used, weights)
         train_ds = make_dataset(
             train_samples,
             size,

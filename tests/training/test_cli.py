@@ -70,3 +70,22 @@ def test_train_stops_when_a_class_has_no_readable_image(
     assert result.exit_code == 2, result.output
     assert "needs readable normal/ and covid/ images" in result.output
     assert not (tmp_path / "model" / ".input-cache").exists()
+
+
+def test_train_stops_before_fitting_when_val_has_no_readable_image_of_a_class(
+    cxr_dir: Path, bad_files: dict[str, Path], tmp_path: Path
+) -> None:
+    """Every val covid file is unreadable: no early stopping or threshold on covid."""
+    data = tmp_path / "data"
+    linked = [("train", "normal"), ("train", "covid"), ("val", "normal")]
+    for split, label in linked:
+        (data / split / label).mkdir(parents=True)
+        for png in sorted((cxr_dir / split / label).glob("*.png"))[:4]:
+            (data / split / label / png.name).symlink_to(png)
+    (data / "val" / "covid").mkdir()
+    (data / "val" / "covid" / "empty.png").symlink_to(bad_files["empty"])
+    args = ["--out", str(tmp_path / "model"), "--image-size", "32", "--epochs", "1"]
+    result = runner.invoke(app, ["train", str(data), *args])
+    assert result.exit_code == 2, result.output
+    assert "val/ needs readable normal/ and covid/ images" in result.output
+    assert not any((tmp_path / "model").iterdir())  # no history.csv: fitting never began
