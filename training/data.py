@@ -2,7 +2,7 @@
 
 Layout: ``DATA_DIR/<split>/<label>/...`` with labels ``normal``, ``covid`` and optionally
 ``pneumonia``; files are PNG/JPEG (any picture ``load_gray`` reads) or DICOM (``.dcm``,
-``.dicom`` or no suffix), found recursively.
+``.dicom`` or no suffix), found recursively (linked folders included).
 
 Every image reaches the network as ``model_input(load_gray(path), size)`` - the worker's
 own pipeline (border crop, resize, histogram equalisation). Augmentation is applied on
@@ -73,7 +73,35 @@ def is_image_file(path: Path) -> bool:
 
 
 def walk_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if is_image_file(p))
+    return [p for p in walk_files(folder) if is_image_file(p)]
+
+
+def walk_files(folder: Path) -> list[Path]:
+    """Every non-folder entry under ``folder`` (broken symbolic links included), sorted.
+    Links to folders are followed, but each real folder is walked once, under the first
+    name met in sorted order, so a link loop ends."""
+    walked = {_identity(Path(folder))}
+    found: list[Path] = []
+    for root, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = [name for name in sorted(folders) if _first_visit(Path(root, name), walked)]
+        found += (Path(root, name) for name in files)
+    return sorted(found)
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    status = folder.stat()
+    return status.st_dev, status.st_ino
+
+
+def _first_visit(folder: Path, walked: set[tuple[int, int]]) -> bool:
+    try:
+        identity = _identity(folder)
+    except OSError:  # gone or unreadable since it was listed
+        return False
+    if identity in walked:
+        return False
+    walked.add(identity)
+    return True
 
 
 def split_dir(data_dir: Path, split: str) -> Path:

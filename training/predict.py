@@ -19,7 +19,7 @@ from typing import TextIO
 import numpy as np
 
 from training import CLASS_NAMES
-from training.data import is_broken_link, load_or_reason
+from training.data import is_broken_link, load_or_reason, walk_files
 from worker.imaging.enum import Status
 from worker.model import Classifier
 
@@ -41,12 +41,12 @@ class Prediction:
 
 
 def expand(paths: Iterable[Path]) -> Iterator[Path]:
-    """Files as given, folders walked recursively in sorted order (broken symbolic links
-    included, so they get a row rather than vanishing)."""
+    """Files as given, folders walked recursively in sorted order, linked folders included
+    (broken symbolic links included, so they get a row rather than vanishing)."""
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            for child in sorted(path.rglob("*")):
+            for child in walk_files(path):
                 if (child.is_file() or is_broken_link(child)) and not any(
                     part.startswith(".") for part in child.relative_to(path).parts
                 ):

@@ -50,6 +50,27 @@ def test_list_split_needs_the_split_folder_itself(cxr_dir: Path) -> None:
             list_split(flat, split)
 
 
+def test_linked_sub_folders_are_walked_once_each(tmp_path: Path) -> None:
+    """Files in a linked folder are listed; a link loop and a second link to the same
+    folder add nothing."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("b.png", "a.png"):
+        (store / name).write_bytes(b"x")
+    covid = tmp_path / "data" / "train" / "covid"
+    covid.mkdir(parents=True)
+    (covid / "x.png").write_bytes(b"x")
+    (covid / "ward7").symlink_to(store)
+    (covid / "ward9").symlink_to(store)
+    (covid / "loop").symlink_to(covid)
+    samples = list_split(tmp_path / "data", "train")
+    assert [s.path.relative_to(covid).as_posix() for s in samples] == [
+        "ward7/a.png",
+        "ward7/b.png",
+        "x.png",
+    ]
+
+
 def test_manifest_hash_is_order_and_location_independent(tmp_path: Path) -> None:
     a = [
         Sample(tmp_path / "covid" / "a.png", "covid"),

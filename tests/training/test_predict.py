@@ -79,6 +79,27 @@ def test_folders_are_walked_recursively(
     assert "broken symbolic link" in rows["moved.png"]["reason"]
 
 
+def test_linked_sub_folders_are_walked_once_each(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    scans, elsewhere = tmp_path / "scans", tmp_path / "elsewhere"
+    for folder in (scans, elsewhere):
+        folder.mkdir()
+    for name in ("z.png", "a.png"):
+        (elsewhere / name).symlink_to(sample_png)
+    (scans / "m.png").symlink_to(sample_png)
+    (scans / "ward7").symlink_to(elsewhere)
+    (scans / "ward9").symlink_to(elsewhere)
+    (scans / "loop").symlink_to(scans)
+    rows = _rows([scans], shipped_model)
+    assert [Path(r["path"]).relative_to(scans).as_posix() for r in rows] == [
+        "m.png",
+        "ward7/a.png",
+        "ward7/z.png",
+    ]
+    assert {r["status"] for r in rows} == {"screened"}
+
+
 def test_predict_matches_the_classifier_on_model_input(
     shipped_model: Path, sample_png: Path
 ) -> None:
