@@ -536,12 +536,10 @@ def evaluate(
     n_bootstrap: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """With ``rethreshold`` (validation split only) the card's threshold is chosen again on
+    """With ``rethreshold`` (``DATA_DIR/val/`` only) the card's threshold is chosen again on
     this split's scores with the current rule and stored, with metrics.val, in the card."""
-    if rethreshold and split != "val":
-        raise UserError("the threshold is chosen on the validation split: use --split val")
-    if rethreshold and write_card:
-        raise UserError("--rethreshold stores metrics.val in the card itself: drop --write-card")
+    if rethreshold:
+        check_rethreshold(Path(data_dir), split, write_card)
     model_dir, out = Path(model_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = split_dir(data_dir, split)
@@ -566,8 +564,10 @@ def evaluate(
     y, p = y_all[ok], probs[ok]
     good = [s for s, k in zip(samples, ok, strict=True) if k]
     readable = [s.path for s in good]
+    card_change = None
     if rethreshold:
-        threshold = store_threshold(model_dir, y, p, "keras" if use_keras else "tflite")
+        card_change = store_threshold(model_dir, y, p, "keras" if use_keras else "tflite")
+        threshold = card_change["threshold"]
     m = binary_metrics(y, p, threshold, n_bootstrap, seed)
     metrics: dict[str, Any] = {
         "model": scorer.card.model_version,
@@ -578,6 +578,8 @@ def evaluate(
         **m,
         "rejected": [{"path": str(pth), "reason": r} for pth, r in rejected],
     }
+    if card_change is not None:
+        metrics["card_threshold"] = card_change
     if pneumonia:
         pp, _ = score_files([s.path for s in pneumonia], scorer, size)
         pp = pp[~np.isnan(pp)]
@@ -680,17 +682,51 @@ def _store_in_card(model_dir: Path, split: str, metrics: dict[str, Any]) -> None
     card_path.write_text(to_json(card))
 
 
-def store_threshold(model_dir: Path, y: np.ndarray, p: np.ndarray, scored_with: str) -> float:
+def check_rethreshold(data_dir: Path, split: str, write_card: bool) -> None:
+    """--rethreshold needs a real ``DATA_DIR/val/``: ``split_dir`` falls back to DATA_DIR
+    itself, so ``DATA/test --split val`` would choose the threshold on the test images."""
+    if split != "val":
+        raise UserError("the threshold is chosen on the validation split: use --split val")
+    if write_card:
+        raise UserError("--rethreshold stores metrics.val in the card itself: drop --write-card")
+    if not (data_dir / "val").is_dir():
+        raise UserError(
+            f"--rethreshold chooses the threshold on DATA_DIR/val/ and {data_dir} has no val/ "
+            "folder: pass the folder that holds val/"
+        )
+
+
+def store_threshold(
+    model_dir: Path, y: np.ndarray, p: np.ndarray, scored_with: str
+) -> dict[str, Any]:
     """Choose the threshold on validation scores (y, p) with the current rule and store it,
-    the rule and metrics.val in the model card; returns the threshold."""
+    the rule and metrics.val in the model card. Stored figures of other splits at another
+    threshold (metrics.test) no longer describe the card and are cleared. Returns the
+    previous and the new threshold and the cleared splits."""
     card_path = Path(model_dir) / CARD_FILE
     card = json.loads(card_path.read_text())
     target = float(card.get("target_sensitivity", DEFAULT_TARGET_SENSITIVITY))
     chosen = threshold_fields(y, p, target)
+    change = {
+        "previous": card["threshold"],
+        "threshold": float(chosen["threshold"]),
+        "cleared": stale_metrics(card.get("metrics", {}), chosen["threshold"]),
+    }
     card["threshold"], card["threshold_rule"] = chosen["threshold"], chosen["threshold_rule"]
-    card.setdefault("metrics", {})["val"] = {**chosen["val"], "scored_with": scored_with}
+    metrics = card.setdefault("metrics", {})
+    metrics["val"] = {**chosen["val"], "scored_with": scored_with}
+    metrics.update(dict.fromkeys(change["cleared"]))
     card_path.write_text(to_json(card))
-    return float(chosen["threshold"])
+    return change
+
+
+def stale_metrics(metrics: dict[str, Any], threshold: float) -> list[str]:
+    """The stored splits other than val whose figures are not at ``threshold``."""
+    return sorted(
+        split
+        for split, figures in metrics.items()
+        if split != "val" and figures is not None and figures.get("threshold") != threshold
+    )
 
 
 def write_predictions(samples: Sequence[Sample], probs: np.ndarray, path: Path) -> None:
@@ -704,6 +740,19 @@ def write_predictions(samples: Sequence[Sample], probs: np.ndarray, path: Path) 
 def _num(value: float | None, digits: int = 4) -> str:
     """A figure for the report; "n/a" when undefined (None or NaN)."""
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def card_change_text(change: dict[str, Any]) -> list[str]:
+    lines = [
+        f"card threshold {change['previous']:.4f} -> {change['threshold']:.4f}, chosen on "
+        "this split and stored with metrics.val"
+    ]
+    for split in change["cleared"]:
+        lines.append(
+            f"removed metrics.{split} from the card: its figures were at another threshold "
+            f"(evaluate {split}/ with --write-card again)"
+        )
+    return lines
 
 
 def summary_text(m: dict[str, Any]) -> str:
@@ -747,4 +796,6 @@ def summary_text(m: dict[str, Any]) -> str:
                 for k, v in m["robustness"]["shifts"].items()
             )
         )
+    if "card_threshold" in m:
+        lines += card_change_text(m["card_threshold"])
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from training.evaluate import (
     evaluate,
     lungs_hidden,
     predictive_values,
+    store_threshold,
     write_predictions,
 )
 from training.robustness import SHIFTS
@@ -194,8 +195,50 @@ def test_rethreshold_stores_the_validation_threshold_in_the_card(
     assert card["threshold_rule"] == threshold_rule(0.97)
     val = card["metrics"]["val"]
     assert val["n"] == 20 and val["sensitivity"] == 1.0 and val["scored_with"] == "tflite"
-    assert (
-        val["threshold"]
-        == card["threshold"]
-        != json.loads((shipped_model / "model_card.json").read_text())["threshold"]
-    )
+    shipped = json.loads((shipped_model / "model_card.json").read_text())
+    assert val["threshold"] == card["threshold"] != shipped["threshold"]
+    # the shipped test figures were at the old threshold
+    assert shipped["metrics"]["test"]["threshold"] == shipped["threshold"]
+    assert card["metrics"]["test"] is None
+    assert "removed metrics.test from the card" in result.output
+
+
+def test_rethreshold_refuses_a_folder_without_val(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """DATA/test --split val would fall back to DATA/test itself: the test images."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    model = tmp_path / "model"
+    shutil.copytree(shipped_model, model, ignore=shutil.ignore_patterns("evaluation"))
+    card_before = (model / "model_card.json").read_bytes()
+    test = _sample_folder(tmp_path / "data" / "test", cxr_dir, "test", {"normal": 3, "covid": 3})
+    args = ["evaluate", str(test), "--model", str(model), "--out", str(tmp_path / "e")]
+    result = CliRunner().invoke(app, [*args, "--split", "val", "--rethreshold"])
+    assert result.exit_code == 2, result.output
+    assert "has no val/ folder" in result.output
+    assert (model / "model_card.json").read_bytes() == card_before
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_new_threshold_clears_the_test_figures_and_the_same_one_keeps_them(
+    shipped_model: Path, tmp_path: Path
+) -> None:
+    y = np.array([1] * 20 + [0] * 30)
+    p = np.concatenate([np.linspace(0.4, 0.99, 20), np.linspace(0.0, 0.5, 30)])
+    threshold = threshold_for_sensitivity(y, p, 0.97)
+    card = json.loads((shipped_model / "model_card.json").read_text())
+    card["threshold"] = card["metrics"]["test"]["threshold"] = threshold
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+
+    same = store_threshold(tmp_path, y, p, "tflite")
+    kept = json.loads((tmp_path / "model_card.json").read_text())["metrics"]["test"]
+    assert same == {"previous": threshold, "threshold": threshold, "cleared": []}
+    assert kept == card["metrics"]["test"]
+
+    other = store_threshold(tmp_path, y, p * 0.9, "tflite")
+    assert other["previous"] == threshold != other["threshold"] and other["cleared"] == ["test"]
+    stored = json.loads((tmp_path / "model_card.json").read_text())
+    assert stored["threshold"] == other["threshold"] and stored["metrics"]["test"] is None
