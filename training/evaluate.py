@@ -425,23 +425,26 @@ def plot_reliability(m: dict[str, Any], path: Path, title: str) -> None:
 def grad_cam(model: Any, inputs: np.ndarray, signs: np.ndarray) -> np.ndarray:
     """Grad-CAM maps (N,S,S) in [0,1] for the logit of covid (sign +1) or normal (-1).
 
-    For an ensemble (members nested as sub-models) the members' maps are averaged.
+    For an ensemble (whole classifiers nested as members) the members' maps are averaged.
     """
     import keras
     import tensorflow as tf
 
-    from training.models import last_conv_layer
+    from training.models import feature_map, is_classifier
 
-    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    size = inputs.shape[1]
+    members = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.Model) and is_classifier(layer, size)
+    ]
     if members:
         cams = np.mean([grad_cam(member, inputs, signs) for member in members], axis=0)
         peak = cams.reshape(len(cams), -1).max(axis=1).reshape(-1, 1, 1)
         return np.asarray(cams / np.maximum(peak, 1e-8))
 
     head = model.layers[-1]
-    features = keras.Model(
-        model.inputs, [model.get_layer(last_conv_layer(model)).output, head.input]
-    )
+    features = keras.Model(model.inputs, [feature_map(model), head.input])
     x = tf.convert_to_tensor(inputs, tf.float32)
     with tf.GradientTape() as tape:
         conv, pooled = features(x, training=False)
@@ -450,7 +453,6 @@ def grad_cam(model: Any, inputs: np.ndarray, signs: np.ndarray) -> np.ndarray:
     grads = tape.gradient(score, conv)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * conv, axis=-1))
-    size = inputs.shape[1]
     cam = tf.image.resize(cam[..., None], (size, size))[..., 0].numpy()
     peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
     return cam / np.maximum(peak, 1e-8)

@@ -19,6 +19,7 @@ from typing import Any
 ARCHITECTURES = ("compact", "residual", "alexnet", "vgg16", "inceptionv3")
 DEFAULT_SIZES = {"compact": 160, "residual": 160, "alexnet": 224, "vgg16": 224, "inceptionv3": 299}
 MIN_SIZES = {"compact": 32, "residual": 32, "alexnet": 96, "vgg16": 32, "inceptionv3": 75}
+HEAD = "covid"  # the name of every network's sigmoid unit
 
 
 def build_model(arch: str, image_size: int, weights: str | Path | None = None) -> Any:
@@ -182,13 +183,23 @@ def _probability(x: Any) -> Any:
     probability would have 8 bits of mantissa)."""
     from keras import layers
 
-    return layers.Dense(1, activation="sigmoid", dtype="float32", name="covid")(x)
+    return layers.Dense(1, activation="sigmoid", dtype="float32", name=HEAD)(x)
 
 
-def last_conv_layer(model: Any) -> str:
-    """Name of the last 4-D feature map layer (for Grad-CAM)."""
+def is_classifier(model: Any, size: int) -> bool:
+    """A whole network of this module at ``size``: the (S,S,1) image in, the covid unit out.
+    (The application base nested in vgg16 / inceptionv3 takes three channels and ends in
+    a feature map.)"""
+    return tuple(model.inputs[0].shape[1:]) == (size, size, 1) and model.layers[-1].name == HEAD
+
+
+def feature_map(model: Any) -> Any:
+    """The last 4-D feature map of ``model``'s own graph (for Grad-CAM): the input of the
+    layer that pools or flattens it into a vector. For vgg16 / inceptionv3 it is the
+    nested application's output, whose own layers are not in this graph."""
     for layer in reversed(model.layers):
-        shape = getattr(layer, "output", None)
-        if shape is not None and len(layer.output.shape) == 4 and not hasattr(layer, "layers"):
-            return str(layer.name)
+        if hasattr(layer, "layers") or isinstance(layer.input, list):
+            continue  # a nested model's own input, or a merge of several tensors
+        if len(layer.input.shape) == 4 and len(layer.output.shape) == 2:
+            return layer.input
     raise ValueError(f"{model.name} has no 4-D feature map to explain")

@@ -72,6 +72,23 @@ def test_audit_masks() -> None:
     np.testing.assert_array_equal(h[:, 38:42], gray[:, 38:42])  # mediastinum visible
 
 
+@pytest.mark.parametrize(("arch", "size"), [("vgg16", 64), ("inceptionv3", 75)])
+def test_grad_cam_explains_a_model_built_on_a_nested_application(arch: str, size: int) -> None:
+    """The application base nested in vgg16 / inceptionv3 is not an ensemble member; an
+    ensemble of such models is still explained member by member."""
+    from training.ensemble import combine
+    from training.evaluate import grad_cam
+    from training.models import build_model
+
+    inputs = np.random.default_rng(0).random((2, size, size, 1)).astype(np.float32)
+    signs = np.array([1.0, -1.0])
+    ensemble = combine([build_model(arch, size) for _ in range(2)], size)
+    for model in (build_model(arch, size), ensemble):
+        cams = grad_cam(model, inputs, signs)
+        assert cams.shape == (2, size, size)
+        assert np.all(np.isfinite(cams)) and cams.min() >= 0.0 and cams.max() <= 1.0 + 1e-6
+
+
 def test_evaluate_audits_the_shipped_model_and_records_them_in_a_card_copy(
     shipped_model: Path, test_sample: Callable[[int], Path], tmp_path: Path
 ) -> None:
