@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -316,6 +317,91 @@ def _transparent_margin_over_white(upright: np.ndarray, path: Path) -> None:
 
 def _float_tiff(upright: np.ndarray, path: Path) -> None:
     Image.fromarray(upright.astype(np.float32) / 255.0, "F").save(path)
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False], ids=["implicit", "explicit"])
+def test_a_data_set_without_file_meta_is_read_in_the_encoding_it_was_parsed_in(
+    implicit_vr: bool, sample_png: Path, tmp_path: Path
+) -> None:
+    """ACR-NEMA style: no preamble, no (0002) group, so no transfer syntax to name."""
+    ds = base_dataset(png_pixels(sample_png))
+    del ds.file_meta
+    path = tmp_path / "bare.dcm"
+    ds.save_as(path, enforce_file_format=False, implicit_vr=implicit_vr, little_endian=True)
+    gray = read_dicom_image(path, MAX_PIXELS).gray
+    np.testing.assert_allclose(gray, png_pixels(sample_png) / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "reason"),
+    [
+        (
+            {"PatientOrientation": ["A", "F"]},
+            RejectCode.NOT_FRONTAL,
+            "patient orientation is of a lateral film",
+        ),
+        (
+            {"PatientOrientation": ["P", "FR"]},
+            RejectCode.NOT_FRONTAL,
+            "patient orientation is of a lateral film",
+        ),
+        (
+            {"PresentationIntentType": "FOR PROCESSING"},
+            RejectCode.UNSUPPORTED,
+            "a For Processing image",
+        ),
+        (
+            {"Modality": "CR\x10\x00PN Doe^Jane"},
+            RejectCode.NOT_CHEST,
+            "modality (unprintable value)",
+        ),
+    ],
+    ids=["orientation-anterior", "orientation-posterior", "for-processing", "corrupt-modality"],
+)
+def test_the_gate_reads_what_the_header_says_of_the_image(
+    change: dict[str, object], code: RejectCode, reason: str, sample_png: Path, tmp_path: Path
+) -> None:
+    ds = base_dataset(png_pixels(sample_png), view=None)
+    for keyword, value in change.items():
+        setattr(ds, keyword, value)
+    with pytest.raises(RejectedInput) as caught:
+        read_dicom_image(write(ds, tmp_path / "x.dcm"), MAX_PIXELS)
+    assert (caught.value.code, caught.value.reason[: len(reason)]) == (code, reason)
+    assert "Doe" not in caught.value.reason
+
+
+def test_a_frontal_patient_orientation_without_a_view_position_is_screened(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    ds = base_dataset(png_pixels(sample_png), view=None)
+    ds.PatientOrientation = ["L", "F"]
+    assert read_dicom_image(write(ds, tmp_path / "x.dcm"), MAX_PIXELS).gray.size
+
+
+def test_a_file_that_cannot_be_read_is_named_without_its_path(tmp_path: Path) -> None:
+    """Export folders are often named after the patient."""
+    folder = tmp_path / "DOE^JANE 19500101"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.dcm")
+    cases = {
+        "gone.dcm": "not a readable DICOM file (FileNotFoundError: No such file or directory)",
+        "pipe.dcm": "not a regular file",
+    }
+    for name, reason in cases.items():
+        with pytest.raises(RejectedInput) as caught:
+            read_dicom_image(folder / name, MAX_PIXELS)
+        assert (caught.value.code, caught.value.reason) == (RejectCode.UNREADABLE, reason)
+
+
+@pytest.mark.parametrize("cut", [141, 153])
+def test_a_file_cut_inside_its_meta_group_is_rejected_unreadable(
+    cut: int, sample_png: Path, tmp_path: Path
+) -> None:
+    path = write(base_dataset(png_pixels(sample_png)), tmp_path / "x.dcm")
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(RejectedInput) as caught:
+        read_dicom_image(path, MAX_PIXELS)
+    assert caught.value.code == RejectCode.UNREADABLE
 
 
 @pytest.mark.parametrize(

@@ -19,15 +19,17 @@ from typing import Any, TypeGuard
 import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
@@ -62,6 +64,12 @@ NON_FRONTAL_VIEWS = frozenset(
     | {"RLO", "LLO", "RAO", "LAO", "RPO", "LPO", "OBL", "OBLIQUE"}
     | {"OBLICUA", "OBLICUO", "OBLÍCUA", "OBLIQUA", "OBLIQUO", "SCHRÄG", "SCHRAEG"}
 )
+SAGITTAL_DIRECTIONS = frozenset({"A", "P"})
+NATIVE_SYNTAXES: dict[tuple[bool | None, bool | None], UID] = {
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
 OPPOSITE_DIRECTION = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
 GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
 UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -99,21 +107,18 @@ class InstanceHeader:
 
 def read_dataset(path: str | Path, *, pixels: bool) -> Dataset:
     """Parse a file, tolerating a missing preamble; any parse failure is a rejection."""
-    check_inflated_size(path)
+    check_regular_file(path)
     try:
+        check_inflated_size(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
-    except (
-        InvalidDicomError,
-        OSError,
-        ValueError,
-        EOFError,
-        KeyError,
-        TypeError,
-        NotImplementedError,
-    ) as exc:
-        raise RejectedInput(RejectCode.UNREADABLE, f"not a readable DICOM file ({exc})") from exc
+    except RejectedInput:
+        raise
+    except Exception as exc:  # pydicom raises many types on truncated or corrupt files
+        raise RejectedInput(
+            RejectCode.UNREADABLE, f"not a readable DICOM file ({describe_read_error(exc)})"
+        ) from exc
     if len(ds) == 0:
         raise RejectedInput(
             RejectCode.UNREADABLE,
@@ -121,36 +126,70 @@ def read_dataset(path: str | Path, *, pixels: bool) -> Dataset:
         )
     if not looks_like_dicom(ds):
         raise RejectedInput(RejectCode.UNREADABLE, "not a DICOM file (no DICOM header found)")
+    if pixels:
+        name_native_encoding(ds)
     return ds
+
+
+def check_regular_file(path: str | Path) -> None:
+    """A named pipe or a device would block the read for ever."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise RejectedInput(RejectCode.UNREADABLE, "not a regular file")
+
+
+def describe_read_error(exc: Exception) -> str:
+    """The error without the file's path (export paths often hold patient names)."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'cannot be read'}"
+    return f"{type(exc).__name__}: {shown(str(exc), 120)}"
+
+
+def shown(value: str, limit: int = 32) -> str:
+    """A header value as a reason may quote it: printable and short, since a corrupt
+    element can run on into the patient's name."""
+    if not value.isprintable():
+        return "(unprintable value)"
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def name_native_encoding(ds: Dataset) -> None:
+    """A data set without a file meta group (ACR-NEMA style, some C-STORE receivers)
+    cannot name its transfer syntax, and pydicom will not decode pixels without one.
+    For native pixel data the encoding the parser found is the transfer syntax."""
+    if transfer_syntax(ds) or "PixelData" not in ds or ds["PixelData"].is_undefined_length:
+        return
+    implicit, little = ds.original_encoding
+    syntax = NATIVE_SYNTAXES.get((implicit, little))
+    if syntax is not None:
+        ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
 
 
 def check_inflated_size(path: str | Path, limit: int = MAX_INFLATED_BYTES) -> None:
     """A Deflated Explicit VR Little Endian file (PS3.5 A.5) is inflated whole by pydicom
     before any element can be looked at, header-only reads included: a 0.6 MB file took
     1.2 GB. Count what it inflates to first, in bounded steps."""
-    try:
-        with open(path, "rb") as fp:
-            read_preamble(fp, force=True)
+    with open(path, "rb") as fp:
+        read_preamble(fp, force=True)
+        try:
             # pydicom's own meta reader (private, pinned <4) leaves fp where the data set
             # starts, as dcmread does.
             meta = _read_file_meta_info(fp)
-            if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-                return
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            inflated = 0
-            while chunk := fp.read(INFLATE_STEP):
-                while chunk:
-                    inflated += len(inflater.decompress(chunk, INFLATE_STEP))
-                    if inflated > limit:
-                        raise RejectedInput(
-                            RejectCode.UNSUPPORTED,
-                            f"deflated data set inflates to more than {limit / 1e6:.0f} MB",
-                        )
-                    chunk = inflater.unconsumed_tail
-    except RejectedInput:
-        raise
-    except Exception:  # not readable, or not DICOM: dcmread says which
-        return
+        except Exception:  # a broken meta group: dcmread reports it
+            return
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        inflated = 0
+        while chunk := fp.read(INFLATE_STEP):
+            while chunk:
+                inflated += len(inflater.decompress(chunk, INFLATE_STEP))
+                if inflated > limit:
+                    raise RejectedInput(
+                        RejectCode.UNSUPPORTED,
+                        f"deflated data set inflates to more than {limit / 1e6:.0f} MB",
+                    )
+                chunk = inflater.unconsumed_tail
 
 
 def looks_like_dicom(ds: Dataset) -> bool:
@@ -231,19 +270,36 @@ def check_chest_radiograph(ds: Dataset) -> None:
     modality = _text(ds, "Modality")
     if modality not in RADIOGRAPH_MODALITIES:
         raise RejectedInput(
-            RejectCode.NOT_CHEST, f"modality {modality or '(none)'} is not a radiograph (CR/DX)"
+            RejectCode.NOT_CHEST,
+            f"modality {shown(modality or '(none)')} is not a radiograph (CR/DX)",
         )
     sop_class = _text(ds, "SOPClassUID")
     if sop_class and sop_class not in IMAGE_SOP_CLASSES:
         raise RejectedInput(
-            RejectCode.NOT_CHEST, f"SOP class {sop_class} is not a radiograph image class"
+            RejectCode.NOT_CHEST,
+            f"SOP class {shown(sop_class, 64)} is not a radiograph image class",
         )
     body_part = (_text(ds, "BodyPartExamined") or "").upper()
     if body_part and not any(part in body_part for part in CHEST_BODY_PARTS):
-        raise RejectedInput(RejectCode.NOT_CHEST, f"body part {body_part} is not the chest")
+        raise RejectedInput(RejectCode.NOT_CHEST, f"body part {shown(body_part)} is not the chest")
+    check_frontal(ds)
+    if (_text(ds, "PresentationIntentType") or "").upper() == "FOR PROCESSING":
+        raise RejectedInput(
+            RejectCode.UNSUPPORTED,
+            "a For Processing image (raw detector data, PS3.3 C.8.11.1.1.1), not one for display",
+        )
+
+
+def check_frontal(ds: Dataset) -> None:
+    """The view position says lateral, oblique or decubitus; or, with none, the patient
+    orientation puts the film in a sagittal plane (rows running anterior-posterior)."""
     view = (_text(ds, "ViewPosition") or "").upper()
     if NON_FRONTAL_VIEWS.intersection(re.findall(r"[^\W\d_]+", view)):
-        raise RejectedInput(RejectCode.NOT_FRONTAL, f"view position {view} is not frontal")
+        raise RejectedInput(RejectCode.NOT_FRONTAL, f"view position {shown(view)} is not frontal")
+    if not view and SAGITTAL_DIRECTIONS.intersection(principal_directions(ds)):
+        raise RejectedInput(
+            RejectCode.NOT_FRONTAL, "patient orientation is of a lateral film (anterior-posterior)"
+        )
 
 
 def check_decodable(ds: Dataset, max_pixels: int) -> None:
@@ -255,11 +311,14 @@ def check_decodable(ds: Dataset, max_pixels: int) -> None:
         except NotImplementedError:
             available = False
         if not available:
-            raise RejectedInput(RejectCode.UNSUPPORTED, f"no decoder for transfer syntax {syntax}")
+            raise RejectedInput(
+                RejectCode.UNSUPPORTED, f"no decoder for transfer syntax {shown(str(syntax), 64)}"
+            )
     photometric = _text(ds, "PhotometricInterpretation") or "(none)"
     if photometric not in GREYSCALE:
         raise RejectedInput(
-            RejectCode.UNSUPPORTED, f"photometric interpretation {photometric} is not greyscale"
+            RejectCode.UNSUPPORTED,
+            f"photometric interpretation {shown(photometric)} is not greyscale",
         )
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise RejectedInput(RejectCode.UNSUPPORTED, "more than one sample per pixel")
@@ -421,7 +480,8 @@ def header_value(ds: Dataset, keyword: str, default: object = None) -> Any:
 def malformed(exc: Exception) -> RejectedInput:
     """The rejection for an element that cannot be parsed (an unknown VR, a bad value)."""
     return RejectedInput(
-        RejectCode.UNREADABLE, f"malformed header element ({type(exc).__name__}: {exc})"
+        RejectCode.UNREADABLE,
+        f"malformed header element ({type(exc).__name__}: {shown(str(exc), 120)})",
     )
 
 
@@ -440,16 +500,10 @@ def display_orientation(ds: Dataset) -> Reorientation:
     PatientOrientation: the patient directions along the rows and down the columns, the
     principal one first in each value (PS3.3 C.7.6.1.1.1). Nothing when the header does
     not say, or names no head-feet direction."""
-    try:
-        value = ds.get("PatientOrientation")
-    except Exception:  # a malformed element must not stop the read
+    directions = principal_directions(ds)
+    if len(directions) != 2:
         return Reorientation()
-    if value is None:
-        return Reorientation()
-    parts = [str(v) for v in value] if isinstance(value, MultiValue) else str(value).split("\\")
-    if len(parts) != 2:
-        return Reorientation()
-    along_row, down_column = (part.strip().upper()[:1] for part in parts)
+    along_row, down_column = directions
     for turns in range(4):
         if down_column == "F":
             return Reorientation(turns, mirror=along_row == "R")
@@ -457,6 +511,21 @@ def display_orientation(ds: Dataset) -> Reorientation:
         # columns run against the old rows
         along_row, down_column = down_column, OPPOSITE_DIRECTION.get(along_row, "")
     return Reorientation()
+
+
+def principal_directions(ds: Dataset) -> tuple[str, ...]:
+    """The principal letter of each PatientOrientation value (along the rows, down the
+    columns): () when the element is absent, malformed or not two values."""
+    try:
+        value = ds.get("PatientOrientation")
+    except Exception:  # a malformed element must not stop the read
+        return ()
+    if value is None:
+        return ()
+    parts = [str(v) for v in value] if isinstance(value, MultiValue) else str(value).split("\\")
+    if len(parts) != 2:
+        return ()
+    return tuple(part.strip().upper()[:1] for part in parts)
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
