@@ -58,18 +58,19 @@ def test_binary_metrics_counts_and_interval() -> None:
     assert bootstrap_auc(y, p, 200, 1) == bootstrap_auc(y, p, 200, 1)
 
 
-def test_audit_masks() -> None:
-    gray = np.random.default_rng(0).random((100, 80)).astype(np.float32)
-    b = border_only(gray)
-    assert np.all(b[20:80, 16:64] == pytest.approx(gray.mean()))
-    np.testing.assert_array_equal(b[:20], gray[:20])
-    c = centre_only(gray)
-    np.testing.assert_array_equal(c[20:80, 16:64], gray[20:80, 16:64])
-    assert np.all(c[:20] == pytest.approx(gray.mean()))
-    h = lungs_hidden(gray)
-    assert np.all(h[40, 15:35] == pytest.approx(gray.mean()))
-    np.testing.assert_array_equal(h[:15], gray[:15])
-    np.testing.assert_array_equal(h[:, 38:42], gray[:, 38:42])  # mediastinum visible
+def test_audit_masks_fill_parts_of_the_network_input_with_its_mean() -> None:
+    x = np.random.default_rng(0).random((160, 160, 1)).astype(np.float32)
+    mean = pytest.approx(x.mean())
+    b = border_only(x)
+    assert np.all(b[20:140, 20:140] == mean)
+    np.testing.assert_array_equal(b[:20], x[:20])
+    c = centre_only(x)
+    np.testing.assert_array_equal(c[20:140, 20:140], x[20:140, 20:140])
+    assert np.all(c[:20] == mean) and np.all(c[:, 140:] == mean)
+    h = lungs_hidden(x)
+    assert np.all(h[80, 5:64] == mean) and np.all(h[80, 96:155] == mean)
+    np.testing.assert_array_equal(h[:, 64:96], x[:, 64:96])  # mediastinum visible
+    np.testing.assert_array_equal(h[:9], x[:9])
 
 
 @pytest.mark.parametrize(("arch", "size"), [("vgg16", 64), ("inceptionv3", 75)])
