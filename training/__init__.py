@@ -6,5 +6,6 @@ Stages, one module each: ``data`` (file lists and tf.data streams), ``models``
 functions that need it, so importing this package (or the worker CLI) stays cheap.
 """
 
-CLASS_NAMES = ("normal", "covid")
-POSITIVE_CLASS = "covid"
+from worker.model import CLASS_NAMES
+
+POSITIVE_CLASS = CLASS_NAMES[1]

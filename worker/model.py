@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from worker.errors import UserError
+from worker.imaging.pipeline import PREPROCESSING_VERSION
 
+CLASS_NAMES = ("normal", "covid")  # the sigmoid output is the probability of the second
 CARD_FILE = "model_card.json"
 TFLITE_FILE = "model.tflite"
 KERAS_FILE = "model.keras"
@@ -45,7 +47,7 @@ def read_card(model_dir: Path) -> ModelCard:
         raise ModelError(f"no model card at {path} (is --model / CXR_MODEL a model folder?)")
     raw = json.loads(path.read_text())
     try:
-        return ModelCard(
+        card = ModelCard(
             name=str(raw["name"]),
             version=str(raw["version"]),
             input_size=int(raw["input_size"]),
@@ -56,6 +58,24 @@ def read_card(model_dir: Path) -> ModelCard:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"model card {path} lacks a valid field: {exc}") from exc
+    check_compatible(card, path)
+    return card
+
+
+def check_compatible(card: ModelCard, path: Path) -> None:
+    """A model trained on other inputs or other classes would be run without complaint
+    and give confident wrong answers."""
+    if card.preprocessing_version != PREPROCESSING_VERSION:
+        raise ModelError(
+            f"model card {path} is for preprocessing version {card.preprocessing_version}; "
+            f"this release computes version {PREPROCESSING_VERSION} (retrain the model, or "
+            "run the release it was trained with)"
+        )
+    if card.class_names != CLASS_NAMES:
+        raise ModelError(
+            f"model card {path} names classes {list(card.class_names)}; this release reads "
+            f"the output as the probability of {CLASS_NAMES[1]} against {CLASS_NAMES[0]}"
+        )
 
 
 class Classifier:

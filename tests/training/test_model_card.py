@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from worker.imaging.pipeline import PREPROCESSING_VERSION
-from worker.model import Classifier, read_card
+from worker.model import Classifier, ModelError, read_card
 
 REQUIRED = (
     "name",
@@ -87,3 +90,22 @@ def test_shipped_model_separates_a_test_sample(shipped_model: Path, cxr_dir: Pat
     assert not rejected
     y = np.array([s.target for s in pick])
     assert roc_auc_score(y, probs) >= 0.95
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("preprocessing_version", "1", "is for preprocessing version 1"),
+        ("class_names", ["covid", "normal"], "names classes ['covid', 'normal']"),
+    ],
+)
+def test_a_card_for_other_inputs_or_classes_is_refused(
+    field: str, value: object, message: str, shipped_model: Path, tmp_path: Path
+) -> None:
+    """The network would run on such a card and give confident wrong answers."""
+    folder = tmp_path / "model"
+    shutil.copytree(shipped_model, folder)
+    card = json.loads((folder / "model_card.json").read_text())
+    (folder / "model_card.json").write_text(json.dumps({**card, field: value}))
+    with pytest.raises(ModelError, match=re.escape(message)):
+        Classifier(folder)
