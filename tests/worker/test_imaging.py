@@ -19,7 +19,7 @@ from tests.dicom_factory import base_dataset, png_pixels, variants, write
 from worker.discovery import discover
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
-from worker.imaging.pipeline import load_picture, model_input, read_dicom_image
+from worker.imaging.pipeline import load_gray, load_picture, model_input, read_dicom_image
 
 EXPECTED_CODE = {
     "read": None,
@@ -424,6 +424,19 @@ def test_a_picture_reaches_the_model_as_a_viewer_shows_it(
     np.testing.assert_allclose(load_picture(tmp_path / name), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("suffix", [".png", ".dcm"])
+def test_a_long_strip_is_rejected_before_it_is_resized(suffix: str, tmp_path: Path) -> None:
+    strip = np.tile(np.arange(256, dtype=np.uint8), (64, 4))  # 64 x 1024
+    path = tmp_path / f"strip{suffix}"
+    if suffix == ".png":
+        Image.fromarray(strip).save(path)
+    else:
+        write(base_dataset(strip), path)
+    with pytest.raises(RejectedInput, match="not a chest film's shape") as caught:
+        load_gray(path)
+    assert caught.value.code == RejectCode.UNSUPPORTED
+
+
 def test_a_blank_picture_is_rejected_like_a_blank_dicom_image(tmp_path: Path) -> None:
     Image.fromarray(np.full((256, 256), 128, np.uint8)).save(tmp_path / "blank.png")
     with pytest.raises(RejectedInput, match=r"image is blank \(one grey level\)") as caught:
@@ -445,6 +458,7 @@ def test_native_pixels_with_the_high_bit_not_at_bits_stored_are_rejected(
     assert read_dicom_image(write(ds, tmp_path / "low.dcm"), MAX_PIXELS).gray.std() > 0.1
 
 
+@pytest.mark.timeout(60)
 def test_deflated_file_that_inflates_past_the_limit_is_rejected_before_parsing(
     sample_png: Path, tmp_path: Path
 ) -> None:
@@ -460,6 +474,11 @@ def test_deflated_file_that_inflates_past_the_limit_is_rejected_before_parsing(
     padded = write(ds, tmp_path / "padded.dcm")
     assert padded.stat().st_size < 100_000
     check_inflated_size(padded, limit=5_000_000)
+    # bytes after the end of the stream (pydicom pads it to an even length) once made
+    # the count loop for ever
+    trailing = tmp_path / "trailing.dcm"
+    trailing.write_bytes(padded.read_bytes() + b"\x00")
+    check_inflated_size(trailing, limit=5_000_000)
     with pytest.raises(RejectedInput, match="inflates to more than 3 MB") as caught:
         check_inflated_size(padded, limit=3_000_000)
     assert caught.value.code == RejectCode.UNSUPPORTED
