@@ -65,11 +65,22 @@ def missing_reason(path: Path) -> str:
 
 
 def is_image_file(path: Path) -> bool:
-    """An image by its name; a broken symbolic link counts, so it is reported unreadable
-    instead of vanishing from the counts."""
+    """An image by its name, or a DICOM file by its "DICM" prefix (PACS exports name files
+    by their UID, whose last part reads as a suffix, or ``.IMA``); a broken symbolic link
+    counts, so it is reported unreadable instead of vanishing from the counts."""
     if path.name.startswith(".") or not (path.is_file() or is_broken_link(path)):
         return False
-    return is_picture(path) or path.suffix.lower() in DICOM_SUFFIXES
+    if is_picture(path) or path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    return has_dicom_prefix(path)
+
+
+def has_dicom_prefix(path: Path) -> bool:
+    try:
+        with path.open("rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def walk_images(folder: Path) -> list[Path]:

@@ -205,6 +205,19 @@ def test_a_broken_link_in_a_label_folder_is_listed_to_be_counted_unreadable(
     assert readable_counts(samples, 32, tmp_path / "cache") == {"covid": 1}
 
 
+def test_dicom_files_named_by_uid_or_vendor_suffix_are_listed(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    from tests.dicom_factory import base_dataset, png_pixels, write
+
+    folder = tmp_path / "train" / "covid"
+    names = ["1.2.276.0.7230010.3.1.4.850819", "film.IMA", "plain.dcm", "notes.txt"]
+    for name in names[:3]:
+        write(base_dataset(png_pixels(sample_png)), folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    assert sorted(s.path.name for s in list_split(tmp_path, "train")) == sorted(names[:3])
+
+
 def test_a_missing_file_is_named_as_missing_wherever_it_is_loaded(
     sample_png: Path, tmp_path: Path
 ) -> None:
