@@ -37,7 +37,6 @@ import numpy as np
 
 from training import CLASS_NAMES
 from training.data import Sample, list_samples, load_or_reason, split_dir
-from training.predict import write_csv_row
 from training.robustness import SHIFTS, GrayTransform
 from training.train import (
     DEFAULT_TARGET_SENSITIVITY,
@@ -45,6 +44,7 @@ from training.train import (
     threshold_fields,
     to_json,
 )
+from worker.csv_rows import write_csv_row
 from worker.errors import UserError
 from worker.imaging.pipeline import load_gray, model_input
 from worker.model import CARD_FILE, KERAS_FILE, Classifier, read_card

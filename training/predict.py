@@ -8,10 +8,9 @@ DICOM gate refuses gets ``status=rejected`` and the reason; it never stops the r
 
 from __future__ import annotations
 
-import csv
 import io
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -20,6 +19,7 @@ import numpy as np
 
 from training import CLASS_NAMES
 from training.data import is_broken_link, load_or_reason, walk_files
+from worker.csv_rows import write_csv_row
 from worker.imaging.enum import Status
 from worker.model import Classifier
 
@@ -84,17 +84,6 @@ def predict_paths(
         if len(pending) >= BATCH:
             yield from flush()
     yield from flush()
-
-
-def write_csv_row(stream: TextIO, fields: Sequence[object]) -> None:
-    """One CSV row ending in "\\n", with any field holding "\\r" or "\\n" quoted.
-
-    Python 3.11's csv writer quotes only the characters of its line terminator, so with
-    "\\n" a file name holding a carriage return would split its row: the row is written
-    with "\\r\\n" and the terminator shortened afterwards."""
-    line = io.StringIO()
-    csv.writer(line, lineterminator="\r\n").writerow(fields)
-    stream.write(line.getvalue().removesuffix("\r\n") + "\n")
 
 
 def write_csv(predictions: Iterable[Prediction], stream: TextIO) -> int:

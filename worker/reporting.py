@@ -12,7 +12,6 @@ Reports hold aggregates only: no accession numbers, UIDs or patient references.
 from __future__ import annotations
 
 import base64
-import csv
 import datetime as dt
 import html
 import io
@@ -29,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import Prediction, Study
 from db.session import DatabaseError, make_engine, safe_url, upgrade
+from worker.csv_rows import write_csv_row
 from worker.errors import UserError
 
 FINAL_STATUSES = ("screened", "rejected", "failed")
@@ -308,10 +308,9 @@ def render_export(rows: Iterator[dict[str, Any]], fmt: str) -> tuple[str, int]:
     buffer = io.StringIO()
     count = 0
     if fmt == "csv":
-        writer = csv.DictWriter(buffer, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
-        writer.writeheader()
+        write_csv_row(buffer, EXPORT_COLUMNS)
         for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+            write_csv_row(buffer, ["" if row[k] is None else row[k] for k in EXPORT_COLUMNS])
             count += 1
     else:
         records = list(rows)
@@ -372,10 +371,9 @@ def render_json(report: Report) -> str:
 def render_csv(report: Report) -> str:
     """The daily rows (one per day and model version), as the daily_summary view."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["day", "model_version", *FIGURE_COLUMNS])
+    write_csv_row(buffer, ["day", "model_version", *FIGURE_COLUMNS])
     for row in report.daily:
-        writer.writerow(["" if v is None else _plain(v) for _, v in _row_items(row)])
+        write_csv_row(buffer, ["" if v is None else _plain(v) for _, v in _row_items(row)])
     return buffer.getvalue()
 
 

@@ -496,3 +496,15 @@ def test_chromium_skips_clearly_when_absent(
     monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
     with pytest.raises(pytest.skip.Exception, match="Chromium not installed"):
         chromium("--version", tmp_path=tmp_path)
+
+
+def test_export_csv_keeps_one_row_per_record_whatever_the_reason_holds() -> None:
+    names = ["scan\r1.dcm", "line\nbreak.dcm", 'comma, "quote".dcm', "plain.dcm"]
+    records = [
+        {column: name if column == "reason" else None for column in reporting.EXPORT_COLUMNS}
+        for name in names
+    ]
+    content, count = reporting.render_export(iter(records), "csv")
+    read = list(csv.DictReader(io.StringIO(content, newline="")))
+    assert count == len(read) == len(names)
+    assert [row["reason"] for row in read] == names
