@@ -326,10 +326,12 @@ def process_study(
     settings: Settings,
     classifier: Classifier,
     sessions: sessionmaker[Session],
+    deadline: float | None = None,
 ) -> str:
     """Screen one queued study and write its rows in one transaction; returns the status.
 
-    Raises on transient failures (the task retries); bad input is never an exception.
+    Raises on transient failures (the task retries) and past ``deadline`` (the soft
+    time limit, a ``time.monotonic()``); bad input is never an exception.
     """
     uid, version = task.study_instance_uid, classifier.model_version
     warn_if_other_model(task, version)
@@ -348,7 +350,7 @@ def process_study(
         save_failure(sessions, task, files, version, reason, settings)
         log.error("study %s: %s", uid, reason)
         return "failed"
-    (outcome,) = screen_and_save({task: files}, settings, classifier, sessions)
+    (outcome,) = screen_and_save({task: files}, settings, classifier, sessions, deadline)
     return outcome.status.value
 
 
@@ -359,6 +361,7 @@ def process_batch(
     classifier: Classifier,
     sessions: sessionmaker[Session],
     send: Send,
+    deadline: float | None = None,
 ) -> str:
     """Screen the studies of one message: one marker statement, one results transaction.
 
@@ -380,7 +383,7 @@ def process_batch(
     if any(attempts[t.study_instance_uid] > 1 for t in todo):
         split_batch(list(todo), send)
         return "split"
-    return f"{len(screen_and_save(todo, settings, classifier, sessions))} screened"
+    return f"{len(screen_and_save(todo, settings, classifier, sessions, deadline))} screened"
 
 
 def skip_finished(task: StudyTask, version: str, sessions: sessionmaker[Session]) -> None:
@@ -398,6 +401,7 @@ def screen_and_save(
     settings: Settings,
     classifier: Classifier,
     sessions: sessionmaker[Session],
+    deadline: float | None = None,
 ) -> list[StudyOutcome]:
     """Screen each study (its files in message order), then write all their rows in one
     transaction; metrics and logs only once they are committed."""
@@ -408,6 +412,7 @@ def screen_and_save(
             classifier,
             max_pixels=settings.max_pixels,
             batch_size=settings.batch_size,
+            deadline=deadline,
         )
         for task, paths in files.items()
     ]

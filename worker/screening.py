@@ -1,7 +1,8 @@
 """Screening one study: the plain function shared by ``cxr-screen run`` and the Celery task.
 
 No Celery, no database here: files in, a ``StudyOutcome`` out. Bad input never raises;
-it becomes a rejected (or, for an unexpected error, failed) instance result.
+it becomes a rejected (or, for an unexpected error, failed) instance result. Celery's
+soft time limit is not about the input: it always reaches the caller.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
 
 from worker.imaging.dicom import InstanceHeader, header_or_none, read_dataset
 from worker.imaging.enum import Label, RejectCode, Status, StudyStatus
@@ -139,13 +141,18 @@ def screen_study(
     *,
     max_pixels: int,
     batch_size: int = 16,
+    deadline: float | None = None,
 ) -> StudyOutcome:
-    """Read, normalise and classify every file of one study, in batches."""
+    """Read, normalise and classify every file of one study, in batches.
+
+    ``deadline``: the ``time.monotonic()`` of the caller's soft time limit.
+    """
     keep_image_buffers()
     started = dt.datetime.now(dt.UTC)
     results: list[InstanceResult] = []
     pending: list[tuple[InstanceResult, np.ndarray]] = []
     for path in sorted(files):
+        check_deadline(deadline)
         result, tensor = _prepare(path, classifier.input_size, max_pixels)
         if tensor is None:
             results.append(result)
@@ -155,6 +162,7 @@ def screen_study(
             results.extend(_classify(pending, classifier))
             pending = []
     results.extend(_classify(pending, classifier))
+    check_deadline(deadline)
     return _outcome(
         study_instance_uid, results, classifier.model_version, classifier.threshold, started
     )
@@ -204,8 +212,33 @@ def failed_outcome(
 def _header_only(path: str) -> InstanceHeader | None:
     try:
         return header_or_none(read_dataset(path, pixels=False))
-    except Exception:  # unreadable now: the row is keyed by its path
+    except Exception as exc:  # unreadable now: the row is keyed by its path
+        reraise_time_limit(exc)
         return None
+
+
+def check_deadline(deadline: float | None) -> None:
+    """Celery's soft time limit is a signal that raises wherever the process is, and
+    code that tries the next thing on any exception swallows it without a trace
+    (pydicom's decoder loop: the next plugin decodes the frame again). Past the
+    deadline, no more files are screened."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise SoftTimeLimitExceeded()
+
+
+def reraise_time_limit(exc: BaseException) -> None:
+    """Raise Celery's soft time limit when it is ``exc`` or in its chain (``from`` or
+    "during handling"): the imaging code wraps any decoder error in a rejection, so a
+    limit that fires during a decode arrives as one."""
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if isinstance(error, SoftTimeLimitExceeded):
+            raise error
+        seen.add(id(error))
+        chained = (error.__cause__, error.__context__)
+        pending += [e for e in chained if e is not None and id(e) not in seen]
 
 
 def _prepare(path: str, size: int, max_pixels: int) -> tuple[InstanceResult, np.ndarray | None]:
@@ -214,10 +247,12 @@ def _prepare(path: str, size: int, max_pixels: int) -> tuple[InstanceResult, np.
         image = read_dicom_image(path, max_pixels)
         tensor = model_input(image.gray, size)
     except RejectedInput as exc:
+        reraise_time_limit(exc)
         uid = exc.header.sop_instance_uid if exc.header else "(no UID)"
         log.info("instance %s rejected: %s", uid, exc.code.value)
         return rejected(path, exc.code, exc.reason, exc.header), None
     except Exception as exc:  # a bug or a decoder crash must not take the study down
+        reraise_time_limit(exc)
         log.exception("failed to prepare an instance")
         return InstanceResult(
             source=path,
@@ -240,6 +275,7 @@ def _classify(
     try:
         probabilities = classifier.predict(np.stack([tensor for _, tensor in pending]))
     except Exception as exc:
+        reraise_time_limit(exc)
         log.exception("inference failed for a batch of %d images", len(pending))
         return [
             replace(

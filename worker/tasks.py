@@ -6,6 +6,7 @@ study (final); a batch that fails is split into single-study messages instead.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Task
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import get_settings
 from db.session import open_database
-from worker.celery_app import QUEUE, SCREEN_BATCH_TASK, SCREEN_TASK, app
+from worker.celery_app import QUEUE, SCREEN_BATCH_TASK, SCREEN_TASK, app, soft_time_limit
 from worker.logs import describe_error
 from worker.model import Classifier
 from worker.queue import (
@@ -67,9 +68,12 @@ def screen_study_task(self: Task, *args: Any, **kwargs: Any) -> str:
         refuse(args, kwargs, exc)
         return "malformed"
     settings = get_settings()
+    deadline = time.monotonic() + soft_time_limit(settings)
     classifier = load_worker_state()
     try:
-        return process_study(task, settings=settings, classifier=classifier, sessions=database())
+        return process_study(
+            task, settings=settings, classifier=classifier, sessions=database(), deadline=deadline
+        )
     except SoftTimeLimitExceeded:
         reason = f"time limit exceeded ({settings.task_time_limit} s)"
         log.error("study %s: %s", task.study_instance_uid, reason)
@@ -108,10 +112,16 @@ def screen_batch_task(self: Task, *args: Any, **kwargs: Any) -> str:
         refuse(args, kwargs, exc)
         return "malformed"
     settings = get_settings()
+    deadline = time.monotonic() + soft_time_limit(settings)
     classifier = load_worker_state()
     try:
         return process_batch(
-            batch, settings=settings, classifier=classifier, sessions=database(), send=enqueue
+            batch,
+            settings=settings,
+            classifier=classifier,
+            sessions=database(),
+            send=enqueue,
+            deadline=deadline,
         )
     except Exception as exc:
         label = f"batch of {len(batch.studies)} studies"

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
+import redis
+from PIL import Image
+from pydicom.uid import JPEGLSLossless, generate_uid
 
 from db.repository import queue_studies
 from db.session import open_database
@@ -13,7 +18,7 @@ from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.sql import execute, rows
 from tests.worker.processes import Worker, wait_for
 from tests.worker.test_faults import all_final, ingest, send_raw, worker_env
-from worker.celery_app import SCREEN_BATCH_TASK
+from worker.celery_app import QUEUE, SCREEN_BATCH_TASK
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -80,3 +85,43 @@ def test_queued_studies_a_refused_message_names_are_failed_with_the_reason(
         f"{lettered!r}",
         batched: "failed: malformed task message: files must be a non-empty list of paths",
     }
+
+
+def slow_study(folder: Path, cxr_dir: Path, n_files: int) -> None:
+    """One study of 2,500 x 2,500 12-bit JPEG-LS images, about 0.1 s each to decode."""
+    pixels = png_pixels(sorted((cxr_dir / "test" / "normal").glob("*.png"))[0])
+    big = np.asarray(Image.fromarray(pixels).resize((2500, 2500)), dtype=np.uint16) * 16
+    noise = np.random.default_rng(0).integers(0, 16, big.shape, dtype=np.uint16)
+    template = base_dataset(big + noise, bits=12)
+    template.WindowCenter, template.WindowWidth = 2040.5, 4081
+    template.compress(JPEGLSLossless)
+    for i in range(n_files):
+        ds = copy.deepcopy(template)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        write(ds, folder / f"{i:02d}.dcm")
+
+
+def test_a_study_past_the_soft_time_limit_is_recorded_failed_as_a_whole(
+    broker: str, postgres_url: str, model_dir: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    n = 30  # about 3 s of decoding
+    slow_study(tmp_path / "export", cxr_dir, n)
+    env = worker_env(broker, postgres_url, model_dir, task_time_limit=2)  # soft limit 1 s
+    ingest(tmp_path / "export", env)
+    client = redis.Redis.from_url(broker)
+    worker = Worker(env, tmp_path / "worker.log")
+    try:
+        wait_for(lambda: all_final(postgres_url, 1), 120, "the study to be recorded")
+        wait_for(lambda: client.llen(QUEUE) + client.hlen("unacked") == 0, 30, "the ack")
+        log, alive = worker.log(), worker.alive()
+    finally:
+        worker.stop()
+        client.close()
+    reason = "time limit exceeded (2 s)"
+    assert rows(postgres_url, "SELECT status, reason, n_failed, attempts FROM studies") == [
+        ("failed", reason, n, 1)
+    ]
+    # Not one image stored as failed (or rejected) by the limit while the others screened.
+    outcomes = "SELECT status, reason_code, reason, count(*) FROM predictions GROUP BY 1, 2, 3"
+    assert rows(postgres_url, outcomes) == [("failed", "error", reason, n)]
+    assert "Hard time limit" not in log and alive
