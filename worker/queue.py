@@ -502,24 +502,24 @@ def report_outcome(outcome: StudyOutcome) -> None:
 
 
 def record_failure(
-    sessions: sessionmaker[Session] | None,
+    sessions: Callable[[], sessionmaker[Session]],
     task: StudyTask,
     model_version: str,
     error: str,
     settings: Settings,
 ) -> None:
-    """Best effort: the database may be the thing that is down."""
+    """Record the study ``failed``. The database may be the thing that is down: that
+    error is raised (the caller keeps the message); any other is only logged."""
     uid = task.study_instance_uid
-    if sessions is None:
-        log.error("study %s failed (%s); database unavailable to record it", uid, error)
-        return
     files = worker_paths(task.files, settings.ingest_root)
     try:
-        save_failure(sessions, task, files, model_version, error, settings)
+        save_failure(sessions(), task, files, model_version, error, settings)
     except Exception as exc:
         log.error(
             "study %s failed (%s) and could not be recorded: %s", uid, error, describe_error(exc)
         )
+        if is_transient(exc):
+            raise
 
 
 def record_refused(

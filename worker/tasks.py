@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
@@ -21,6 +21,7 @@ from worker.logs import describe_error
 from worker.model import Classifier
 from worker.queue import (
     MalformedTask,
+    StudyTask,
     backoff,
     is_transient,
     parse_batch_message,
@@ -77,8 +78,7 @@ def screen_study_task(self: Task, *args: Any, **kwargs: Any) -> str:
     except SoftTimeLimitExceeded:
         reason = f"time limit exceeded ({settings.task_time_limit} s)"
         log.error("study %s: %s", task.study_instance_uid, reason)
-        record_failure(_sessions, task, classifier.model_version, reason, settings)
-        return "failed"
+        return fail_study(self, task, classifier.model_version, reason)
     except Exception as exc:
         error = describe_error(exc)
         retries = self.request.retries
@@ -95,8 +95,7 @@ def screen_study_task(self: Task, *args: Any, **kwargs: Any) -> str:
                 exc_info=not isinstance(exc, StatementError),
             )
             reason = f"unexpected error: {error}"
-        record_failure(_sessions, task, classifier.model_version, reason, settings)
-        return "failed"
+        return fail_study(self, task, classifier.model_version, reason)
 
 
 @app.task(bind=True, name=SCREEN_BATCH_TASK, max_retries=get_settings().task_max_retries)
@@ -134,25 +133,55 @@ def screen_batch_task(self: Task, *args: Any, **kwargs: Any) -> str:
         return "split"
 
 
+def fail_study(task: Task, study: StudyTask, model_version: str, reason: str) -> str:
+    """Record the study ``failed``. While the database cannot record that either, the
+    message is not acknowledged with no result (the study would stay ``queued`` with no
+    message left): it is retried after the backoff until the database is back."""
+    try:
+        record_failure(database, study, model_version, reason, get_settings())
+    except Exception as exc:
+        retry_later(task, exc, study.study_instance_uid, unrecorded=True)
+    return "failed"
+
+
 def refuse(args: Any, kwargs: dict[str, Any], error: MalformedTask) -> None:
     record_refused(database, args, kwargs, str(error), load_worker_state().model_version)
 
 
-def retry_later(task: Task, exc: Exception, label: str) -> None:
-    """Raise Celery's retry for a transient failure, after an exponential backoff."""
+def retry_later(task: Task, exc: Exception, label: str, *, unrecorded: bool = False) -> NoReturn:
+    """Raise Celery's retry for a transient failure, after an exponential backoff.
+
+    ``unrecorded``: the study failed for good (retries used up, time limit) but that
+    could not be recorded. It is retried past the retry limit: a Reject with requeue
+    would hand the message straight back with nothing to space the deliveries (the
+    test saw 996 in 20 s of database outage).
+    """
     settings = get_settings()
     retries = task.request.retries
     countdown = backoff(retries, settings)
-    log.warning(
-        "%s: transient failure (%s); retry %d of %d in %.1f s",
-        label,
-        describe_error(exc),
-        retries + 1,
-        settings.task_max_retries,
-        countdown,
-    )
+    if unrecorded:
+        log.warning(
+            "%s: failed, and the failure cannot be recorded (%s); trying again in %.1f s",
+            label,
+            describe_error(exc),
+            countdown,
+        )
+    else:
+        log.warning(
+            "%s: transient failure (%s); retry %d of %d in %.1f s",
+            label,
+            describe_error(exc),
+            retries + 1,
+            settings.task_max_retries,
+            countdown,
+        )
     try:
-        retry = task.retry(countdown=countdown, exc=exc, throw=False)
+        retry = task.retry(
+            countdown=countdown,
+            exc=exc,
+            throw=False,
+            max_retries=retries + 1 if unrecorded else None,
+        )
     except Reject:
         # The retry could not be published (broker down too): put the message back
         # instead of dropping it.

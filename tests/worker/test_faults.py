@@ -458,3 +458,42 @@ def test_fault7_batch_killed_midway_is_split_and_finished(
         assert worker.alive()
     finally:
         worker.stop()
+
+
+# --- 8. PostgreSQL down for longer than the retries ------------------------------------
+
+
+def test_fault8_postgres_down_longer_than_the_retries_loses_no_study(
+    model_dir: Path, cxr_dir: Path, tmp_path: Path, broker: str
+) -> None:
+    n = 4
+    make_studies(tmp_path / "export", cxr_dir, n, 1)
+    database = PrivatePostgres(5441)
+    worker: Worker | None = None
+    try:
+        database.init()
+        database.start()
+        url = database.url
+        env = worker_env(broker, url, model_dir, task_max_retries=1)  # about 2 s of retries
+        print(f"\nfault 8: {ingest(tmp_path / 'export', env).strip()}")
+        database.stop()
+        worker = Worker(env, tmp_path / "worker.log")
+        time.sleep(20)  # the first retry waits 1 to 2 s, and there is only one
+        kept = worker.log().count("the failure cannot be recorded")
+        database.start()
+        waited = wait_for(lambda: all_final(url, n), 120, "every study to finish")
+        print(
+            f"fault 8: PostgreSQL down 20 s; every study used up its retries, and its message "
+            f"came back {kept} times in all; all {n} studies final {waited:.1f} s after "
+            "PostgreSQL returned, with no requeue"
+        )
+        # Each delivery past the retries waits out the backoff (2-4 s, 4-8 s, ...): a
+        # message handed straight back would come back hundreds of times.
+        assert n <= kept <= 4 * n
+        assert status_counts(url) == {"screened": n}
+        assert_exactly_once(url, n, n)
+        assert worker.alive()
+    finally:
+        if worker is not None:
+            worker.stop()
+        database.destroy()

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from db.session import open_database
+from db.session import DatabaseError, open_database
 from tests.conftest import REDIS_URL
 from tests.sql import rows
 from tests.worker.processes import Worker, wait_for
@@ -349,12 +349,17 @@ def test_requeue_works_when_workers_mount_the_export_elsewhere_and_skips_what_it
     assert f"study {empty} not requeued: files must be a non-empty list" in caplog.text
 
 
-def test_a_failure_the_database_cannot_record_is_logged_without_file_paths(
+def test_a_failure_the_database_cannot_record_is_raised_and_logged_without_file_paths(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     task = StudyTask("1.2.3.4", ("Doe^Jane/1.dcm",), "m-1")
-    with caplog.at_level("ERROR"):
-        record_failure(None, task, "m-1", "OperationalError: connection refused", Settings())
+
+    def unreachable() -> sessionmaker[Session]:
+        return open_database("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+
+    error = "OperationalError: connection refused"
+    with caplog.at_level("ERROR"), pytest.raises(DatabaseError):
+        record_failure(unreachable, task, "m-1", error, Settings())
     assert "study 1.2.3.4 failed (OperationalError: connection refused)" in caplog.text
     assert "Doe^Jane" not in caplog.text
 
