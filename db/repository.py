@@ -170,15 +170,29 @@ def _upsert(
         session.execute(statement, group[0] if len(group) == 1 else group)
 
 
+# PostgreSQL refuses NUL in text; no C0 control character belongs in header text.
+_NUL = {0: None}
+_CONTROLS = dict.fromkeys(range(0x20))
+
+
 def fit_to_columns(table: Table, row: dict[str, Any]) -> dict[str, Any]:
-    """Header text cut to its column's width. Exports break the VR limits (a 70-character
-    AccessionNumber, ViewPosition "AP ERECT PORTABLE"); SQLite stores them whole but
-    PostgreSQL refuses the statement, which took the whole ingest or study down."""
+    """Strings as both databases can store them alike: NUL taken out of every one, and
+    header text (the columns of a set width) without any C0 control character, cut to
+    its column's width. Exports break the VR limits (a 70-character AccessionNumber,
+    ViewPosition "AP ERECT PORTABLE", a NUL inside a value); SQLite stores them whole
+    but PostgreSQL refuses the statement, which took the whole ingest or study down.
+    Free text keeps its tabs and line breaks, and a path (``source``) its characters."""
     widths = _string_widths(table)
     return {
-        key: value[: widths[key]] if isinstance(value, str) and key in widths else value
+        key: _fit(value, widths.get(key)) if isinstance(value, str) else value
         for key, value in row.items()
     }
+
+
+def _fit(value: str, width: int | None) -> str:
+    if width is None:
+        return value.translate(_NUL)
+    return value.translate(_CONTROLS)[:width]
 
 
 @functools.cache

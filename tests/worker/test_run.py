@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from config.settings import Settings
+from db.session import open_database
 from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.sql import rows
 from tests.worker.processes import OomKiller
 from tests.worker.test_imaging import EXPECTED_CODE
 from worker.discovery import walk
+from worker.queue import ingest
 from worker.runner import CRASHED, run
 
 ROW_COLUMNS = (
@@ -220,6 +222,33 @@ def test_header_text_longer_than_the_standard_allows_is_stored_cut(
     ]
     accessions = rows(database_url, "SELECT accession_number FROM studies")
     assert sorted(len(a) for (a,) in accessions) == [7, 64]
+
+
+def test_header_text_and_reasons_with_nul_bytes_are_stored_without_them(
+    database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """PostgreSQL refuses a NUL in text: ingest, run and the worker stopped on such a file."""
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    ds = base_dataset(png_pixels(png), view="AP\x00PORTABLE")
+    ds.AccessionNumber = "ACC\x00123"
+    write(ds, tmp_path / "export" / "nul.dcm")
+    # The rejection reason quotes the header.
+    write(base_dataset(png_pixels(png), modality="M\x00R"), tmp_path / "export" / "mr.dcm")
+    settings = settings_for(database_url, model_dir)
+    studies = "SELECT accession_number, status, reason FROM studies ORDER BY accession_number"
+    ingest([tmp_path / "export"], settings, [].append, sessions=open_database(database_url))
+    assert rows(database_url, studies) == [("ACC0001", "queued", None), ("ACC123", "queued", None)]
+    run([tmp_path / "export"], settings)
+    reason = "modality MR is not a radiograph (CR/DX)"
+    assert rows(database_url, studies) == [
+        ("ACC0001", "rejected", reason),
+        ("ACC123", "screened", None),
+    ]
+    instances = "SELECT view_position, modality, status, reason FROM predictions ORDER BY source"
+    assert rows(database_url, instances) == [
+        ("PA", "MR", "rejected", reason),
+        ("APPORTABLE", "CR", "screened", None),
+    ]
 
 
 def test_a_file_read_after_it_was_unreadable_keeps_one_row(
