@@ -197,9 +197,13 @@ def parse_batch_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyBat
         raise MalformedTask("studies must be a non-empty list")
     shared: dict[str, Any] = {k: kwargs[k] for k in ("model_version", "force") if k in kwargs}
     tasks = []
-    for study in studies:
-        if not isinstance(study, dict) or set(study) - BATCH_STUDY_KEYS:
-            raise MalformedTask(f"a study must be {{study_instance_uid, files}}: {str(study)[:80]}")
+    for index, study in enumerate(studies):
+        # Positions and field names, never values: export paths often hold patient names.
+        if not isinstance(study, dict):
+            raise MalformedTask(f"studies[{index}] must be {{study_instance_uid, files}}")
+        unknown = set(study) - BATCH_STUDY_KEYS
+        if unknown:
+            raise MalformedTask(f"studies[{index}] has unknown fields {sorted(unknown)}")
         tasks.append(parse_message((), {**study, **shared}))
     if len({t.study_instance_uid for t in tasks}) != len(tasks):
         raise MalformedTask("a study appears twice in one message")

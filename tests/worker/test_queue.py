@@ -105,7 +105,8 @@ BATCH = {
     ("change", "message"),
     [
         ({"studies": []}, "non-empty list"),
-        ({"studies": [{"study_instance_uid": "1.2", "files": ["x"], "pixels": 1}]}, "must be"),
+        ({"studies": [{"study_instance_uid": "1.2", "files": ["x"], "pixels": 1}]}, "unknown"),
+        ({"studies": ["1.2"]}, r"^studies\[0\] must be"),
         ({"studies": [{"study_instance_uid": "1.2; DROP", "files": ["x"]}]}, "not a DICOM UID"),
         ({"studies": [{"study_instance_uid": "1.2", "files": ["x"]}] * 2}, "appears twice"),
         ({"model_version": ""}, "model_version"),
@@ -117,6 +118,21 @@ def test_malformed_batch_messages_are_refused_with_a_reason(
 ) -> None:
     with pytest.raises(MalformedTask, match=message):
         parse_batch_message((), {**BATCH, **change})
+
+
+@pytest.mark.parametrize(
+    "study",
+    [
+        "/exports/Doe^Jane/1.dcm",
+        {"study_instance_uid": "1.2.3", "files": ["/exports/Doe^Jane/1.dcm"], "series": 1},
+    ],
+)
+def test_a_refused_batch_names_the_study_by_position_not_by_its_paths(study: Any) -> None:
+    """The reason is logged and stored in ``studies.reason``."""
+    with pytest.raises(MalformedTask) as refused:
+        parse_batch_message((), {**BATCH, "studies": [*BATCH["studies"], study]})
+    assert str(refused.value).startswith("studies[2] ")
+    assert "Doe^Jane" not in str(refused.value)
 
 
 def test_batch_messages_round_trip() -> None:
