@@ -536,19 +536,16 @@ def record_refused(
     """Best effort: the studies a refused message names are marked ``failed`` with the
     reason, instead of staying ``queued`` for ever. ``model_version``: when the message
     names none. No row is made for a study nobody queued."""
-    body = message_body(args, kwargs) or {}
-    uids = named_studies(body)
+    # The keyword arguments and any positional object: a message may mix them.
+    bodies = [kwargs, *(arg for arg in args if isinstance(arg, dict))]
+    uids = [uid for body in bodies for uid in named_studies(body)]
     if not uids:
         return
-    version = body.get("model_version")
+    versions = [body.get("model_version") for body in bodies]
+    version = next((v for v in versions if isinstance(v, str) and v), model_version)
     try:
         with sessions().begin() as session:
-            fail_unfinished(
-                session,
-                uids,
-                version if isinstance(version, str) and version else model_version,
-                f"malformed task message: {error}",
-            )
+            fail_unfinished(session, uids, version, f"malformed task message: {error}")
     except Exception as exc:
         log.error(
             "the studies of a malformed task could not be recorded failed: %s", describe_error(exc)

@@ -57,13 +57,17 @@ def test_queued_studies_a_refused_message_names_are_failed_with_the_reason(
 ) -> None:
     # As ingest queued a study with a UID of letters before it checked UIDs.
     lettered, batched, unqueued = "1.2.826.0.1.3680043.2.1143.ABC", "1.2.3.5", "1.2.3.4"
+    mixed = "1.2.3.6"
     sessions = open_database(postgres_url)
     with sessions.begin() as session:
-        queued = [{"study_instance_uid": u, "files": ["a.dcm"]} for u in (lettered, batched)]
+        queued = [{"study_instance_uid": u, "files": ["a.dcm"]} for u in (lettered, batched, mixed)]
         queue_studies(session, queued, "m-1")
     send_raw(
         broker, kwargs={"study_instance_uid": lettered, "files": ["a.dcm"], "model_version": "m-1"}
     )
+    # The study in a positional argument, an option as a keyword argument.
+    body = {"study_instance_uid": mixed, "files": ["a.dcm"], "model_version": "m-1"}
+    send_raw(broker, args=[body], kwargs={"force": True})
     # A batch refused as a whole (a study in it has no files): its queued study fails, and
     # no row is made for the other, which nobody queued.
     studies = [
@@ -74,7 +78,7 @@ def test_queued_studies_a_refused_message_names_are_failed_with_the_reason(
     worker = Worker(worker_env(broker, postgres_url, model_dir), tmp_path / "worker.log")
     try:
         # A task's return value is logged once it has recorded the studies.
-        wait_for(lambda: worker.log().count(": 'malformed'") == 2, 60, "both messages refused")
+        wait_for(lambda: worker.log().count(": 'malformed'") == 3, 60, "every message refused")
     finally:
         worker.stop()
     found = dict(
@@ -84,6 +88,7 @@ def test_queued_studies_a_refused_message_names_are_failed_with_the_reason(
         lettered: "failed: malformed task message: study_instance_uid is not a DICOM UID: "
         f"{lettered!r}",
         batched: "failed: malformed task message: files must be a non-empty list of paths",
+        mixed: "failed: malformed task message: expected keyword arguments only, got 1 positional",
     }
 
 
