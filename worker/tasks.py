@@ -190,6 +190,10 @@ def retry_later(task: Task, exc: Exception, label: str, *, unrecorded: bool = Fa
 
 
 def enqueue(message: dict[str, Any]) -> None:
-    """Publish one message (JSON), retrying while the broker is unreachable."""
+    """Publish one message (JSON), retrying while the broker is unreachable.
+
+    Without time limits: Celery would put the publisher's (``ingest``'s) in the message,
+    and they would override the worker's own ``CXR_TASK_TIME_LIMIT``.
+    """
     task = screen_batch_task if "studies" in message else screen_study_task
-    task.apply_async(kwargs=message, queue=QUEUE)
+    task.apply_async(kwargs=message, queue=QUEUE, time_limit=None, soft_time_limit=None)

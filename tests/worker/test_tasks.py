@@ -130,3 +130,22 @@ def test_a_study_past_the_soft_time_limit_is_recorded_failed_as_a_whole(
     outcomes = "SELECT status, reason_code, reason, count(*) FROM predictions GROUP BY 1, 2, 3"
     assert rows(postgres_url, outcomes) == [("failed", "error", reason, n)]
     assert "Hard time limit" not in log and alive
+
+
+def test_the_workers_time_limit_governs_not_the_one_of_ingest(
+    broker: str, postgres_url: str, model_dir: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """Celery put the publisher's limits in each message, over the worker's."""
+    slow_study(tmp_path / "export", cxr_dir, 30)
+    ingest(tmp_path / "export", worker_env(broker, postgres_url, model_dir))  # 300 s
+    env = worker_env(broker, postgres_url, model_dir, task_time_limit=2)
+    worker = Worker(env, tmp_path / "worker.log")
+    try:
+        wait_for(lambda: all_final(postgres_url, 1), 120, "the study to be recorded")
+        log = worker.log()
+    finally:
+        worker.stop()
+    assert "Soft time limit (1s) exceeded" in log
+    assert rows(postgres_url, "SELECT status, reason FROM studies") == [
+        ("failed", "time limit exceeded (2 s)")
+    ]
