@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,13 +53,29 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to ``revision``; safe to call from many processes."""
     try:
-        with engine.connect() as connection:
+        with sqlite_upgrade_lock(engine), engine.connect() as connection:
             config = alembic_config(engine)
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
             connection.commit()
     except Exception as exc:
         raise DatabaseError(f"cannot upgrade database {safe_url(str(engine.url))}: {exc}") from exc
+
+
+@contextmanager
+def sqlite_upgrade_lock(engine: Engine) -> Iterator[None]:
+    """One process at a time opens and upgrades a SQLite file: on a new file, two found
+    no tables and one died on "table already exists" (pysqlite commits each DDL
+    statement on its own), or on "database is locked" switching the file to WAL. The
+    lock is a file beside the database, ``<file>.lock``. PostgreSQL serialises the
+    migrations on an advisory lock instead (``migrations/env.py``)."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 def open_database(url: str) -> sessionmaker[Session]:

@@ -8,7 +8,8 @@ from sqlalchemy import Connection, create_engine, text
 from db.models import Base
 
 config = context.config
-# Several workers may start at once: PostgreSQL serialises them on an advisory lock.
+# Several workers may start at once: PostgreSQL serialises them on an advisory lock,
+# SQLite on a file lock taken before connecting (db/session.py, sqlite_upgrade_lock).
 MIGRATION_LOCK_ID = 7_421_035
 
 

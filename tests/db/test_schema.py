@@ -7,6 +7,7 @@ import multiprocessing
 import uuid
 from dataclasses import replace
 from multiprocessing.synchronize import Barrier
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,33 +63,44 @@ def _first_use(url: str, start: Barrier, results: Any) -> None:
         results.put(f"{type(exc).__name__}: {exc}"[:300])
 
 
+def open_together(url: str, n: int) -> list[str]:
+    """``n`` processes open the database at once (each runs the migrations); the errors."""
+    context = multiprocessing.get_context("fork")
+    start, results = context.Barrier(n), context.SimpleQueue()
+    processes = [context.Process(target=_first_use, args=(url, start, results)) for _ in range(n)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    return [out for out in (results.get() for _ in range(n)) if out != "ok"]
+
+
 @pytest.mark.services
 def test_workers_starting_together_on_a_fresh_postgresql_all_get_the_schema() -> None:
     """Eight processes open a new database at once, twelve times over (each process
     also runs the migrations): every one must come up."""
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    context = multiprocessing.get_context("fork")
-    n = 8
     failures = []
     try:
         for _ in range(12):
             name = f"cxr_test_{uuid.uuid4().hex[:10]}"
             with admin.connect() as conn:
                 conn.execute(text(f'CREATE DATABASE "{name}"'))
-            start, results = context.Barrier(n), context.SimpleQueue()
-            url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-            processes = [
-                context.Process(target=_first_use, args=(url, start, results)) for _ in range(n)
-            ]
-            for process in processes:
-                process.start()
-            for process in processes:
-                process.join(60)
-            failures += [out for out in (results.get() for _ in range(n)) if out != "ok"]
+            failures += open_together(POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}", 8)
             with admin.connect() as conn:
                 conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+    assert failures == []
+
+
+def test_processes_starting_together_on_a_new_sqlite_file_all_get_the_schema(
+    tmp_path: Path,
+) -> None:
+    """Two ingests, two runs, or ingest and ``db upgrade`` on a file that is not there."""
+    failures = []
+    for attempt in range(12):
+        failures += open_together(f"sqlite:///{tmp_path / f'results-{attempt}.db'}", 4)
     assert failures == []
 
 
