@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -163,8 +165,6 @@ def test_a_study_that_kills_its_process_is_failed_and_no_other_study_is_lost(
 
 
 def cli(*args: str, env_model: Path | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
     env = {**os.environ}
     if env_model is not None:
         env["CXR_MODEL"] = str(env_model)
@@ -248,6 +248,33 @@ def test_header_text_and_reasons_with_nul_bytes_are_stored_without_them(
     assert rows(database_url, instances) == [
         ("PA", "MR", "rejected", reason),
         ("APPORTABLE", "CR", "screened", None),
+    ]
+
+
+def test_a_named_pipe_or_a_device_in_an_export_is_a_rejected_row_not_a_hang(
+    sqlite_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """Discovery opened them like files: run (and ingest) waited for ever."""
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    film = write(base_dataset(png_pixels(png)), tmp_path / "elsewhere" / "film.dcm")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "film.dcm").symlink_to(film)  # a link to a regular file still counts
+    os.mkfifo(export / "pipe")
+    (export / "zero").symlink_to("/dev/zero")
+    command = [sys.executable, "-m", "worker", "run", str(export), "--database-url", sqlite_url]
+    env = {**os.environ, "CXR_MODEL": str(model_dir)}
+    with subprocess.Popen(command, env=env, start_new_session=True) as process:
+        try:
+            assert process.wait(timeout=120) == 0
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    not_regular = "not a regular file"
+    assert rows(sqlite_url, "SELECT source, status, reason FROM predictions ORDER BY 1") == [
+        (str(export / "film.dcm"), "screened", None),
+        (str(export / "pipe"), "rejected", not_regular),
+        (str(export / "zero"), "rejected", not_regular),
     ]
 
 
