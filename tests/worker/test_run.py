@@ -232,14 +232,14 @@ def test_header_text_and_reasons_with_nul_bytes_are_stored_without_them(
     ds = base_dataset(png_pixels(png), view="AP\x00PORTABLE")
     ds.AccessionNumber = "ACC\x00123"
     write(ds, tmp_path / "export" / "nul.dcm")
-    # The rejection reason quotes the header.
+    # The rejection reason would quote the header: it names it unprintable instead.
     write(base_dataset(png_pixels(png), modality="M\x00R"), tmp_path / "export" / "mr.dcm")
     settings = settings_for(database_url, model_dir)
     studies = "SELECT accession_number, status, reason FROM studies ORDER BY accession_number"
     ingest([tmp_path / "export"], settings, [].append, sessions=open_database(database_url))
     assert rows(database_url, studies) == [("ACC0001", "queued", None), ("ACC123", "queued", None)]
     run([tmp_path / "export"], settings)
-    reason = "modality MR is not a radiograph (CR/DX)"
+    reason = "modality (unprintable value) is not a radiograph (CR/DX)"
     assert rows(database_url, studies) == [
         ("ACC0001", "rejected", reason),
         ("ACC123", "screened", None),
