@@ -8,7 +8,9 @@ the pixel layout, then decoding.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import stat
 import struct
 import warnings
 import zlib
@@ -78,6 +80,7 @@ MAX_ASPECT = 3  # a chest film is 1:1 to 1:1.3; 3:1 is a spine, a strip or a sco
 STANDARD_GROUPS = frozenset({0x0008, 0x0010, 0x0018, 0x0020, 0x0028})
 JPEG_SYNTAXES = frozenset(JPEGTransferSyntaxes + JPEGLSTransferSyntaxes)
 JPEG2000_SYNTAXES = frozenset(JPEG2000TransferSyntaxes)  # with HTJ2K
+NATIVE_OR_UNNAMED_SYNTAXES = frozenset({"", *UncompressedTransferSyntaxes})
 SIZED_STREAM_SYNTAXES = JPEG_SYNTAXES | JPEG2000_SYNTAXES  # stream size checked by the gate
 # The largest image the default size gate lets through, at 32 bits a pixel.
 MAX_INFLATED_BYTES = 4 * DEFAULT_MAX_PIXELS
@@ -133,8 +136,13 @@ def read_dataset(path: str | Path, *, pixels: bool) -> Dataset:
 
 
 def check_regular_file(path: str | Path) -> None:
-    """A named pipe or a device would block the read for ever."""
-    if Path(path).exists() and not Path(path).is_file():
+    """A named pipe or a device would block the read for ever (a missing file is left to
+    the read, which names it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
         raise RejectedInput(RejectCode.UNREADABLE, "not a regular file")
 
 
@@ -338,7 +346,7 @@ def check_bit_layout(ds: Dataset) -> None:
     """Native pixel cells must hold their bits from bit 0 (HighBit = BitsStored - 1, as
     PS3.5 8.1.1 now requires). Legacy exports put 12 bits at the top of the word
     (HighBit 15); decoders keep the low bits, and a scrambled film would be screened."""
-    if transfer_syntax(ds) not in ("", *UncompressedTransferSyntaxes):
+    if transfer_syntax(ds) not in NATIVE_OR_UNNAMED_SYNTAXES:
         return  # a compressed stream carries its own precision
     stored, high = ds.get("BitsStored"), ds.get("HighBit")
     if stored is not None and high is not None and int(high) != int(stored) - 1:

@@ -212,7 +212,7 @@ def picture_gray(img: Image.Image) -> np.ndarray:
     flattened on black, as the training PNGs were."""
     if img.mode in DEEP_GREY_MODES:
         array = np.asarray(img, dtype=np.float32)
-        peak = float(np.nanmax(array)) if array.size else 0.0
+        peak = float(np.nanmax(array))
         return np.clip(array / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(array)
     if "A" in img.getbands() or "transparency" in img.info:
         black = Image.new("RGBA", img.size, (0, 0, 0, 255))
