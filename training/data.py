@@ -87,16 +87,26 @@ def walk_images(folder: Path) -> list[Path]:
     return [p for p in walk_files(folder) if is_image_file(p)]
 
 
-def walk_files(folder: Path) -> list[Path]:
-    """Every non-folder entry under ``folder`` (broken symbolic links included), sorted.
+def walk_files(folder: Path, *, skip_hidden: bool = False) -> list[Path]:
+    """Every regular file under ``folder`` (broken symbolic links included), sorted.
     Links to folders are followed, but each real folder is walked once, under the first
-    name met in sorted order, so a link loop ends."""
+    name met in sorted order, so a link loop ends. ``skip_hidden``: names starting with
+    "." are left out, folders before that once-only rule (a hidden link to a folder must
+    not take the visible name's place)."""
+
+    def shown(name: str) -> bool:
+        return not (skip_hidden and name.startswith("."))
+
     walked = {_identity(Path(folder))}
     found: list[Path] = []
     for root, folders, files in os.walk(folder, followlinks=True):
-        folders[:] = [name for name in sorted(folders) if _first_visit(Path(root, name), walked)]
-        found += (Path(root, name) for name in files)
-    return sorted(found)
+        folders[:] = [
+            name
+            for name in sorted(folders)
+            if shown(name) and _first_visit(Path(root, name), walked)
+        ]
+        found += (Path(root, name) for name in files if shown(name))
+    return sorted(p for p in found if p.is_file() or is_broken_link(p))
 
 
 def _identity(folder: Path) -> tuple[int, int]:

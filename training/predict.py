@@ -18,7 +18,7 @@ from typing import TextIO
 import numpy as np
 
 from training import CLASS_NAMES
-from training.data import is_broken_link, load_or_reason, walk_files
+from training.data import load_or_reason, walk_files
 from worker.csv_rows import write_csv_row
 from worker.imaging.enum import Status
 from worker.model import Classifier
@@ -46,11 +46,7 @@ def expand(paths: Iterable[Path]) -> Iterator[Path]:
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            for child in walk_files(path):
-                if (child.is_file() or is_broken_link(child)) and not any(
-                    part.startswith(".") for part in child.relative_to(path).parts
-                ):
-                    yield child
+            yield from walk_files(path, skip_hidden=True)
         else:
             yield path
 

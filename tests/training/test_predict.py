@@ -91,6 +91,7 @@ def test_linked_sub_folders_are_walked_once_each(
     (scans / "ward7").symlink_to(elsewhere)
     (scans / "ward9").symlink_to(elsewhere)
     (scans / "loop").symlink_to(scans)
+    (scans / ".backup").symlink_to(elsewhere)  # hidden: must not take ward7's place
     rows = _rows([scans], shipped_model)
     assert [Path(r["path"]).relative_to(scans).as_posix() for r in rows] == [
         "m.png",
