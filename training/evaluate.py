@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from training import CLASS_NAMES
-from training.data import Sample, list_samples, load_or_reason, split_dir
+from training.data import Sample, list_samples, load_input, load_or_reason, split_dir
 from training.robustness import SHIFTS, GrayTransform
 from training.train import (
     DEFAULT_TARGET_SENSITIVITY,
@@ -126,16 +126,19 @@ def score_altered(
     the grey image before ``model_input``, or with ``on_input`` to the network input.
     ``paths`` are files the pipeline has read already; each is decoded once for all the
     transforms."""
+
+    def load(path: Path) -> np.ndarray:
+        return load_input(path, size) if on_input else load_gray(path)
+
+    def finish(altered: np.ndarray) -> np.ndarray:
+        return altered if on_input else model_input(altered, size)
+
     probs = {key: np.empty(len(paths)) for key in table}
     for start in range(0, len(paths), BATCH):
-        grays = [load_gray(path) for path in paths[start : start + BATCH]]
-        inputs = [model_input(gray, size) for gray in grays] if on_input else []
+        loaded = [load(path) for path in paths[start : start + BATCH]]
         for key, (transform, _) in table.items():
-            if on_input:
-                batch = np.stack([transform(x) for x in inputs])
-            else:
-                batch = np.stack([model_input(transform(gray), size) for gray in grays])
-            probs[key][start : start + len(grays)] = scorer(batch)
+            batch = np.stack([finish(transform(image)) for image in loaded])
+            probs[key][start : start + len(loaded)] = scorer(batch)
     found: dict[str, dict[str, Any]] = {}
     for key, (_, what) in table.items():
         summary = binary_summary(y, probs[key], threshold)
@@ -654,7 +657,7 @@ def plot_audit_examples(samples: Sequence[Sample], size: int, path: Path) -> Non
         len(picks), len(views), figsize=(2.4 * len(views), 2.6 * len(picks)), squeeze=False
     )
     for r, s in enumerate(picks):
-        x = model_input(load_gray(s.path), size)
+        x = load_input(s.path, size)
         for c, (title, f) in enumerate(views):
             axes[r, c].imshow((f(x) if f else x)[..., 0], cmap="gray", vmin=0, vmax=1)
             axes[r, c].set_title(f"{s.label}: {title}", fontsize=9)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from training.cli import app, evaluate_command, predict_command, train_command
@@ -53,39 +55,22 @@ def test_train_needs_train_and_val_folders(cxr_dir: Path, tmp_path: Path) -> Non
     assert "no train/ folder" in result.output
 
 
-def test_train_stops_when_a_class_has_no_readable_image(
-    cxr_dir: Path, bad_files: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_train_stops_before_fitting_when_a_split_has_no_readable_image_of_a_class(
+    split: str, cxr_dir: Path, bad_files: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Every training covid file is unreadable: no class weight, no training."""
+    """Every covid file of the split is unreadable: no class weight (train), no early
+    stopping or threshold on covid (val)."""
     data = tmp_path / "data"
-    linked = [("train", "normal"), ("val", "normal"), ("val", "covid")]
-    for split, label in linked:
-        (data / split / label).mkdir(parents=True)
-        for png in sorted((cxr_dir / split / label).glob("*.png"))[:4]:
-            (data / split / label / png.name).symlink_to(png)
-    (data / "train" / "covid").mkdir()
-    (data / "train" / "covid" / "empty.png").symlink_to(bad_files["empty"])
+    for part, label in itertools.product(("train", "val"), ("normal", "covid")):
+        (data / part / label).mkdir(parents=True)
+        if (part, label) == (split, "covid"):
+            (data / part / label / "empty.png").symlink_to(bad_files["empty"])
+            continue
+        for png in sorted((cxr_dir / part / label).glob("*.png"))[:4]:
+            (data / part / label / png.name).symlink_to(png)
     args = ["--out", str(tmp_path / "model"), "--image-size", "32", "--epochs", "1"]
     result = runner.invoke(app, ["train", str(data), *args])
     assert result.exit_code == 2, result.output
-    assert "needs readable normal/ and covid/ images" in result.output
-    assert not (tmp_path / "model" / ".input-cache").exists()
-
-
-def test_train_stops_before_fitting_when_val_has_no_readable_image_of_a_class(
-    cxr_dir: Path, bad_files: dict[str, Path], tmp_path: Path
-) -> None:
-    """Every val covid file is unreadable: no early stopping or threshold on covid."""
-    data = tmp_path / "data"
-    linked = [("train", "normal"), ("train", "covid"), ("val", "normal")]
-    for split, label in linked:
-        (data / split / label).mkdir(parents=True)
-        for png in sorted((cxr_dir / split / label).glob("*.png"))[:4]:
-            (data / split / label / png.name).symlink_to(png)
-    (data / "val" / "covid").mkdir()
-    (data / "val" / "covid" / "empty.png").symlink_to(bad_files["empty"])
-    args = ["--out", str(tmp_path / "model"), "--image-size", "32", "--epochs", "1"]
-    result = runner.invoke(app, ["train", str(data), *args])
-    assert result.exit_code == 2, result.output
-    assert "val/ needs readable normal/ and covid/ images" in result.output
+    assert f"{split}/ needs readable normal/ and covid/ images" in result.output
     assert not any((tmp_path / "model").iterdir())  # no history.csv: fitting never began
