@@ -171,7 +171,6 @@ def _upsert(
 
 
 # PostgreSQL refuses NUL in text; no C0 control character belongs in header text.
-_NUL = {0: None}
 _CONTROLS = dict.fromkeys(range(0x20))
 
 
@@ -191,7 +190,7 @@ def fit_to_columns(table: Table, row: dict[str, Any]) -> dict[str, Any]:
 
 def _fit(value: str, width: int | None) -> str:
     if width is None:
-        return value.translate(_NUL)
+        return value.replace("\x00", "")
     return value.translate(_CONTROLS)[:width]
 
 
@@ -431,7 +430,16 @@ def fail_unfinished(session: Session, uids: Sequence[str], model_version: str, r
             STUDIES.c.model_version == model_version,
             STUDIES.c.status.not_in(FINAL_STATUSES),
         )
-        .values(status=StudyStatus.FAILED.value, reason=reason[:2000], finished_at=utcnow())
+        .values(
+            fit_to_columns(
+                STUDIES,
+                {
+                    "status": StudyStatus.FAILED.value,
+                    "reason": reason[:2000],
+                    "finished_at": utcnow(),
+                },
+            )
+        )
     )
 
 
