@@ -164,6 +164,12 @@ class Worker:
                 os.killpg(self.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
 
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.alive():
             os.killpg(self.pid, signal.SIGTERM)
@@ -252,6 +258,19 @@ class PrivatePostgres:
             stderr=subprocess.PIPE,
             timeout=120,
         )
+
+    def __enter__(self) -> PrivatePostgres:
+        """The cluster initialised and started; destroyed on exit."""
+        try:
+            self.init()
+            self.start()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
 
     def init(self) -> None:
         self._run(pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-N")

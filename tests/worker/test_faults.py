@@ -228,41 +228,36 @@ def test_fault3_postgres_down_for_20s(
 ) -> None:
     n, per = 6, 3
     make_studies(tmp_path / "export", cxr_dir, n, per, large=True)
-    database = PrivatePostgres(5440)
-    worker: Worker | None = None
-    try:
-        database.init()
-        database.start()
+    with PrivatePostgres(5440) as database:
         url = database.url
         env = worker_env(broker, url, model_dir)
         print(f"\nfault 3: {ingest(tmp_path / 'export', env).strip()}")
-        worker = Worker(env, tmp_path / "worker.log")
-        wait_for(
-            lambda: status_counts(url).get("screened", 0) >= 1, 120, "a first screened study", 0.1
-        )
-        before = status_counts(url)
-        database.stop()
-        stopped = time.monotonic()
-        time.sleep(20)
-        database.start()
-        print(
-            f"fault 3: PostgreSQL stopped for {time.monotonic() - stopped:.1f} s "
-            f"with studies {before}"
-        )
-        waited = wait_for(lambda: all_final(url, n), 180, "every study to finish")
-        retries = worker.log().count("transient failure")
-        print(
-            f"fault 3: all {n} studies screened {waited:.1f} s after PostgreSQL returned; "
-            f"{retries} retries logged; worker alive={worker.alive()}"
-        )
-        assert status_counts(url) == {"screened": n}
-        assert_exactly_once(url, n, n * per)
-        assert retries >= 1, "the outage was not noticed (no retry logged)"
-        assert worker.alive()
-    finally:
-        if worker is not None:
-            worker.stop()
-        database.destroy()
+        with Worker(env, tmp_path / "worker.log") as worker:
+            wait_for(
+                lambda: status_counts(url).get("screened", 0) >= 1,
+                120,
+                "a first screened study",
+                0.1,
+            )
+            before = status_counts(url)
+            database.stop()
+            stopped = time.monotonic()
+            time.sleep(20)
+            database.start()
+            print(
+                f"fault 3: PostgreSQL stopped for {time.monotonic() - stopped:.1f} s "
+                f"with studies {before}"
+            )
+            waited = wait_for(lambda: all_final(url, n), 180, "every study to finish")
+            retries = worker.log().count("transient failure")
+            print(
+                f"fault 3: all {n} studies screened {waited:.1f} s after PostgreSQL returned; "
+                f"{retries} retries logged; worker alive={worker.alive()}"
+            )
+            assert status_counts(url) == {"screened": n}
+            assert_exactly_once(url, n, n * per)
+            assert retries >= 1, "the outage was not noticed (no retry logged)"
+            assert worker.alive()
 
 
 # --- 4. the same work twice ------------------------------------------------------------
@@ -468,32 +463,24 @@ def test_fault8_postgres_down_longer_than_the_retries_loses_no_study(
 ) -> None:
     n = 4
     make_studies(tmp_path / "export", cxr_dir, n, 1)
-    database = PrivatePostgres(5441)
-    worker: Worker | None = None
-    try:
-        database.init()
-        database.start()
+    with PrivatePostgres(5441) as database:
         url = database.url
         env = worker_env(broker, url, model_dir, task_max_retries=1)  # about 2 s of retries
         print(f"\nfault 8: {ingest(tmp_path / 'export', env).strip()}")
         database.stop()
-        worker = Worker(env, tmp_path / "worker.log")
-        time.sleep(20)  # the first retry waits 1 to 2 s, and there is only one
-        kept = worker.log().count("the failure cannot be recorded")
-        database.start()
-        waited = wait_for(lambda: all_final(url, n), 120, "every study to finish")
-        print(
-            f"fault 8: PostgreSQL down 20 s; every study used up its retries, and its message "
-            f"came back {kept} times in all; all {n} studies final {waited:.1f} s after "
-            "PostgreSQL returned, with no requeue"
-        )
-        # Each delivery past the retries waits out the backoff (2-4 s, 4-8 s, ...): a
-        # message handed straight back would come back hundreds of times.
-        assert n <= kept <= 4 * n
-        assert status_counts(url) == {"screened": n}
-        assert_exactly_once(url, n, n)
-        assert worker.alive()
-    finally:
-        if worker is not None:
-            worker.stop()
-        database.destroy()
+        with Worker(env, tmp_path / "worker.log") as worker:
+            time.sleep(20)  # the first retry waits 1 to 2 s, and there is only one
+            kept = worker.log().count("the failure cannot be recorded")
+            database.start()
+            waited = wait_for(lambda: all_final(url, n), 120, "every study to finish")
+            print(
+                f"fault 8: PostgreSQL down 20 s; every study used up its retries, and its message "
+                f"came back {kept} times in all; all {n} studies final {waited:.1f} s after "
+                "PostgreSQL returned, with no requeue"
+            )
+            # Each delivery past the retries waits out the backoff (2-4 s, 4-8 s, ...): a
+            # message handed straight back would come back hundreds of times.
+            assert n <= kept <= 4 * n
+            assert status_counts(url) == {"screened": n}
+            assert_exactly_once(url, n, n)
+            assert worker.alive()

@@ -35,12 +35,9 @@ def test_a_database_error_reaches_logs_and_reason_without_patient_data(
     execute(
         postgres_url, "ALTER TABLE studies ADD CONSTRAINT no_results CHECK (status <> 'screened')"
     )
-    worker = Worker(env, tmp_path / "worker.log")
-    try:
+    with Worker(env, tmp_path / "worker.log") as worker:
         wait_for(lambda: all_final(postgres_url, 1), 120, "the study to be recorded failed")
         log = worker.log()
-    finally:
-        worker.stop()
     ((status, reason),) = rows(postgres_url, "SELECT status, reason FROM studies")
     for private in ("TEST-PATIENT-0001", "ACC0001", "Test^Patient"):
         assert private not in reason and private not in log, private
@@ -75,12 +72,9 @@ def test_queued_studies_a_refused_message_names_are_failed_with_the_reason(
         {"study_instance_uid": unqueued, "files": []},
     ]
     send_raw(broker, kwargs={"studies": studies, "model_version": "m-1"}, task=SCREEN_BATCH_TASK)
-    worker = Worker(worker_env(broker, postgres_url, model_dir), tmp_path / "worker.log")
-    try:
+    with Worker(worker_env(broker, postgres_url, model_dir), tmp_path / "worker.log") as worker:
         # A task's return value is logged once it has recorded the studies.
         wait_for(lambda: worker.log().count(": 'malformed'") == 3, 60, "every message refused")
-    finally:
-        worker.stop()
     found = dict(
         rows(postgres_url, "SELECT study_instance_uid, status || ': ' || reason FROM studies")
     )
@@ -113,15 +107,10 @@ def test_a_study_past_the_soft_time_limit_is_recorded_failed_as_a_whole(
     slow_study(tmp_path / "export", cxr_dir, n)
     env = worker_env(broker, postgres_url, model_dir, task_time_limit=2)  # soft limit 1 s
     ingest(tmp_path / "export", env)
-    client = redis.Redis.from_url(broker)
-    worker = Worker(env, tmp_path / "worker.log")
-    try:
+    with redis.Redis.from_url(broker) as client, Worker(env, tmp_path / "worker.log") as worker:
         wait_for(lambda: all_final(postgres_url, 1), 120, "the study to be recorded")
         wait_for(lambda: client.llen(QUEUE) + client.hlen("unacked") == 0, 30, "the ack")
         log, alive = worker.log(), worker.alive()
-    finally:
-        worker.stop()
-        client.close()
     reason = "time limit exceeded (2 s)"
     assert rows(postgres_url, "SELECT status, reason, n_failed, attempts FROM studies") == [
         ("failed", reason, n, 1)
@@ -139,12 +128,9 @@ def test_the_workers_time_limit_governs_not_the_one_of_ingest(
     slow_study(tmp_path / "export", cxr_dir, 30)
     ingest(tmp_path / "export", worker_env(broker, postgres_url, model_dir))  # 300 s
     env = worker_env(broker, postgres_url, model_dir, task_time_limit=2)
-    worker = Worker(env, tmp_path / "worker.log")
-    try:
+    with Worker(env, tmp_path / "worker.log") as worker:
         wait_for(lambda: all_final(postgres_url, 1), 120, "the study to be recorded")
         log = worker.log()
-    finally:
-        worker.stop()
     assert "Soft time limit (1s) exceeded" in log
     assert rows(postgres_url, "SELECT status, reason FROM studies") == [
         ("failed", "time limit exceeded (2 s)")
