@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from db.models import Prediction, Study, utcnow
 from worker.imaging.enum import StudyStatus
 from worker.privacy import PatientIdMode, patient_ref
-from worker.screening import InstanceResult, StudyOutcome
+from worker.screening import DUPLICATE_INSTANCE, InstanceResult, StudyOutcome
 
 PREDICTIONS: Table = Prediction.__table__  # type: ignore[assignment]
 STUDIES: Table = Study.__table__  # type: ignore[assignment]
@@ -81,14 +81,20 @@ def save_instances(
     model_version: str,
     threshold: float | None,
 ) -> None:
-    """Upsert instance rows: by SOP Instance UID, or by path where there is none."""
+    """Upsert instance rows: by SOP Instance UID, or by path where there is none.
+
+    A UID's row belongs to the study that wrote it first. Another study's file with the
+    same UID (invalid, but re-identified and merged exports do it) is stored as a copy
+    keyed by its path, instead of taking that row over and leaving a file without one.
+    """
     now = utcnow()
     with_uid: list[dict[str, Any]] = []
     without_uid: list[dict[str, Any]] = []
     for result in results:
         row = _prediction_row(result, model_version, threshold, now)
         (with_uid if row["sop_instance_uid"] else without_uid).append(row)
-    _upsert(session, PREDICTIONS, with_uid, ["sop_instance_uid", "model_version"])
+    with_uid, taken = _upsert_own_uids(session, with_uid)
+    without_uid += [_copy_of_other_study(row) for row in taken]
     _upsert(session, PREDICTIONS, without_uid, ["source", "model_version"], where=NO_UID)
     # A file keyed the other way before (unreadable then, its UID read now, or the
     # reverse) keeps one row: the one just written.
@@ -96,6 +102,33 @@ def save_instances(
     _delete_rows_of(
         session, without_uid, model_version, PREDICTIONS.c.sop_instance_uid.is_not(None)
     )
+
+
+def _upsert_own_uids(
+    session: Session, rows: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Upsert UID-keyed rows whose UID is new or already their study's. Returns the rows
+    written and those not written, whose UID another study holds."""
+    if not rows:
+        return [], []
+    statement = _own_uid_statement(_dialect(session), tuple(rows[0]))
+    rows = [fit_to_columns(PREDICTIONS, row) for row in rows]
+    written = set(session.scalars(statement, rows[0] if len(rows) == 1 else rows))
+    return (
+        [row for row in rows if row["sop_instance_uid"] in written],
+        [row for row in rows if row["sop_instance_uid"] not in written],
+    )
+
+
+def _copy_of_other_study(row: dict[str, Any]) -> dict[str, Any]:
+    note = "same SOP Instance UID as a file of another study; stored under its path"
+    return {
+        **row,
+        "sop_instance_uid": None,
+        "duplicate_of": row["sop_instance_uid"],
+        "reason_code": row["reason_code"] or DUPLICATE_INSTANCE,
+        "reason": f"{row['reason']}; {note}" if row["reason"] else note,
+    }
 
 
 def _delete_rows_of(
@@ -150,17 +183,13 @@ def _upsert(
     keys: list[str],
     *,
     where: Any = None,
-    update: dict[str, Any] | None = None,
     update_keys: Sequence[str] | None = None,
     only_if_not_final: bool = False,
 ) -> None:
     if not rows:
         return
-    if update is not None:
-        columns = tuple(update)
-    else:
-        skip = {*keys, "id", "created_at"}
-        columns = tuple(update_keys or [c for c in rows[0] if c not in skip])
+    skip = {*keys, "id", "created_at"}
+    columns = tuple(update_keys or [c for c in rows[0] if c not in skip])
     statement = _upsert_statement(
         _dialect(session), table, tuple(keys), columns, where, only_if_not_final
     )
@@ -252,6 +281,18 @@ def _upsert_statement(
         set_={column: excluded[column] for column in columns},
         where=_not_final(table) if only_if_not_final else None,
     )
+
+
+@functools.cache
+def _own_uid_statement(dialect: str, columns: tuple[str, ...]) -> Any:
+    statement = _insert(dialect)(PREDICTIONS)
+    excluded = statement.excluded
+    keys = ("sop_instance_uid", "model_version")
+    return statement.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={c: excluded[c] for c in columns if c not in {*keys, "id", "created_at"}},
+        where=PREDICTIONS.c.study_instance_uid.is_not_distinct_from(excluded.study_instance_uid),
+    ).returning(PREDICTIONS.c.sop_instance_uid)
 
 
 @functools.cache

@@ -9,10 +9,19 @@ from sqlalchemy import text
 
 from config.settings import Settings
 from db.models import utcnow
-from db.repository import mark_failed, mark_processing, queue_studies, stale_studies
+from db.repository import (
+    mark_failed,
+    mark_processing,
+    queue_studies,
+    save_instances,
+    stale_studies,
+)
 from db.session import open_database
+from worker.imaging.dicom import InstanceHeader
+from worker.imaging.enum import Status
 from worker.model import Classifier
 from worker.queue import StudyTask, delivery_limit, process_study
+from worker.screening import InstanceResult
 
 UID, VERSION = "1.2.826.0.1.3680043.8.498.1", "m-1"
 
@@ -97,3 +106,42 @@ def test_stale_studies_are_those_queued_or_taken_before_the_cutoff(database_url:
         stale = stale_studies(session, VERSION, utcnow() - dt.timedelta(hours=2))
         assert [s.study_instance_uid for s in stale] == ["1.1", "2.1"]
         assert stale_studies(session, "other", utcnow()) == []
+
+
+def test_a_sop_instance_uid_of_another_study_in_one_transaction_keeps_both_rows(
+    database_url: str,
+) -> None:
+    """Two studies of one batch message are saved in one transaction; the second's copy of
+    a UID must not take over the first's row, and the first study's re-save updates its own."""
+    sop = "1.2.826.0.1.3680043.8.498.99"
+
+    def result(study: str, source: str, p: float, uid: str = sop) -> InstanceResult:
+        header = InstanceHeader(uid, None, study, None, None, None, "CR", "PA")
+        return InstanceResult(source, Status.SCREENED, header, covid_probability=p)
+
+    sessions = open_database(database_url)
+    for p in (0.1, 0.2):
+        with sessions.begin() as session:
+            own = [result(UID, "/x/a.dcm", p), result(UID, "/x/a2.dcm", p, sop + "1")]
+            save_instances(session, own, VERSION, 0.5)
+            other = [
+                result(UID + "0", "/x/b.dcm", p + 0.5),
+                result(UID + "0", "/x/b2.dcm", p, sop + "2"),
+            ]
+            save_instances(session, other, VERSION, 0.5)
+    found = rows_of(
+        sessions,
+        "SELECT source, sop_instance_uid, duplicate_of, covid_probability "
+        "FROM predictions ORDER BY source",
+    )
+    assert found == [
+        ("/x/a.dcm", sop, None, 0.2),
+        ("/x/a2.dcm", sop + "1", None, 0.2),
+        ("/x/b.dcm", None, sop, 0.7),
+        ("/x/b2.dcm", sop + "2", None, 0.2),
+    ]
+
+
+def rows_of(sessions: object, query: str) -> list[tuple[object, ...]]:
+    with sessions() as session:  # type: ignore[operator]
+        return [tuple(r) for r in session.execute(text(query))]

@@ -296,3 +296,37 @@ def test_a_file_read_after_it_was_unreadable_keeps_one_row(
         path.write_bytes(content)
         run([tmp_path / "export"], settings)
         assert rows(database_url, query) == [expected]
+
+
+def test_two_studies_sharing_a_sop_instance_uid_keep_a_row_each(
+    database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """A SOP Instance UID must be unique, but re-identified or badly merged exports
+    reuse one across studies. The UID-keyed row belongs to the study that wrote it
+    first; the other study's file keeps a row of its own, keyed by its path."""
+    pngs = sorted((cxr_dir / "test" / "normal").glob("*.png"))[:2]
+    study_a, study_b = "1.2.826.0.1.3680043.10.2.1", "1.2.826.0.1.3680043.10.2.2"
+    shared_uid = "1.2.826.0.1.3680043.10.2.99"
+    for png, study, name in [(pngs[0], study_a, "a.dcm"), (pngs[1], study_b, "b.dcm")]:
+        ds = base_dataset(png_pixels(png), study_uid=study)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = shared_uid
+        write(ds, tmp_path / "export" / name)
+    settings = settings_for(database_url, model_dir)
+    query = (
+        "SELECT study_instance_uid, status, sop_instance_uid, duplicate_of, reason_code, "
+        "covid_probability FROM predictions ORDER BY study_instance_uid"
+    )
+    run([tmp_path / "export"], settings)
+    first = rows(database_url, query)
+    assert [(r[0], r[1]) for r in first] == [(study_a, "screened"), (study_b, "screened")]
+    holder = [r for r in first if r[2] == shared_uid]
+    copy = [r for r in first if r[2] is None]
+    assert len(holder) == 1 and len(copy) == 1, first
+    assert copy[0][3:5] == (shared_uid, "duplicate_instance")
+    assert holder[0][3:5] == (None, None)
+    assert first[0][5] != first[1][5], "each file keeps its own score"
+    studies = rows(database_url, "SELECT n_instances, n_screened FROM studies")
+    assert studies == [(1, 1), (1, 1)]
+
+    run([tmp_path / "export"], settings)
+    assert rows(database_url, query) == first, "a re-run keeps the same rows and holder"
