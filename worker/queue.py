@@ -11,8 +11,8 @@ import datetime as dt
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -48,8 +48,8 @@ from worker.screening import StudyOutcome, failed_outcome, screen_study
 
 log = logging.getLogger(__name__)
 
-MESSAGE_KEYS = frozenset({"study_instance_uid", "files", "model_version", "force"})
-BATCH_KEYS = frozenset({"studies", "model_version", "force"})
+MESSAGE_KEYS = frozenset({"study_instance_uid", "files", "model_version", "force", "root"})
+BATCH_KEYS = frozenset({"studies", "model_version", "force", "root"})
 BATCH_STUDY_KEYS = frozenset({"study_instance_uid", "files"})
 # Ingest never makes fewer messages than this by batching: a small ingest still spreads
 # over every worker process.
@@ -121,6 +121,7 @@ class StudyTask:
     files: tuple[str, ...]
     model_version: str
     force: bool = False
+    root: str | None = None  # the ingest root as ingest names it; ``files`` are under it
 
     def message(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -130,6 +131,8 @@ class StudyTask:
         }
         if self.force:
             body["force"] = True
+        if self.root is not None:
+            body["root"] = self.root
         return body
 
 
@@ -167,7 +170,14 @@ def parse_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyTask:
     force = kwargs.get("force", False)
     if not isinstance(force, bool):
         raise MalformedTask("force must be true or false")
-    return StudyTask(uid, tuple(files), version, force)
+    root = kwargs.get("root")
+    if root is not None and not is_absolute_path(root):
+        raise MalformedTask("root must be an absolute path")
+    return StudyTask(uid, tuple(files), version, force, root)
+
+
+def is_absolute_path(value: Any) -> bool:
+    return isinstance(value, str) and "\x00" not in value and PurePosixPath(value).is_absolute()
 
 
 @dataclass(frozen=True)
@@ -195,7 +205,7 @@ def parse_batch_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyBat
     studies = kwargs.get("studies")
     if not isinstance(studies, list) or not studies:
         raise MalformedTask("studies must be a non-empty list")
-    shared: dict[str, Any] = {k: kwargs[k] for k in ("model_version", "force") if k in kwargs}
+    shared: dict[str, Any] = {k: kwargs[k] for k in BATCH_KEYS - {"studies"} if k in kwargs}
     tasks = []
     for index, study in enumerate(studies):
         # Positions and field names, never values: export paths often hold patient names.
@@ -242,6 +252,28 @@ def worker_paths(files: Iterable[str], ingest_root: Path | None) -> list[str]:
     return [str(root / f) if not Path(f).is_absolute() else f for f in files]
 
 
+def named(paths: Sequence[str], names: Mapping[str, str]) -> list[str]:
+    return sorted(names.get(path, path) for path in paths)
+
+
+def root_name(ingest_root: Path | None) -> str | None:
+    """The ingest root as messages carry it: the name rows give the files under it."""
+    return None if ingest_root is None else str(Path(ingest_root).absolute())
+
+
+def ingest_names(task: StudyTask, paths: Sequence[str]) -> dict[str, str]:
+    """Each worker path's name as ingest gave it (the message's root and relative path),
+    so rows, keyed by path where a file has no readable UID, do not depend on where a
+    worker mounts the export: two workers mounting it differently write one row."""
+    if task.root is None:
+        return {}
+    return {
+        path: str(PurePosixPath(task.root, name))
+        for path, name in zip(paths, task.files, strict=True)
+        if not PurePosixPath(name).is_absolute()
+    }
+
+
 # --- ingest ----------------------------------------------------------------------------
 
 
@@ -285,7 +317,12 @@ def ingest(
     summary.studies = len(found.studies)
     progress.on_discovered(len(found.studies))
     tasks = [
-        StudyTask(uid, tuple(message_paths(study.files, settings.ingest_root)), model_version)
+        StudyTask(
+            uid,
+            tuple(message_paths(study.files, settings.ingest_root)),
+            model_version,
+            root=root_name(settings.ingest_root),
+        )
         for uid, study in found.studies.items()
     ]
     with sessions.begin() as session:
@@ -304,7 +341,7 @@ def ingest(
     summary.skipped_studies = len(done)
     # Rows first, then messages: a crash in between leaves studies `queued` without a
     # message, and the next ingest (or requeue) sends them.
-    tasks = [StudyTask(t.study_instance_uid, t.files, model_version, force) for t in tasks]
+    tasks = [replace(t, force=force) for t in tasks]
     for message in study_messages(tasks, settings.studies_per_message):
         send(message)
         for study in message.get("studies", [message]):
@@ -341,8 +378,9 @@ def process_study(
     warn_if_other_model(task, version)
     check_ingest_root(settings)
     files = worker_paths(task.files, settings.ingest_root)
+    names = ingest_names(task, files)
     with autocommit(sessions) as session:
-        attempts = mark_processing(session, uid, version, sorted(files), force=task.force)
+        attempts = mark_processing(session, uid, version, named(files, names), force=task.force)
     if attempts is None:
         skip_finished(task, version, sessions)
         return "skipped"
@@ -377,7 +415,7 @@ def process_batch(
     warn_if_other_model(batch.studies[0], version)
     check_ingest_root(settings)
     files = {t: worker_paths(t.files, settings.ingest_root) for t in batch.studies}
-    markers = {t.study_instance_uid: sorted(paths) for t, paths in files.items()}
+    markers = {t.study_instance_uid: named(p, ingest_names(t, p)) for t, p in files.items()}
     with autocommit(sessions) as session:
         attempts = mark_processing_many(session, markers, version, force=batch.studies[0].force)
     todo = {t: paths for t, paths in files.items() if t.study_instance_uid in attempts}
@@ -417,6 +455,7 @@ def screen_and_save(
             max_pixels=settings.max_pixels,
             batch_size=settings.batch_size,
             deadline=deadline,
+            names=ingest_names(task, paths),
         )
         for task, paths in files.items()
     ]
@@ -481,7 +520,8 @@ def save_failure(
     settings: Settings,
 ) -> None:
     """A study that gave no outcome, saved ``failed`` with one row per file."""
-    outcome = failed_outcome(task.study_instance_uid, files, model_version, reason)
+    names = ingest_names(task, files)
+    outcome = failed_outcome(task.study_instance_uid, files, model_version, reason, names)
     with sessions.begin() as session:
         save_outcome(session, task, outcome, settings)
 
@@ -647,7 +687,8 @@ def requeue_task(study: Study, ingest_root: Path | None, model_version: str) -> 
     uid = study.study_instance_uid
     try:
         paths = message_paths(study.files or [], ingest_root)
-        return parse_message((), StudyTask(uid, tuple(paths), model_version).message())
+        task = StudyTask(uid, tuple(paths), model_version, root=root_name(ingest_root))
+        return parse_message((), task.message())
     except IngestError:
         log.warning("study %s not requeued: its files are not under the ingest root", uid)
     except MalformedTask as exc:

@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -142,10 +142,12 @@ def screen_study(
     max_pixels: int,
     batch_size: int = 16,
     deadline: float | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> StudyOutcome:
     """Read, normalise and classify every file of one study, in batches.
 
-    ``deadline``: the ``time.monotonic()`` of the caller's soft time limit.
+    ``deadline``: the ``time.monotonic()`` of the caller's soft time limit. ``names``:
+    the name each file's row takes, where it is not the path read.
     """
     keep_image_buffers()
     started = dt.datetime.now(dt.UTC)
@@ -164,8 +166,20 @@ def screen_study(
     results.extend(_classify(pending, classifier))
     check_deadline(deadline)
     return _outcome(
-        study_instance_uid, results, classifier.model_version, classifier.threshold, started
+        study_instance_uid,
+        _renamed(results, names),
+        classifier.model_version,
+        classifier.threshold,
+        started,
     )
+
+
+def _renamed(
+    results: list[InstanceResult], names: Mapping[str, str] | None
+) -> list[InstanceResult]:
+    if not names:
+        return results
+    return [replace(r, source=names.get(r.source, r.source)) for r in results]
 
 
 def _outcome(
@@ -190,7 +204,11 @@ def _outcome(
 
 
 def failed_outcome(
-    study_instance_uid: str, files: Sequence[str], model_version: str, reason: str
+    study_instance_uid: str,
+    files: Sequence[str],
+    model_version: str,
+    reason: str,
+    names: Mapping[str, str] | None = None,
 ) -> StudyOutcome:
     """A study that gave no outcome (its process died, it was delivered too often, the
     work kept failing): one ``failed`` row per file, so every file still has a row, keyed
@@ -206,7 +224,7 @@ def failed_outcome(
         )
         for path in sorted(files)
     ]
-    return _outcome(study_instance_uid, results, model_version, None, started)
+    return _outcome(study_instance_uid, _renamed(results, names), model_version, None, started)
 
 
 def _header_only(path: str) -> InstanceHeader | None:

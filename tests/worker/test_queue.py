@@ -4,9 +4,10 @@ the end-to-end equivalence of ``ingest`` + ``worker`` with ``run``.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ def test_celery_is_configured_for_at_least_once_delivery() -> None:
         ({"files": ["a.dcm", ""]}, r"^files\[1\] is not a file path$"),
         ({"model_version": 3}, "model_version"),
         ({"force": "yes"}, "force"),
+        ({"root": "exports"}, "root must be an absolute path"),
+        ({"root": ["/exports"]}, "root must be an absolute path"),
         ({"pixels": "..."}, "unknown fields"),
     ],
 )
@@ -85,6 +88,10 @@ def test_malformed_messages_are_refused_with_a_reason(change: dict[str, Any], me
 def test_messages_round_trip_and_paths_are_relative_to_the_ingest_root(tmp_path: Path) -> None:
     task = parse_message((), GOOD)
     assert parse_message((), task.message()) == task
+    rooted = parse_message((), {**GOOD, "root": "/exports"})
+    assert rooted.root == "/exports" and parse_message((), rooted.message()) == rooted
+    batch = StudyBatch((rooted, replace(rooted, study_instance_uid="1.2.3.5")))
+    assert parse_batch_message((), batch.message()) == batch
     root = tmp_path / "export"
     assert message_paths([str(root / "s" / "1.dcm")], root) == ["s/1.dcm"]
     assert worker_paths(["s/1.dcm"], Path("/mnt/pacs")) == ["/mnt/pacs/s/1.dcm"]
@@ -363,6 +370,43 @@ def test_requeue_works_when_workers_mount_the_export_elsewhere_and_skips_what_it
     assert again == [sent[0]]
     assert f"study {outside} not requeued: its files are not under the ingest root" in caplog.text
     assert f"study {empty} not requeued: files must be a non-empty list" in caplog.text
+
+
+def test_rows_name_files_as_ingest_did_whatever_the_workers_mount(
+    tmp_path: Path, database_url: str, model_dir: Path, dicom_dir: Path
+) -> None:
+    """Two workers mounting the export under different roots name a file alike, so a
+    file that becomes unreadable between two deliveries keeps one row."""
+    export = tmp_path / "ingest-host" / "export"
+    shutil.copytree(dicom_dir / "cxr", export / "cxr")
+    mounts = []
+    for host in ("worker-a", "worker-b"):
+        (tmp_path / host).mkdir()
+        (tmp_path / host / "export").symlink_to(export)
+        mounts.append(tmp_path / host / "export")
+    ingest_host = Settings(database_url=database_url, model=model_dir, ingest_root=export)
+    sessions = open_database(database_url)
+    sent: list[dict[str, Any]] = []
+    ingest_studies([export], ingest_host, sent.append, sessions=sessions)
+    classifier = Classifier(model_dir)
+    task = parse_message((), sent[0])
+    first = ingest_host.with_overrides(ingest_root=mounts[0])
+    process_study(task, settings=first, classifier=classifier, sessions=sessions)
+    study = f"SELECT files FROM studies WHERE study_instance_uid = '{task.study_instance_uid}'"
+    files = rows(database_url, study)[0][0]
+    files = json.loads(files) if isinstance(files, str) else files
+    query = "SELECT source, status FROM predictions ORDER BY 1"
+    before = rows(database_url, query)
+    assert sorted(files) == [s for s, _ in before if s in files]
+    assert all(s.startswith(str(export)) for s, _ in before)
+
+    Path(files[0]).write_bytes(b"DICM broken")
+    again = StudyTask(task.study_instance_uid, task.files, task.model_version, True, task.root)
+    second = ingest_host.with_overrides(ingest_root=mounts[1])
+    process_study(again, settings=second, classifier=classifier, sessions=sessions)
+    after = rows(database_url, query)
+    assert [s for s, _ in after] == [s for s, _ in before], "one row per file, as ingest named it"
+    assert dict(after)[files[0]] == "rejected"
 
 
 def test_a_failure_the_database_cannot_record_is_raised_and_logged_without_file_paths(
