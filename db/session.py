@@ -65,8 +65,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 @contextmanager
 def sqlite_upgrade_lock(engine: Engine) -> Iterator[None]:
     """One process at a time opens and upgrades a SQLite file: on a new file, two found
-    no tables and one died on "table already exists" (pysqlite commits each DDL
-    statement on its own), or on "database is locked" switching the file to WAL. The
+    no tables and one died on "table already exists", or on "database is locked"
+    switching the file to WAL. The
     lock is a file beside the database, ``<file>.lock``. PostgreSQL serialises the
     migrations on an advisory lock instead (``migrations/env.py``)."""
     database = engine.url.database

@@ -30,6 +30,11 @@ def _run(connection: Connection) -> None:
         # only once the DDL is committed (a lock released before the commit let it see
         # no tables and create them a second time).
         connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})"))
+    elif connection.dialect.name == "sqlite":
+        # pysqlite opens a transaction only before INSERT/UPDATE/DELETE, so each DDL
+        # statement committed on its own: a failed or killed upgrade left half a schema
+        # and no revision, and every later start failed on "table already exists".
+        connection.exec_driver_sql("BEGIN")
     context.configure(
         connection=connection,
         target_metadata=Base.metadata,

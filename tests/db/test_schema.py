@@ -16,8 +16,9 @@ from sqlalchemy.exc import IntegrityError
 
 from db.models import Prediction, Study
 from db.repository import save_instances, save_study
-from db.session import make_engine, open_database, upgrade
+from db.session import DatabaseError, make_engine, open_database, upgrade
 from tests.conftest import POSTGRES_URL
+from tests.sql import execute, rows
 from worker.imaging.dicom import InstanceHeader
 from worker.imaging.enum import Label, Status
 from worker.screening import InstanceResult, StudyOutcome, rejected
@@ -102,6 +103,20 @@ def test_processes_starting_together_on_a_new_sqlite_file_all_get_the_schema(
     for attempt in range(12):
         failures += open_together(f"sqlite:///{tmp_path / f'results-{attempt}.db'}", 4)
     assert failures == []
+
+
+def test_a_migration_that_fails_leaves_no_half_schema(database_url: str) -> None:
+    """A failed (or killed) upgrade must leave the database as it was: a half-made
+    schema with no recorded revision fails every later start on "already exists"."""
+    execute(database_url, "CREATE TABLE studies (x integer)")  # in 0001's way, after predictions
+    with pytest.raises(DatabaseError, match="already exists"):
+        open_database(database_url)
+    tables = "SELECT name FROM sqlite_master WHERE type = 'table'"
+    if database_url.startswith("postgresql"):
+        tables = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    assert rows(database_url, tables) == [("studies",)]
+    execute(database_url, "DROP TABLE studies")
+    open_database(database_url)
 
 
 @pytest.mark.services
