@@ -9,8 +9,12 @@ import fnmatch
 import importlib
 import importlib.util
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -238,6 +242,41 @@ def test_the_worker_image(services: dict[str, dict[str, Any]]) -> None:
     assert ["."] in installs, "the worker install: pip install ."
     assert not any("train" in word or "tensorflow" in word for line in installs for word in line)
     assert re.search(r"^COPY models/ ", text, re.M), "the model is in the image"
+
+
+def test_the_image_holds_every_module_the_cli_and_the_worker_import(tmp_path: Path) -> None:
+    """The image installs what its build stage copies, nothing else: the console script
+    and the Celery app must import from that tree alone (the CLI once imported training
+    commands the image did not copy, and no command could start)."""
+    build = dict(stages(dockerfile_instructions(DOCKER / "Dockerfile")))["build"]
+    for keyword, rest in build:
+        words = shlex.split(rest)
+        if keyword == "COPY" and not any(w.startswith("--from") for w in words):
+            for source in words[:-1]:
+                origin = REPO_ROOT / source.rstrip("/")
+                target = tmp_path / source.rstrip("/")
+                if origin.is_dir():
+                    shutil.copytree(origin, target)
+                else:
+                    shutil.copy2(origin, target)
+    outside = (
+        "import sys, worker.cli, worker.celery_app, worker.tasks\n"
+        "ours = {'config', 'db', 'worker', 'training'}\n"
+        "print(sorted(name for name, module in sys.modules.items()\n"
+        "    if name.split('.')[0] in ours\n"
+        "    and not str(getattr(module, '__file__', '')).startswith(sys.argv[1])))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", outside, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", f"imported from outside the image: {done.stdout}"
 
 
 def test_healthchecks_run_commands_that_exist() -> None:
