@@ -12,12 +12,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "cxr-compact"
 DEFAULT_MAX_PIXELS = 50_000_000
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):
@@ -63,6 +64,13 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, description="Prometheus metrics port for a worker (0 = off).")
     log_json: bool = Field(False, description="Structured JSON logs.")
     log_level: str = Field("INFO", description="Log level.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"not a log level (one of {', '.join(LOG_LEVELS)})")
+        return value.upper()
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the non-None overrides applied (command-line flags)."""

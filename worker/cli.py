@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from db.session import make_engine, safe_url, upgrade
@@ -63,7 +64,7 @@ def run(
         bars.update(scan, total=summary.files)
     if summary.studies == 0 and summary.rejected_files == summary.files:
         console.print("[yellow]warning:[/yellow] no DICOM study found under the given paths")
-    table = Table(title=f"cxr-screen run ({safe_url(settings.database_url)})")
+    table = Table(title=f"cxr-screen run ({escape(safe_url(settings.database_url))})")
     for column in ("files", "studies", "screened", "rejected", "failed", "positive", "seconds"):
         table.add_column(column, justify="right")
     table.add_row(
@@ -89,7 +90,7 @@ def db_upgrade(database_url: DatabaseUrl = None) -> None:
     """Create or upgrade the results tables (run and the worker also do this themselves)."""
     settings = settings_from(database_url=database_url)
     upgrade(make_engine(settings.database_url))
-    console.print(f"database {safe_url(settings.database_url)} is at the latest schema")
+    console.print(f"database {escape(safe_url(settings.database_url))} is at the latest schema")
 
 
 def main() -> None:

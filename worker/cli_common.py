@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from config.settings import Settings, get_settings
@@ -36,11 +38,34 @@ def user_errors(function: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except (UserError, DatabaseError, FileNotFoundError) as exc:
-            console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-            raise typer.Exit(2) from None
+        except (UserError, DatabaseError, OSError) as exc:
+            fail(str(exc))
+        except ValidationError as exc:
+            fail(setting_errors(exc))
+        except ModuleNotFoundError as exc:
+            if exc.name not in TRAINING_MODULES:
+                raise
+            fail(f"this command needs the training extra (pip install 'cxr-screen[train]'): {exc}")
 
     return wrapper  # type: ignore[return-value]
+
+
+# Installed by the [train] extra only; the worker install (and its image) has none.
+TRAINING_MODULES = frozenset({"tensorflow", "keras", "sklearn", "matplotlib"})
+
+
+def fail(message: str) -> None:
+    # Values are escaped: a path or a reason may hold "[...]", which rich reads as markup.
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def setting_errors(exc: ValidationError) -> str:
+    """``CXR_BATCH_SIZE: Input should be a valid integer``, one per bad setting."""
+    return "; ".join(
+        f"CXR_{str(error['loc'][0]).upper()}: {error['msg']}" if error["loc"] else error["msg"]
+        for error in exc.errors()
+    )
 
 
 def settings_from(**overrides: Any) -> Settings:

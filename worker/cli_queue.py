@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from config.settings import Settings, get_settings
@@ -138,7 +139,8 @@ def register(app: typer.Typer) -> None:
         )
         Console(width=160).print(table)
         if report.broker_error:
-            console.print(f"[yellow]warning:[/yellow] broker unreachable: {report.broker_error}")
+            error = escape(report.broker_error)
+            console.print(f"[yellow]warning:[/yellow] broker unreachable: {error}")
         if failed:
             with sessions() as session:
                 rows = failed_studies(session)
@@ -147,7 +149,10 @@ def register(app: typer.Typer) -> None:
                 listing.add_column(column)
             for row in rows:
                 listing.add_row(
-                    row.study_instance_uid, row.model_version, str(row.attempts), row.reason or ""
+                    row.study_instance_uid,
+                    escape(row.model_version),
+                    str(row.attempts),
+                    escape(row.reason or ""),
                 )
             Console(width=200).print(listing)
 

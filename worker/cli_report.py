@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from worker import reporting
 from worker.cli_common import DatabaseUrl, F, console, settings_from, user_errors
@@ -51,7 +52,7 @@ def report_errors(function: F) -> F:
         try:
             return function(*args, **kwargs)
         except NoResultsError as exc:
-            console.print(f"[yellow]nothing to report:[/yellow] {exc}", soft_wrap=True)
+            console.print(f"[yellow]nothing to report:[/yellow] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -139,7 +140,7 @@ def export(
         )
     reporting.write_text(content, out)
     if out is not None:
-        console.print(f"exported {count} studies ({period.describe()}) to {out}")
+        console.print(f"exported {count} studies ({period.describe()}) to {escape(str(out))}")
 
 
 def _day(value: dt.datetime | None) -> dt.date | None:

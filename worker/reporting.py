@@ -379,10 +379,13 @@ def render_csv(report: Report) -> str:
 
 def render_table(report: Report, width: int | None = None, color: bool = True) -> str:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    # Database paths, model versions and reasons are data: "[...]" in them is not markup.
     out = Console(file=io.StringIO(), width=width or 120, force_terminal=color, no_color=not color)
-    totals = Table(title=f"cxr-screen report: {report.period.describe()} ({report.database})")
+    title = f"cxr-screen report: {report.period.describe()} ({escape(report.database)})"
+    totals = Table(title=title)
     for label in FIGURE_LABELS:
         totals.add_column(label, justify="right")
     totals.add_row(*_figure_cells(report.totals))
@@ -393,14 +396,14 @@ def render_table(report: Report, width: int | None = None, color: bool = True) -
     for label in FIGURE_LABELS:
         daily.add_column(label, justify="right")
     for row in report.daily:
-        daily.add_row(row.day.isoformat(), row.model_version, *_figure_cells(row))
+        daily.add_row(row.day.isoformat(), escape(row.model_version), *_figure_cells(row))
     out.print(daily)
     if report.rejection_reasons:
         reasons = Table(title="files not screened, by reason")
         reasons.add_column("reason_code")
         reasons.add_column("files", justify="right")
         for reason, count in report.rejection_reasons.items():
-            reasons.add_row(reason, str(count))
+            reasons.add_row(escape(reason), str(count))
         out.print(reasons)
     file = out.file
     assert isinstance(file, io.StringIO)
@@ -619,6 +622,8 @@ def write_text(content: str, out: Path | None) -> None:
     folder = out.resolve().parent
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder for --out: {folder}")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out names a folder, not a file: {out}")
     handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=folder)
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:

@@ -354,6 +354,12 @@ def test_cli_export(filled: str, tmp_path: Path) -> None:
         (["report", "--since", "2030-01-01"], 1, "nothing to report: no results since 2030-01-01"),
         (["export", "--since", "2030-01-01"], 1, "no study finished since 2030-01-01"),
         (["report", "-f", "csv", "-o", "/nonexistent/folder/r.csv"], 2, "no such folder"),
+        (["report", "-f", "csv", "-o", "/tmp"], 2, "--out names a folder, not a file: /tmp"),
+        (
+            ["report", "-o", "/nonexistent/a[/]b/r.csv"],
+            2,
+            "no such folder for --out: /nonexistent/a[/]b",
+        ),
     ],
 )
 def test_cli_errors_are_one_clear_line(

@@ -164,8 +164,10 @@ def test_a_study_that_kills_its_process_is_failed_and_no_other_study_is_lost(
     ]
 
 
-def cli(*args: str, env_model: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ}
+def cli(
+    *args: str, env_model: Path | None = None, **settings: str
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **settings}
     if env_model is not None:
         env["CXR_MODEL"] = str(env_model)
     return subprocess.run(
@@ -188,22 +190,35 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "settings", "message"),
     [
-        (["run", ".", "--database-url", "nosuchdb://x"], "invalid database URL"),
-        (["run", ".", "--model", "/nonexistent/model"], "no model card"),
-        (["run", "/nonexistent/folder"], "no such file or folder"),
+        (["run", ".", "--database-url", "nosuchdb://x"], {}, "invalid database URL"),
+        (["run", ".", "--model", "/nonexistent/model"], {}, "no model card"),
+        (["run", "/nonexistent/folder"], {}, "no such file or folder"),
+        # "[/]" is rich markup: the message must show the path as it is, not fail on it
+        (
+            ["run", "/nonexistent/[old]/a[/]b"],
+            {},
+            "no such file or folder: /nonexistent/[old]/a[/]b",
+        ),
+        (
+            ["run", "."],
+            {"CXR_BATCH_SIZE": "abc"},
+            "CXR_BATCH_SIZE: Input should be a valid integer",
+        ),
+        (["run", "."], {"CXR_LOG_LEVEL": "verbose"}, "CXR_LOG_LEVEL: Value error, not a log level"),
     ],
 )
 def test_cli_errors_are_one_clear_line(
-    args: list[str], message: str, model_dir: Path, sqlite_url: str
+    args: list[str], settings: dict[str, str], message: str, model_dir: Path, sqlite_url: str
 ) -> None:
     if "--database-url" not in args:
         args = [*args, "--database-url", sqlite_url]
-    done = cli(*args, env_model=model_dir)
+    done = cli(*args, env_model=model_dir, **settings)
     assert done.returncode == 2
-    assert message in done.stderr
     assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, done.stderr
 
 
 def test_header_text_longer_than_the_standard_allows_is_stored_cut(
