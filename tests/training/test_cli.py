@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,20 @@ def test_train_stops_before_fitting_when_a_split_has_no_readable_image_of_a_clas
     assert result.exit_code == 2, result.output
     assert f"{split}/ needs readable normal/ and covid/ images" in result.output
     assert not any((tmp_path / "model").iterdir())  # no history.csv: fitting never began
+
+
+def test_train_without_the_training_extra_says_what_to_install(tmp_path: Path) -> None:
+    """The worker install (and its image) has no TensorFlow: one line, exit 2."""
+    hide_tensorflow = (
+        "import sys; sys.modules['tensorflow'] = sys.modules['keras'] = None; "
+        "from worker.cli import app; app(sys.argv[1:])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", hide_tensorflow, "train", str(tmp_path), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: this command needs the training extra"), done.stderr
+    assert "Traceback" not in done.stderr
