@@ -11,9 +11,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
+from sqlalchemy import Engine
 
 from worker import reporting
 from worker.cli_common import DatabaseUrl, F, console, settings_from, user_errors
+from worker.model import ModelError, read_card
 from worker.reporting import NoResultsError
 
 DATE_FORMATS = ["%Y-%m-%d"]
@@ -71,7 +73,11 @@ def report(
     ] = ReportFormat.table,
     out: Out = None,
     model_version: Annotated[
-        str | None, typer.Option(help="Only this model version (default: all).")
+        str | None,
+        typer.Option(
+            help="Only this model version (default: all, or the configured model's when "
+            "the period holds several)."
+        ),
     ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -86,6 +92,8 @@ def report(
         engine = reporting.open_results(settings.database_url)
         try:
             status.update(f"querying results ({period.describe()})")
+            if model_version is None:
+                model_version = default_model_version(engine, period, settings.model)
             result = reporting.build_report(engine, period, model_version)
             status.update("drawing charts" if format is ReportFormat.html else "rendering")
             if format is ReportFormat.html:
@@ -105,6 +113,21 @@ def report(
             f"wrote {format.value} report to {out}: {result.totals.finished} studies finished, "
             f"{len(result.daily)} day rows"
         )
+
+
+def default_model_version(engine: Engine, period: reporting.Period, model: Path) -> str | None:
+    try:
+        configured: str | None = read_card(model).model_version
+    except (ModelError, OSError, ValueError):  # no model here: every version is listed
+        configured = None
+    chosen = reporting.model_version_to_report(engine, period, configured)
+    if chosen is not None:
+        console.print(
+            f"several model versions in {period.describe()}: reporting {escape(chosen)}, "
+            "the configured model's (--model-version chooses another)",
+            soft_wrap=True,
+        )
+    return chosen
 
 
 def export(

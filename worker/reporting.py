@@ -171,6 +171,29 @@ def open_results(url: str) -> Engine:
     return engine
 
 
+def model_version_to_report(engine: Engine, period: Period, configured: str | None) -> str | None:
+    """The model version a report without ``--model-version`` covers: all (None) when the
+    period holds one, else the configured model's. Totals summed over versions count a
+    study once per version that has a row for it (a re-screen with a new model, or the
+    ``failed`` row a version mismatch leaves), and the thresholds differ."""
+    view = DAILY_SUMMARY.c
+    query = select(view.model_version).distinct().order_by(view.model_version)
+    if period.since:
+        query = query.where(view.day >= period.since)
+    if period.until:
+        query = query.where(view.day <= period.until)
+    with engine.connect() as connection:
+        versions = list(connection.scalars(query))
+    if len(versions) <= 1:
+        return None
+    if configured in versions:
+        return configured
+    raise ReportError(
+        f"{period.describe()} holds results of {len(versions)} model versions "
+        f"({', '.join(versions)}): choose one with --model-version"
+    )
+
+
 def build_report(engine: Engine, period: Period, model_version: str | None = None) -> Report:
     """Every figure of a period report. Raises NoResultsError when there is nothing."""
     with engine.connect() as connection:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from typer.testing import CliRunner
 
 from config.settings import Settings
@@ -299,6 +299,7 @@ def invoke(*args: str) -> Any:
 
 def test_cli_report_formats(filled: str, tmp_path: Path) -> None:
     base = ["report", "--since", "2024-03-01", "--until", "2024-03-02", "--database-url", filled]
+    base += ["--model-version", "m2"]
     table = invoke(*base)
     assert table.exit_code == 0, table.output
     assert "received" in table.stdout and "2024-03-02" in table.stdout
@@ -307,7 +308,8 @@ def test_cli_report_formats(filled: str, tmp_path: Path) -> None:
     as_json = invoke(*base, "--format", "json")
     data = json.loads(as_json.stdout)
     assert data["period"] == {"since": "2024-03-01", "until": "2024-03-02"}
-    assert [d["day"] for d in data["daily"]] == ["2024-03-01"] * 2 + ["2024-03-02"] * 2
+    assert [d["day"] for d in data["daily"]] == ["2024-03-01", "2024-03-02"]
+    assert data["model_versions"] == ["m2"]
     assert data["totals"]["received"] == sum(d["received"] for d in data["daily"])
     assert sum(data["probability_histogram"]["counts"]) == data["totals"]["screened"]
 
@@ -336,6 +338,25 @@ def test_cli_export(filled: str, tmp_path: Path) -> None:
     assert len(json.loads(as_json.stdout)) == len(exported)
 
 
+M1 = ("--model-version", "m1")
+
+
+def test_a_report_covers_one_model_version_of_several(filled: str) -> None:
+    """Summed over versions, a study re-screened by a new model (or failed for the version
+    it was queued for) counts twice, and the positivity mixes two thresholds."""
+    engine = reporting.open_results(filled)
+    try:
+        everything = reporting.Period(None, None)
+        assert reporting.model_version_to_report(engine, everything, "m2") == "m2"
+        with pytest.raises(reporting.ReportError, match=r"2 model versions \(m1, m2\)"):
+            reporting.model_version_to_report(engine, everything, "cxr-compact-1.1.0")
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM studies WHERE model_version = 'm1'"))
+        assert reporting.model_version_to_report(engine, everything, None) is None
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize(
     ("args", "status", "message"),
     [
@@ -353,12 +374,17 @@ def test_cli_export(filled: str, tmp_path: Path) -> None:
         (["report", "--since", "2024-03-05", "--until", "2024-03-01"], 2, "is after --until"),
         (["report", "--since", "2030-01-01"], 1, "nothing to report: no results since 2030-01-01"),
         (["export", "--since", "2030-01-01"], 1, "no study finished since 2030-01-01"),
-        (["report", "-f", "csv", "-o", "/nonexistent/folder/r.csv"], 2, "no such folder"),
-        (["report", "-f", "csv", "-o", "/tmp"], 2, "--out names a folder, not a file: /tmp"),
+        (["report", "-f", "csv", "-o", "/nonexistent/folder/r.csv", *M1], 2, "no such folder"),
+        (["report", "-f", "csv", "-o", "/tmp", *M1], 2, "--out names a folder, not a file: /tmp"),
         (
-            ["report", "-o", "/nonexistent/a[/]b/r.csv"],
+            ["report", "-o", "/nonexistent/a[/]b/r.csv", *M1],
             2,
             "no such folder for --out: /nonexistent/a[/]b",
+        ),
+        (
+            ["report"],
+            2,
+            "all time holds results of 2 model versions (m1, m2): choose one with --model-version",
         ),
     ],
 )
@@ -379,15 +405,15 @@ def test_cli_errors_are_one_clear_line(
 # --- the HTML page ---------------------------------------------------------------------
 
 
-def html_report(url: str, tmp_path: Path) -> Path:
+def html_report(url: str, tmp_path: Path, *options: str) -> Path:
     out = tmp_path / "report.html"
-    done = invoke("report", "--format", "html", "--out", str(out), "--database-url", url)
+    done = invoke("report", "--format", "html", "--out", str(out), "--database-url", url, *options)
     assert done.exit_code == 0, done.output
     return out
 
 
 def test_html_report_is_self_contained(filled: str, tmp_path: Path) -> None:
-    page = html_report(filled, tmp_path).read_text()
+    page = html_report(filled, tmp_path, *M1).read_text()
     assert page.count('<img class="chart"') == 3
     sources = re.findall(r"""\b(?:src|href)\s*=\s*["']?([^"'\s>]+)""", page)
     assert sources and all(s.startswith("data:image/svg+xml;base64,") for s in sources)
@@ -405,10 +431,11 @@ def test_html_without_matplotlib_is_one_clear_line(
 ) -> None:
     """The worker install (and image) has no matplotlib: say so, keep the other formats."""
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    done = invoke("report", "-f", "html", "-o", str(tmp_path / "r.html"), "--database-url", filled)
+    out = str(tmp_path / "r.html")
+    done = invoke("report", "-f", "html", "-o", out, "--database-url", filled, *M1)
     assert done.exit_code == 2
     assert "html reports need matplotlib" in done.stderr and not (tmp_path / "r.html").exists()
-    assert invoke("report", "-f", "json", "--database-url", filled).exit_code == 0
+    assert invoke("report", "-f", "json", "--database-url", filled, *M1).exit_code == 0
 
 
 def chromium(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
