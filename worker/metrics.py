@@ -47,7 +47,9 @@ class Metrics:
             "cxr_inference_seconds", "Inference per image", buckets=LATENCY_BUCKETS
         )
         self.db_write = Histogram(
-            "cxr_db_write_seconds", "Writing one study's rows", buckets=LATENCY_BUCKETS
+            "cxr_db_write_seconds",
+            "Writing one message's rows (all its studies, one transaction)",
+            buckets=LATENCY_BUCKETS,
         )
         self.model = Gauge(
             "cxr_model_info", "Model version served", ["model_version"], multiprocess_mode="max"

@@ -524,6 +524,7 @@ def save_failure(
     outcome = failed_outcome(task.study_instance_uid, files, model_version, reason, names)
     with sessions.begin() as session:
         save_outcome(session, task, outcome, settings)
+    metrics().observe(outcome)
 
 
 def mismatch(task: StudyTask, version: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from config.settings import Settings
@@ -19,6 +20,7 @@ from db.repository import (
 from db.session import open_database
 from worker.imaging.dicom import InstanceHeader
 from worker.imaging.enum import Status
+from worker.metrics import metrics
 from worker.model import Classifier
 from worker.queue import StudyTask, delivery_limit, process_study
 from worker.screening import InstanceResult
@@ -79,9 +81,11 @@ def test_a_study_delivered_past_the_limit_is_failed_not_screened(
     with sessions.begin() as session:
         for _ in range(delivery_limit(settings)):
             mark_processing(session, UID, classifier.model_version, files)
+    failed_before = failed_studies_counted()
     assert process_study(task, settings=settings, classifier=classifier, sessions=sessions) == (
         "failed"
     )
+    assert failed_studies_counted() == failed_before + 1, "the metric counts it too"
     status, attempts = study_row(sessions)
     assert (status, attempts) == ("failed", delivery_limit(settings) + 1)
     with sessions() as session:
@@ -145,3 +149,8 @@ def test_a_sop_instance_uid_of_another_study_in_one_transaction_keeps_both_rows(
 def rows_of(sessions: object, query: str) -> list[tuple[object, ...]]:
     with sessions() as session:  # type: ignore[operator]
         return [tuple(r) for r in session.execute(text(query))]
+
+
+def failed_studies_counted() -> float:
+    metrics()  # registers the worker's metrics in this process
+    return REGISTRY.get_sample_value("cxr_studies_total", {"outcome": "failed"}) or 0.0
