@@ -48,9 +48,12 @@ def describe_error(exc: BaseException) -> str:
 
     For a database error, only the first line of the driver's message: the rest of the
     text names the statement's parameters, and PostgreSQL's DETAIL line can quote the
-    whole row (accession number, patient reference, file paths).
+    whole row (accession number, patient reference, file paths). A file error without
+    its file names: export folders are often named after the patient.
     """
     if isinstance(exc, StatementError) and exc.orig is not None:
         lines = str(exc.orig).strip().splitlines() or [type(exc.orig).__name__]
         return f"{type(exc).__name__}: {lines[0]}"[:1000]
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{type(exc).__name__}: [Errno {exc.errno}] {exc.strerror} (file name not shown)"
     return f"{type(exc).__name__}: {exc}".strip()[:1000]

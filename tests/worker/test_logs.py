@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from worker.logs import JsonFormatter
+from worker.logs import JsonFormatter, describe_error
 
 
 def test_json_lines_carry_utc_time_with_its_offset_and_milliseconds() -> None:
@@ -16,3 +16,13 @@ def test_json_lines_carry_utc_time_with_its_offset_and_milliseconds() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["time"] == "2026-11-27T17:20:00.250+00:00"
     assert (line["level"], line["message"]) == ("INFO", "study 1.2.3")
+
+
+def test_a_file_error_is_described_without_its_file_names() -> None:
+    missing = FileNotFoundError(2, "No such file or directory", "/exports/DOE^JANE/1.dcm")
+    moved = OSError(18, "Invalid cross-device link", "/exports/DOE^JANE/a", "/tmp/b")
+    for error in (missing, moved):
+        text = describe_error(error)
+        assert "DOE^JANE" not in text and "/tmp/b" not in text
+        assert text.startswith(f"{type(error).__name__}: [Errno {error.errno}] {error.strerror}")
+    assert describe_error(OSError("broker refused")) == "OSError: broker refused"
