@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -54,7 +54,7 @@ def user_errors(function: F) -> F:
 TRAINING_MODULES = frozenset({"tensorflow", "keras", "sklearn", "matplotlib"})
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     # Values are escaped: a path or a reason may hold "[...]", which rich reads as markup.
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(2)
