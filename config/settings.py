@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "cxr-compact"
 DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_HASH_KEY = "change-me"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -47,9 +48,7 @@ class Settings(BaseSettings):
     patient_id_mode: Literal["hash", "none", "clear"] = Field(
         "hash", description="How patient IDs are stored: keyed hash, not at all, or in clear."
     )
-    hash_key: str = Field(
-        "change-me", description="Secret key for the patient-ID and accession hashes."
-    )
+    hash_key: str = Field(DEFAULT_HASH_KEY, description="Secret key of the patient-ID hash.")
     studies_per_message: int = Field(
         8,
         ge=1,
@@ -64,6 +63,11 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, description="Prometheus metrics port for a worker (0 = off).")
     log_json: bool = Field(False, description="Structured JSON logs.")
     log_level: str = Field("INFO", description="Log level.")
+
+    @property
+    def hash_key_is_default(self) -> bool:
+        """Patient IDs hashed with the published key: anyone can recompute them."""
+        return self.patient_id_mode == "hash" and self.hash_key == DEFAULT_HASH_KEY
 
     @field_validator("log_level")
     @classmethod

@@ -7,12 +7,15 @@ make the results exactly-once. The README (Reliability) says why each one is set
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging, worker_init, worker_process_init
 
 from config.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 QUEUE = "cxr-screen"
 SCREEN_TASK = "cxr_screen.screen_study"
@@ -99,9 +102,12 @@ def _check_model_and_serve_metrics(**_: Any) -> None:
     """Fail fast, in the main worker process, when the model folder is unusable; serve
     Prometheus metrics (all pool processes aggregated) when a port is configured."""
     from worker.model import read_card
+    from worker.privacy import DEFAULT_KEY_WARNING
 
     settings = get_settings()
     read_card(settings.model)
+    if settings.hash_key_is_default:
+        log.warning(DEFAULT_KEY_WARNING)
     if settings.metrics_port:
         from worker.metrics import prepare_multiprocess, serve
         from worker.queue import broker_queue_length

@@ -7,6 +7,11 @@ import hmac
 from typing import Literal
 
 PatientIdMode = Literal["hash", "none", "clear"]
+DEFAULT_KEY_WARNING = (
+    "CXR_HASH_KEY is the published default: anyone with this code can recompute patient "
+    "references from patient IDs. Set a secret, and keep it (a new key changes every "
+    "patient_ref)."
+)
 
 
 def patient_ref(patient_id: str | None, mode: PatientIdMode, key: str) -> str | None:

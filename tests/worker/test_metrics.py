@@ -72,3 +72,4 @@ def test_worker_serves_metrics_and_json_logs_without_patient_data(
     log = (tmp_path / "worker.log").read_text(errors="replace")
     assert log.count('"study_instance_uid"') >= n
     assert "Covid0000" not in log  # the NIH file's PatientID
+    assert "CXR_HASH_KEY is the published default" in log, "the default hash key is named"

@@ -187,6 +187,16 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
     assert done.returncode == 0, done.stderr
     assert "screened" in done.stdout and "positive" in done.stdout
     assert "Covid0000" not in done.stdout + done.stderr  # the NIH file's PatientID
+    assert "warning: CXR_HASH_KEY is the published default" in done.stderr
+    keyed = cli(
+        "run",
+        str(dicom_dir / "cxr"),
+        "--database-url",
+        sqlite_url,
+        env_model=model_dir,
+        CXR_HASH_KEY="a site secret",
+    )
+    assert keyed.returncode == 0 and "CXR_HASH_KEY" not in keyed.stderr, keyed.stderr
 
 
 @pytest.mark.parametrize(
