@@ -34,7 +34,10 @@ def _run(connection: Connection) -> None:
         # pysqlite opens a transaction only before INSERT/UPDATE/DELETE, so each DDL
         # statement committed on its own: a failed or killed upgrade left half a schema
         # and no revision, and every later start failed on "table already exists".
-        connection.exec_driver_sql("BEGIN")
+        # IMMEDIATE takes the write lock now (waiting on busy_timeout): a deferred BEGIN
+        # read the revision first, and a write by another process before the first DDL
+        # then failed the upgrade at once with "database is locked".
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     context.configure(
         connection=connection,
         target_metadata=Base.metadata,

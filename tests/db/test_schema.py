@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import sqlite3
 import uuid
 from dataclasses import replace
 from multiprocessing.synchronize import Barrier
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from db.models import Prediction, Study
@@ -117,6 +118,31 @@ def test_a_migration_that_fails_leaves_no_half_schema(database_url: str) -> None
     assert rows(database_url, tables) == [("studies",)]
     execute(database_url, "DROP TABLE studies")
     open_database(database_url)
+
+
+def test_a_pending_sqlite_upgrade_waits_for_a_concurrent_writer(tmp_path: Path) -> None:
+    """Another process (a worker of the previous release, say) writes while the upgrade
+    runs: the upgrade must wait for it, not fail on "database is locked"."""
+    path = tmp_path / "results.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine, "0002")
+    other = sqlite3.connect(path, timeout=0.2)
+    wrote: list[bool] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def write_meanwhile(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("CREATE") and not wrote:
+            try:  # before the migration's first DDL statement
+                other.execute("CREATE TABLE written_meanwhile (x)")
+                other.commit()
+                wrote.append(True)
+            except sqlite3.OperationalError:  # the upgrade holds the write lock: it waits
+                wrote.append(False)
+
+    upgrade(engine)
+    other.close()
+    assert wrote == [False], "the other writer got in before the upgrade's DDL"
+    engine.dispose()
 
 
 @pytest.mark.services
