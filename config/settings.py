@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "cxr-compact"
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_HASH_KEY = "change-me"
+LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}  # what logging also accepts
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -67,14 +68,15 @@ class Settings(BaseSettings):
     @property
     def hash_key_is_default(self) -> bool:
         """Patient IDs hashed with the published key: anyone can recompute them."""
-        return self.patient_id_mode == "hash" and self.hash_key == DEFAULT_HASH_KEY
+        return self.patient_id_mode == "hash" and self.hash_key in (DEFAULT_HASH_KEY, "")
 
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
-        if value.upper() not in LOG_LEVELS:
+        level = LOG_LEVEL_ALIASES.get(value.upper(), value.upper())
+        if level not in LOG_LEVELS:
             raise ValueError(f"not a log level (one of {', '.join(LOG_LEVELS)})")
-        return value.upper()
+        return level
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the non-None overrides applied (command-line flags)."""

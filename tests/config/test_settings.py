@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import get_settings
+from config.settings import Settings, get_settings
 
 
 @pytest.fixture()
@@ -27,3 +27,21 @@ def test_the_settings_file_is_read_when_named_after_import(
     monkeypatch.setenv("CXR_LOG_LEVEL", "WARNING")  # the environment wins over the file
     settings = get_settings()
     assert (settings.batch_size, settings.log_level) == (3, "WARNING")
+
+
+@pytest.mark.parametrize(
+    ("given", "level"), [("info", "INFO"), ("warn", "WARNING"), ("FATAL", "CRITICAL")]
+)
+def test_log_levels_are_the_names_logging_accepts(given: str, level: str) -> None:
+    assert Settings(log_level=given).log_level == level
+
+
+def test_an_unknown_log_level_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a log level"):
+        Settings(log_level="verbose")
+
+
+@pytest.mark.parametrize(("key", "default"), [("change-me", True), ("", True), ("s3cret", False)])
+def test_the_published_or_an_empty_hash_key_is_flagged(key: str, default: bool) -> None:
+    assert Settings(hash_key=key).hash_key_is_default is default
+    assert Settings(hash_key=key, patient_id_mode="none").hash_key_is_default is False
