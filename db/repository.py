@@ -93,6 +93,9 @@ def save_instances(
     for result in results:
         row = _prediction_row(result, model_version, threshold, now)
         (with_uid if row["sop_instance_uid"] else without_uid).append(row)
+    # One lock order for every writer: two PostgreSQL transactions taking the same two
+    # UIDs in opposite orders deadlocked.
+    with_uid.sort(key=lambda row: row["sop_instance_uid"])
     with_uid, taken = _upsert_own_uids(session, with_uid)
     without_uid += [_copy_of_other_study(row) for row in taken]
     _upsert(session, PREDICTIONS, without_uid, ["source", "model_version"], where=NO_UID)

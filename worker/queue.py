@@ -164,6 +164,9 @@ def parse_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyTask:
             raise MalformedTask(f"files[{index}] is not a file path")
         if not Path(path).is_absolute() and ".." in PurePosixPath(path).parts:
             raise MalformedTask(f"path escapes the ingest root (files[{index}])")
+    # A file named twice ("a/x.dcm", "a/./x.dcm") would be screened twice, and the two
+    # results' clean-ups deleted each other's row.
+    files = list(dict.fromkeys(str(PurePosixPath(path)) for path in files))
     version = kwargs.get("model_version")
     if not isinstance(version, str) or not version:
         raise MalformedTask("model_version must be a non-empty string")

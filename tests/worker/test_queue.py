@@ -88,6 +88,8 @@ def test_malformed_messages_are_refused_with_a_reason(change: dict[str, Any], me
 def test_messages_round_trip_and_paths_are_relative_to_the_ingest_root(tmp_path: Path) -> None:
     task = parse_message((), GOOD)
     assert parse_message((), task.message()) == task
+    twice = parse_message((), {**GOOD, "files": ["a/b.dcm", "a/./b.dcm", "a//b.dcm", "c.dcm"]})
+    assert twice.files == ("a/b.dcm", "c.dcm"), "a file named twice is screened once"
     rooted = parse_message((), {**GOOD, "root": "/exports"})
     assert rooted.root == "/exports" and parse_message((), rooted.message()) == rooted
     batch = StudyBatch((rooted, replace(rooted, study_instance_uid="1.2.3.5")))
