@@ -32,11 +32,12 @@ def save_study(
     patient_id_mode: PatientIdMode,
     hash_key: str,
     keep_files: bool = False,
-) -> None:
+) -> bool:
     """Instance rows and the study row of one screened study, in the caller's transaction.
 
     A ``screened`` or ``rejected`` study is not replaced by a ``failed`` outcome (a
-    duplicate delivery that ran out of memory, say): then nothing is written.
+    duplicate delivery that ran out of memory, say): then nothing is written, and False
+    is returned.
     ``keep_files``: a row's ``files`` stay as they are (ingest's paths, from which
     ``requeue`` makes messages; a worker may see the export under another root).
     """
@@ -44,8 +45,10 @@ def save_study(
     insert_values = fit_to_columns(STUDIES, {"queued_at": outcome.started_at, "attempts": 1, **row})
     columns = tuple(k for k in row if not (keep_files and k == "files"))
     statement = _study_statement(_dialect(session), columns)
-    if session.execute(statement, insert_values).first() is not None:
-        save_instances(session, outcome.instances, outcome.model_version, outcome.threshold)
+    if session.execute(statement, insert_values).first() is None:
+        return False
+    save_instances(session, outcome.instances, outcome.model_version, outcome.threshold)
+    return True
 
 
 def _study_row(

@@ -463,10 +463,18 @@ def screen_and_save(
         for task, paths in files.items()
     ]
     with metrics().timing_db_write(), sessions.begin() as session:
-        for task, outcome in zip(files, outcomes, strict=True):
+        written = [
             save_outcome(session, task, outcome, settings)
-    for outcome in outcomes:
-        report_outcome(outcome)
+            for task, outcome in zip(files, outcomes, strict=True)
+        ]
+    for outcome, stored in zip(outcomes, written, strict=True):
+        if stored:
+            report_outcome(outcome)
+        else:
+            log.info(
+                "study %s: a final result stands; this delivery's outcome was not stored",
+                outcome.study_instance_uid,
+            )
     return outcomes
 
 
@@ -497,8 +505,10 @@ def warn_if_other_model(task: StudyTask, version: str) -> None:
 
 def save_outcome(
     session: Session, task: StudyTask, outcome: StudyOutcome, settings: Settings
-) -> None:
-    save_study(
+) -> bool:
+    """The study's rows, and the failed row of a mismatched model version; False when a
+    final result stood and nothing was written."""
+    written = save_study(
         session,
         outcome,
         patient_id_mode=settings.patient_id_mode,
@@ -512,6 +522,7 @@ def save_outcome(
             task.model_version,
             mismatch(task, outcome.model_version),
         )
+    return written
 
 
 def save_failure(
@@ -526,8 +537,9 @@ def save_failure(
     names = ingest_names(task, files)
     outcome = failed_outcome(task.study_instance_uid, files, model_version, reason, names)
     with sessions.begin() as session:
-        save_outcome(session, task, outcome, settings)
-    metrics().observe(outcome)
+        written = save_outcome(session, task, outcome, settings)
+    if written:  # a delivery that failed after another one finished the study counts not
+        metrics().observe(outcome)
 
 
 def mismatch(task: StudyTask, version: str) -> str:

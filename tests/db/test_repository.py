@@ -22,7 +22,7 @@ from worker.imaging.dicom import InstanceHeader
 from worker.imaging.enum import Status
 from worker.metrics import metrics
 from worker.model import Classifier
-from worker.queue import StudyTask, delivery_limit, process_study
+from worker.queue import StudyTask, delivery_limit, process_study, save_failure
 from worker.screening import InstanceResult
 
 UID, VERSION = "1.2.826.0.1.3680043.8.498.1", "m-1"
@@ -154,3 +154,22 @@ def rows_of(sessions: object, query: str) -> list[tuple[object, ...]]:
 def failed_studies_counted() -> float:
     metrics()  # registers the worker's metrics in this process
     return REGISTRY.get_sample_value("cxr_studies_total", {"outcome": "failed"}) or 0.0
+
+
+def test_a_failure_after_another_delivery_finished_the_study_is_neither_stored_nor_counted(
+    sqlite_url: str, model_dir: Path, dicom_dir: Path
+) -> None:
+    settings = Settings(database_url=sqlite_url, model=model_dir)
+    sessions = open_database(sqlite_url)
+    classifier = Classifier(model_dir)
+    files = [str(next((dicom_dir / "cxr").glob("*.dcm")))]
+    task = StudyTask(UID, tuple(files), classifier.model_version)
+    assert process_study(task, settings=settings, classifier=classifier, sessions=sessions) in (
+        "screened",
+        "rejected",
+    )
+    final = study_row(sessions)[0]
+    failed_before = failed_studies_counted()
+    save_failure(sessions, task, files, classifier.model_version, "time limit exceeded", settings)
+    assert study_row(sessions)[0] == final
+    assert failed_studies_counted() == failed_before
