@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from db.models import utcnow
@@ -70,21 +73,42 @@ def test_the_marker_creates_the_row_of_a_study_nobody_queued(database_url: str) 
         assert mark_processing(session, UID, VERSION, ["a.dcm"]) == 2
 
 
-def test_a_study_delivered_past_the_limit_is_failed_not_screened(
-    sqlite_url: str, model_dir: Path, dicom_dir: Path
-) -> None:
-    settings = Settings(database_url=sqlite_url, model=model_dir)
-    sessions = open_database(sqlite_url)
+@dataclass
+class OneStudy:
+    """A real DICOM study, the shipped model and a SQLite results file."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    classifier: Classifier
+    files: list[str]
+    task: StudyTask
+
+    def process(self) -> str:
+        return process_study(
+            self.task, settings=self.settings, classifier=self.classifier, sessions=self.sessions
+        )
+
+
+@pytest.fixture()
+def one_study(sqlite_url: str, model_dir: Path, dicom_dir: Path) -> OneStudy:
     classifier = Classifier(model_dir)
     files = [str(next((dicom_dir / "cxr").glob("*.dcm")))]
-    task = StudyTask(UID, tuple(files), classifier.model_version)
+    return OneStudy(
+        Settings(database_url=sqlite_url, model=model_dir),
+        open_database(sqlite_url),
+        classifier,
+        files,
+        StudyTask(UID, tuple(files), classifier.model_version),
+    )
+
+
+def test_a_study_delivered_past_the_limit_is_failed_not_screened(one_study: OneStudy) -> None:
+    settings, sessions, files = one_study.settings, one_study.sessions, one_study.files
     with sessions.begin() as session:
         for _ in range(delivery_limit(settings)):
-            mark_processing(session, UID, classifier.model_version, files)
+            mark_processing(session, UID, one_study.classifier.model_version, files)
     failed_before = failed_studies_counted()
-    assert process_study(task, settings=settings, classifier=classifier, sessions=sessions) == (
-        "failed"
-    )
+    assert one_study.process() == "failed"
     assert failed_studies_counted() == failed_before + 1, "the metric counts it too"
     status, attempts = study_row(sessions)
     assert (status, attempts) == ("failed", delivery_limit(settings) + 1)
@@ -157,19 +181,19 @@ def failed_studies_counted() -> float:
 
 
 def test_a_failure_after_another_delivery_finished_the_study_is_neither_stored_nor_counted(
-    sqlite_url: str, model_dir: Path, dicom_dir: Path
+    one_study: OneStudy,
 ) -> None:
-    settings = Settings(database_url=sqlite_url, model=model_dir)
-    sessions = open_database(sqlite_url)
-    classifier = Classifier(model_dir)
-    files = [str(next((dicom_dir / "cxr").glob("*.dcm")))]
-    task = StudyTask(UID, tuple(files), classifier.model_version)
-    assert process_study(task, settings=settings, classifier=classifier, sessions=sessions) in (
-        "screened",
-        "rejected",
-    )
-    final = study_row(sessions)[0]
+    assert one_study.process() in ("screened", "rejected")
+    final = study_row(one_study.sessions)[0]
     failed_before = failed_studies_counted()
-    save_failure(sessions, task, files, classifier.model_version, "time limit exceeded", settings)
-    assert study_row(sessions)[0] == final
+    version = one_study.classifier.model_version
+    save_failure(
+        one_study.sessions,
+        one_study.task,
+        one_study.files,
+        version,
+        "timed out",
+        one_study.settings,
+    )
+    assert study_row(one_study.sessions)[0] == final
     assert failed_studies_counted() == failed_before
