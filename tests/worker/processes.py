@@ -57,22 +57,25 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def resident_mb(pid: int) -> int:
-    """Resident memory of a process in MB (0 once it is gone)."""
+def resident_mb(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory of a process in MB (0 once it is gone); ``VmHWM`` for its peak
+    since it was forked."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    line = next((x for x in status.splitlines() if x.startswith("VmRSS:")), "VmRSS: 0 kB")
+    line = next((x for x in status.splitlines() if x.startswith(f"{field}:")), "x 0 kB")
     return int(line.split()[1]) // 1024
 
 
 class OomKiller:
     """The kernel's OOM killer for one test: a thread that SIGKILLs any child of this
-    process whose resident memory grows ``limit_mb`` beyond what it had when first seen.
-    (Not beyond this process's own: a forked child shares the parent's file-backed pages
-    without counting them, so after a long test session its resident memory stays far
-    below the parent's whatever it allocates.)"""
+    process whose resident memory has peaked ``limit_mb`` beyond what it had when first
+    seen. (Not beyond this process's own: a forked child shares the parent's file-backed
+    pages without counting them, so after a long test session its resident memory stays
+    far below the parent's whatever it allocates.) The peak (``VmHWM``, reset at fork)
+    and not the current size: a decode's few hundred milliseconds above the limit could
+    fall between two looks when the machine is busy, and no child was killed."""
 
     def __init__(self, limit_mb: int) -> None:
         self.limit_mb = limit_mb
@@ -93,8 +96,10 @@ class OomKiller:
         baseline: dict[int, float] = {}
         while not self._stop.wait(0.002):
             for child in children_of(parent):
-                resident = resident_mb(child)
-                if resident > baseline.setdefault(child, resident) + self.limit_mb:
+                first_seen = baseline.setdefault(child, resident_mb(child))
+                if child in self.killed:  # dying: seen again before it is reaped
+                    continue
+                if resident_mb(child, "VmHWM") > first_seen + self.limit_mb:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child, signal.SIGKILL)
                         self.killed.append(child)

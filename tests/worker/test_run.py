@@ -150,7 +150,7 @@ def test_a_study_that_kills_its_process_is_failed_and_no_other_study_is_lost(
     settings = Settings(database_url=sqlite_url, model=model_dir, workers=2, max_pixels=10**8)
     with OomKiller(limit_mb=200) as oom:
         summary = run([tmp_path / "export"], settings)
-    assert len(oom.killed) >= 2, "killed in the pool, then again when screened alone"
+    assert len(oom.killed) >= 2, f"killed in the pool, then again when screened alone: {summary}"
     assert (summary.studies, summary.screened, summary.failed) == (6, 5, 1)
     studies = dict(
         rows(sqlite_url, "SELECT study_instance_uid, status || ': ' || reason FROM studies")
