@@ -255,25 +255,22 @@ def worker_paths(files: Iterable[str], ingest_root: Path | None) -> list[str]:
     return [str(root / f) if not Path(f).is_absolute() else f for f in files]
 
 
-def named(paths: Sequence[str], names: Mapping[str, str]) -> list[str]:
-    return sorted(names.get(path, path) for path in paths)
-
-
 def root_name(ingest_root: Path | None) -> str | None:
     """The ingest root as messages carry it: the name rows give the files under it."""
     return None if ingest_root is None else str(Path(ingest_root).absolute())
 
 
-def ingest_names(task: StudyTask, paths: Sequence[str]) -> dict[str, str]:
-    """Each worker path's name as ingest gave it (the message's root and relative path),
-    so rows, keyed by path where a file has no readable UID, do not depend on where a
-    worker mounts the export: two workers mounting it differently write one row."""
+def worker_files(task: StudyTask, ingest_root: Path | None) -> dict[str, str]:
+    """Each of the task's files as this worker reads it, and the name its row takes: the
+    path as ingest named it (the message's root and relative path). Rows, keyed by path
+    where a file has no readable UID, then do not depend on where a worker mounts the
+    export: two workers mounting it differently write one row."""
+    paths = worker_paths(task.files, ingest_root)
     if task.root is None:
-        return {}
+        return {path: path for path in paths}
     return {
-        path: str(PurePosixPath(task.root, name))
+        path: path if PurePosixPath(name).is_absolute() else str(PurePosixPath(task.root, name))
         for path, name in zip(paths, task.files, strict=True)
-        if not PurePosixPath(name).is_absolute()
     }
 
 
@@ -380,10 +377,9 @@ def process_study(
     uid, version = task.study_instance_uid, classifier.model_version
     warn_if_other_model(task, version)
     check_ingest_root(settings)
-    files = worker_paths(task.files, settings.ingest_root)
-    names = ingest_names(task, files)
+    files = worker_files(task, settings.ingest_root)
     with autocommit(sessions) as session:
-        attempts = mark_processing(session, uid, version, named(files, names), force=task.force)
+        attempts = mark_processing(session, uid, version, sorted(files.values()), force=task.force)
     if attempts is None:
         skip_finished(task, version, sessions)
         return "skipped"
@@ -417,8 +413,8 @@ def process_batch(
     version = classifier.model_version
     warn_if_other_model(batch.studies[0], version)
     check_ingest_root(settings)
-    files = {t: worker_paths(t.files, settings.ingest_root) for t in batch.studies}
-    markers = {t.study_instance_uid: named(p, ingest_names(t, p)) for t, p in files.items()}
+    files = {t: worker_files(t, settings.ingest_root) for t in batch.studies}
+    markers = {t.study_instance_uid: sorted(names.values()) for t, names in files.items()}
     with autocommit(sessions) as session:
         attempts = mark_processing_many(session, markers, version, force=batch.studies[0].force)
     todo = {t: paths for t, paths in files.items() if t.study_instance_uid in attempts}
@@ -442,7 +438,7 @@ def skip_finished(task: StudyTask, version: str, sessions: sessionmaker[Session]
 
 
 def screen_and_save(
-    files: dict[StudyTask, list[str]],
+    files: dict[StudyTask, dict[str, str]],
     settings: Settings,
     classifier: Classifier,
     sessions: sessionmaker[Session],
@@ -453,14 +449,14 @@ def screen_and_save(
     outcomes = [
         screen_study(
             task.study_instance_uid,
-            paths,
+            list(names),
             classifier,
             max_pixels=settings.max_pixels,
             batch_size=settings.batch_size,
             deadline=deadline,
-            names=ingest_names(task, paths),
+            names=names,
         )
-        for task, paths in files.items()
+        for task, names in files.items()
     ]
     with metrics().timing_db_write(), sessions.begin() as session:
         written = [
@@ -528,14 +524,14 @@ def save_outcome(
 def save_failure(
     sessions: sessionmaker[Session],
     task: StudyTask,
-    files: Sequence[str],
+    files: Mapping[str, str],
     model_version: str,
     reason: str,
     settings: Settings,
 ) -> None:
-    """A study that gave no outcome, saved ``failed`` with one row per file."""
-    names = ingest_names(task, files)
-    outcome = failed_outcome(task.study_instance_uid, files, model_version, reason, names)
+    """A study that gave no outcome, saved ``failed`` with one row per file (``files``:
+    each path read and the name its row takes, as ``worker_files`` gives them)."""
+    outcome = failed_outcome(task.study_instance_uid, list(files), model_version, reason, files)
     with sessions.begin() as session:
         written = save_outcome(session, task, outcome, settings)
     if written:  # a delivery that failed after another one finished the study counts not
@@ -571,7 +567,7 @@ def record_failure(
     """Record the study ``failed``. The database may be the thing that is down: that
     error is raised (the caller keeps the message); any other is only logged."""
     uid = task.study_instance_uid
-    files = worker_paths(task.files, settings.ingest_root)
+    files = worker_files(task, settings.ingest_root)
     try:
         save_failure(sessions(), task, files, model_version, error, settings)
     except Exception as exc:

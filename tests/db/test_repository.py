@@ -25,7 +25,7 @@ from worker.imaging.dicom import InstanceHeader
 from worker.imaging.enum import Status
 from worker.metrics import metrics
 from worker.model import Classifier
-from worker.queue import StudyTask, delivery_limit, process_study, save_failure
+from worker.queue import StudyTask, delivery_limit, process_study, save_failure, worker_files
 from worker.screening import InstanceResult
 
 UID, VERSION = "1.2.826.0.1.3680043.8.498.1", "m-1"
@@ -190,7 +190,7 @@ def test_a_failure_after_another_delivery_finished_the_study_is_neither_stored_n
     save_failure(
         one_study.sessions,
         one_study.task,
-        one_study.files,
+        worker_files(one_study.task, ingest_root=None),
         version,
         "timed out",
         one_study.settings,
