@@ -9,6 +9,8 @@ import sys
 
 from sqlalchemy.exc import StatementError
 
+from worker.privacy import file_error
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -55,5 +57,5 @@ def describe_error(exc: BaseException) -> str:
         lines = str(exc.orig).strip().splitlines() or [type(exc.orig).__name__]
         return f"{type(exc).__name__}: {lines[0]}"[:1000]
     if isinstance(exc, OSError) and exc.filename is not None:
-        return f"{type(exc).__name__}: [Errno {exc.errno}] {exc.strerror} (file name not shown)"
+        return file_error(exc)
     return f"{type(exc).__name__}: {exc}".strip()[:1000]

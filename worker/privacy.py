@@ -14,6 +14,12 @@ DEFAULT_KEY_WARNING = (
 )
 
 
+def file_error(exc: OSError) -> str:
+    """``FileNotFoundError: No such file or directory``: a file error without the file
+    names it carries, since export folders are often named after the patient."""
+    return f"{type(exc).__name__}: {exc.strerror or 'cannot be read'}"
+
+
 def patient_ref(patient_id: str | None, mode: PatientIdMode, key: str) -> str | None:
     """A keyed hash (HMAC-SHA256, 32 hex digits), nothing, or the ID itself."""
     if not patient_id or mode == "none":

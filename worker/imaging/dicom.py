@@ -41,6 +41,7 @@ from pydicom.uid import (
 from config.settings import DEFAULT_MAX_PIXELS
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
+from worker.privacy import file_error
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR"})
@@ -149,7 +150,7 @@ def check_regular_file(path: str | Path) -> None:
 def describe_read_error(exc: Exception) -> str:
     """The error without the file's path (export paths often hold patient names)."""
     if isinstance(exc, OSError):
-        return f"{type(exc).__name__}: {exc.strerror or 'cannot be read'}"
+        return file_error(exc)
     return f"{type(exc).__name__}: {shown(str(exc), 120)}"
 
 
