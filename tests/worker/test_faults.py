@@ -44,6 +44,12 @@ def all_final(url: str, n: int) -> bool:
     )
 
 
+def counts_once_one_is_screened(url: str) -> dict[str, int]:
+    """Wait until a first study is screened (the work is under way), then the counts."""
+    wait_for(lambda: status_counts(url).get("screened", 0) >= 1, 120, "a first screened study", 0.1)
+    return status_counts(url)
+
+
 def make_studies(
     folder: Path, cxr_dir: Path, n_studies: int, per_study: int, *, large: bool = False
 ) -> list[str]:
@@ -191,32 +197,23 @@ def test_fault2_redis_restart_loses_nothing(
     server = PrivateRedis(tmp_path / "redis", 6390)
     server.start()
     env = worker_env(server.url, postgres_url, model_dir, visibility_timeout=10)
-    worker: Worker | None = None
     try:
         print(f"\nfault 2: {ingest(tmp_path / 'export', env).strip()}")
-        worker = Worker(env, tmp_path / "worker.log")
-        wait_for(
-            lambda: status_counts(postgres_url).get("screened", 0) >= 1,
-            120,
-            "a first screened study",
-            0.1,
-        )
-        before = status_counts(postgres_url)
-        server.kill()
-        print(f"fault 2: SIGKILLed redis (appendonly, fsync always) with studies {before}")
-        time.sleep(3)
-        server.start()
-        waited = wait_for(lambda: all_final(postgres_url, n), 180, "every study to finish")
-        print(
-            f"fault 2: redis back after 3 s down; all {n} studies screened {waited:.1f} s later; "
-            f"worker alive={worker.alive()}"
-        )
-        assert status_counts(postgres_url) == {"screened": n}
-        assert_exactly_once(postgres_url, n, n * per)
-        assert worker.alive()
+        with Worker(env, tmp_path / "worker.log") as worker:
+            before = counts_once_one_is_screened(postgres_url)
+            server.kill()
+            print(f"fault 2: SIGKILLed redis (appendonly, fsync always) with studies {before}")
+            time.sleep(3)
+            server.start()
+            waited = wait_for(lambda: all_final(postgres_url, n), 180, "every study to finish")
+            print(
+                f"fault 2: redis back after 3 s down; all {n} studies screened {waited:.1f} s "
+                f"later; worker alive={worker.alive()}"
+            )
+            assert status_counts(postgres_url) == {"screened": n}
+            assert_exactly_once(postgres_url, n, n * per)
+            assert worker.alive()
     finally:
-        if worker is not None:
-            worker.stop()
         server.kill()
 
 
@@ -233,13 +230,7 @@ def test_fault3_postgres_down_for_20s(
         env = worker_env(broker, url, model_dir)
         print(f"\nfault 3: {ingest(tmp_path / 'export', env).strip()}")
         with Worker(env, tmp_path / "worker.log") as worker:
-            wait_for(
-                lambda: status_counts(url).get("screened", 0) >= 1,
-                120,
-                "a first screened study",
-                0.1,
-            )
-            before = status_counts(url)
+            before = counts_once_one_is_screened(url)
             database.stop()
             stopped = time.monotonic()
             time.sleep(20)
