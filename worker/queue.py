@@ -90,6 +90,15 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (*TRANSIENT_ERRORS, IngestRootUnavailable))
 
 
+def is_database_unavailable(exc: BaseException) -> bool:
+    """The database could not be reached (or set up), lost the connection, or was locked
+    or deadlocked: nothing about the study. Recording it ``failed`` needs the same
+    database, and once that works screening it does too."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (OperationalError, InterfaceError, DatabaseError))
+
+
 def backoff(retries: int, settings: Settings, rng: random.Random | None = None) -> float:
     """Exponential backoff with "equal jitter": half fixed, half random.
 
@@ -385,8 +394,8 @@ def process_study(
         return "skipped"
     if attempts > delivery_limit(settings):
         reason = (
-            f"gave up after {attempts - 1} deliveries: the worker was lost or timed out "
-            "each time (a file that crashes or hangs the decoder?)"
+            f"gave up after {attempts - 1} deliveries: the worker was lost, timed out or could "
+            "not save the result each time (a file that crashes or hangs the decoder?)"
         )
         save_failure(sessions, task, files, version, reason, settings)
         log.error("study %s: %s", uid, reason)

@@ -23,6 +23,7 @@ from worker.queue import (
     MalformedTask,
     StudyTask,
     backoff,
+    is_database_unavailable,
     is_transient,
     parse_batch_message,
     parse_message,
@@ -84,6 +85,10 @@ def screen_study_task(self: Task, *args: Any, **kwargs: Any) -> str:
         retries = self.request.retries
         if is_transient(exc) and retries < settings.task_max_retries:
             retry_later(self, exc, task.study_instance_uid)
+        if is_database_unavailable(exc):
+            # Not `failed`: that record could only land once the database is back, in a
+            # race with the screening that would then succeed.
+            retry_later(self, exc, task.study_instance_uid, past_limit="database still unavailable")
         if is_transient(exc):
             reason = f"gave up after {retries} retries: {error}"
         else:
@@ -140,7 +145,12 @@ def fail_study(task: Task, study: StudyTask, model_version: str, reason: str) ->
     try:
         record_failure(database, study, model_version, reason, get_settings())
     except Exception as exc:
-        retry_later(task, exc, study.study_instance_uid, unrecorded=True)
+        retry_later(
+            task,
+            exc,
+            study.study_instance_uid,
+            past_limit="failed, and the failure cannot be recorded",
+        )
     return "failed"
 
 
@@ -148,23 +158,22 @@ def refuse(args: Any, kwargs: dict[str, Any], error: MalformedTask) -> None:
     record_refused(database, args, kwargs, str(error), load_worker_state().model_version)
 
 
-def retry_later(task: Task, exc: Exception, label: str, *, unrecorded: bool = False) -> NoReturn:
+def retry_later(
+    task: Task, exc: Exception, label: str, *, past_limit: str | None = None
+) -> NoReturn:
     """Raise Celery's retry for a transient failure, after an exponential backoff.
 
-    ``unrecorded``: the study failed for good (retries used up, time limit) but that
-    could not be recorded. It is retried past the retry limit: a Reject with requeue
-    would hand the message straight back with nothing to space the deliveries (the
-    test saw 996 in 20 s of database outage).
+    ``past_limit``: why the study is retried past the retry limit (the database is
+    still down, or the study failed for good but that could not be recorded). A Reject
+    with requeue would hand the message straight back with nothing to space the
+    deliveries (the test saw 996 in 20 s of database outage).
     """
     settings = get_settings()
     retries = task.request.retries
     countdown = backoff(retries, settings)
-    if unrecorded:
+    if past_limit:
         log.warning(
-            "%s: failed, and the failure cannot be recorded (%s); trying again in %.1f s",
-            label,
-            describe_error(exc),
-            countdown,
+            "%s: %s (%s); trying again in %.1f s", label, past_limit, describe_error(exc), countdown
         )
     else:
         log.warning(
@@ -180,7 +189,7 @@ def retry_later(task: Task, exc: Exception, label: str, *, unrecorded: bool = Fa
             countdown=countdown,
             exc=exc,
             throw=False,
-            max_retries=retries + 1 if unrecorded else None,
+            max_retries=retries + 1 if past_limit else None,
         )
     except Reject:
         # The retry could not be published (broker down too): put the message back

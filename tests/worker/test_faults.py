@@ -461,7 +461,7 @@ def test_fault8_postgres_down_longer_than_the_retries_loses_no_study(
         database.stop()
         with Worker(env, tmp_path / "worker.log") as worker:
             time.sleep(20)  # the first retry waits 1 to 2 s, and there is only one
-            kept = worker.log().count("the failure cannot be recorded")
+            kept = worker.log().count("database still unavailable")
             database.start()
             waited = wait_for(lambda: all_final(url, n), 120, "every study to finish")
             print(
@@ -472,6 +472,7 @@ def test_fault8_postgres_down_longer_than_the_retries_loses_no_study(
             # Each delivery past the retries waits out the backoff (2-4 s, 4-8 s, ...): a
             # message handed straight back would come back hundreds of times.
             assert n <= kept <= 4 * n
-            assert status_counts(url) == {"screened": n}
+            reasons = rows(url, "SELECT status, reason FROM studies WHERE status <> 'screened'")
+            assert status_counts(url) == {"screened": n}, reasons
             assert_exactly_once(url, n, n)
             assert worker.alive()

@@ -49,6 +49,44 @@ def test_a_database_error_reaches_logs_and_reason_without_patient_data(
     assert reason.removeprefix("unexpected error: ") in log
 
 
+def test_a_study_the_database_keeps_refusing_is_retried_past_the_limit_not_failed(
+    broker: str, postgres_url: str, model_dir: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """The race CI met with PostgreSQL restarting: the screening's write fails as the
+    database is unavailable, and the `failed` record just after it would succeed. Here a
+    trigger refuses only the result, as a deadlock (an OperationalError), every time."""
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    write(base_dataset(png_pixels(png)), tmp_path / "export" / "1.dcm")
+    env = worker_env(broker, postgres_url, model_dir, task_max_retries=1)
+    ingest(tmp_path / "export", env)
+    execute(
+        postgres_url,
+        """CREATE FUNCTION refuse_results() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.status = 'screened' THEN
+                RAISE EXCEPTION 'refused' USING ERRCODE = 'deadlock_detected';
+            END IF;
+            RETURN NEW;
+        END $$""",
+    )
+    execute(
+        postgres_url,
+        "CREATE TRIGGER refuse_results BEFORE INSERT OR UPDATE ON studies "
+        "FOR EACH ROW EXECUTE FUNCTION refuse_results()",
+    )
+    past_limit = "database still unavailable"
+    with Worker(env, tmp_path / "worker.log") as worker:
+        wait_for(
+            lambda: past_limit in worker.log() or all_final(postgres_url, 1),
+            60,
+            "a delivery past the retry limit",
+        )
+        assert rows(postgres_url, "SELECT status FROM studies") == [("processing",)]
+        execute(postgres_url, "DROP TRIGGER refuse_results ON studies")
+        wait_for(lambda: all_final(postgres_url, 1), 60, "the study to be screened")
+    assert rows(postgres_url, "SELECT status, reason FROM studies") == [("screened", None)]
+
+
 def test_queued_studies_a_refused_message_names_are_failed_with_the_reason(
     broker: str, postgres_url: str, model_dir: Path, tmp_path: Path
 ) -> None:
