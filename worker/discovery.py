@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from pydicom.dataset import Dataset
 
@@ -79,10 +80,10 @@ def discover(
 ) -> Discovery:
     """Header-only scan of every file; DICOMDIRs add the files they reference."""
     found = Discovery()
-    queue = list(walk(paths))
+    queue = deque(walk(paths))
     seen = {str(Path(p).resolve()) for p in queue}
     while queue:
-        path = queue.pop(0)
+        path = queue.popleft()
         if on_file is not None:
             on_file(path)
         try:
@@ -100,7 +101,7 @@ def discover(
 
 
 def _add_dicomdir(
-    found: Discovery, path: str, ds: Dataset, queue: list[str], seen: set[str]
+    found: Discovery, path: str, ds: Dataset, queue: deque[str], seen: set[str]
 ) -> None:
     referenced = referenced_files(ds, Path(path).parent)
     found.rejected.append(
@@ -142,18 +143,23 @@ def _unidentified(path: str, missing_uid: RejectedInput) -> InstanceResult:
 
 
 def referenced_files(ds: Dataset, base: Path) -> list[Path]:
-    """Existing files referenced by a DICOMDIR's records (missing ones are logged)."""
-    files, missing = [], 0
+    """Existing files referenced by a DICOMDIR's records, all under its folder (as the
+    standard has them); missing ones and ones outside that folder are logged, not read."""
+    files, missing, outside = [], 0, 0
     for record in ds.get("DirectoryRecordSequence", []):
         parts = record.get("ReferencedFileID")
         if not parts:
             continue
-        relative = Path(*([parts] if isinstance(parts, str) else list(parts)))
+        relative = PurePath(*([parts] if isinstance(parts, str) else list(parts)))
         target = base / relative
-        if target.is_file():
+        if relative.is_absolute() or ".." in relative.parts:
+            outside += 1
+        elif target.is_file():
             files.append(target)
         else:
             missing += 1
     if missing:
         log.warning("a DICOMDIR references %d files that are not there", missing)
+    if outside:
+        log.warning("a DICOMDIR references %d files outside its folder; not read", outside)
     return files

@@ -1,0 +1,88 @@
+"""Discovery: a PACS export given as files, folders or a DICOMDIR, grouped by study."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.fileset import FileSet
+from pydicom.uid import generate_uid
+
+from tests.dicom_factory import base_dataset, png_pixels, write
+from worker.discovery import discover
+
+
+@pytest.fixture(scope="module")
+def pixels(cxr_dir: Path) -> np.ndarray:
+    return png_pixels(sorted((cxr_dir / "test" / "normal").glob("*.png"))[0])
+
+
+def instance(pixels: np.ndarray, study_uid: str, number: int) -> Dataset:
+    ds = base_dataset(pixels, study_uid=study_uid)
+    # What a DICOMDIR's study, series and image records need.
+    ds.StudyTime, ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "120000", "1", 1, number
+    return ds
+
+
+def media(folder: Path, datasets: list[Dataset]) -> Path:
+    """A DICOM file set as pydicom writes one (PT000000/ST000000/...), with its DICOMDIR."""
+    fileset = FileSet()
+    for ds in datasets:
+        fileset.add(ds)
+    fileset.write(folder)
+    return folder / "DICOMDIR"
+
+
+def test_a_dicomdir_given_alone_brings_in_the_files_it_references(
+    pixels: np.ndarray, tmp_path: Path
+) -> None:
+    first, second = generate_uid(), generate_uid()
+    datasets = [instance(pixels, first, 1), instance(pixels, first, 2), instance(pixels, second, 1)]
+    dicomdir = media(tmp_path / "media", datasets)
+    found = discover([dicomdir])
+    assert {uid: len(study.files) for uid, study in found.studies.items()} == {first: 2, second: 1}
+    assert [(r.source, r.reason_code) for r in found.rejected] == [(str(dicomdir), "unreadable")]
+
+
+def test_a_dicomdir_beside_its_files_reads_each_file_once(
+    pixels: np.ndarray, tmp_path: Path
+) -> None:
+    study = generate_uid()
+    media(tmp_path / "media", [instance(pixels, study, 1), instance(pixels, study, 2)])
+    found = discover([tmp_path / "media"])
+    assert len(found.studies[study].files) == 2 and found.n_files == 3
+
+
+def test_a_dicomdir_reference_outside_its_folder_is_not_followed(
+    pixels: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Record paths are relative to the DICOMDIR's folder by the standard; a broken or
+    crafted one must not make the worker read (and store results for) files elsewhere."""
+    study, elsewhere = generate_uid(), generate_uid()
+    dicomdir = media(tmp_path / "media", [instance(pixels, study, 1), instance(pixels, study, 2)])
+    outside = write(instance(pixels, elsewhere, 1), tmp_path / "outside" / "IM000000")
+    ds = dcmread(dicomdir)
+    images = [r for r in ds.DirectoryRecordSequence if r.DirectoryRecordType == "IMAGE"]
+    images[0].ReferencedFileID = ["..", "outside", "IM000000"]
+    images[1].ReferencedFileID = list(outside.parts)  # an absolute path
+    ds.save_as(dicomdir)
+    with caplog.at_level(logging.WARNING):
+        found = discover([dicomdir])
+    assert found.studies == {} and found.n_files == 1
+    assert "a DICOMDIR references 2 files outside its folder; not read" in caplog.text
+
+
+def test_missing_files_a_dicomdir_references_are_logged_and_skipped(
+    pixels: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    study = generate_uid()
+    dicomdir = media(tmp_path / "media", [instance(pixels, study, 1), instance(pixels, study, 2)])
+    next((tmp_path / "media").glob("PT*/ST*/SE*/IM*")).unlink()
+    with caplog.at_level(logging.WARNING):
+        found = discover([dicomdir])
+    assert len(found.studies[study].files) == 1
+    assert "a DICOMDIR references 1 files that are not there" in caplog.text
