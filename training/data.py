@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from training import CLASS_NAMES
+from worker.discovery import tree_files
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pipeline import PREPROCESSING_VERSION, is_picture, load_gray, model_input
 
@@ -87,42 +88,11 @@ def walk_images(folder: Path) -> list[Path]:
     return [p for p in walk_files(folder) if is_image_file(p)]
 
 
-def walk_files(folder: Path, *, skip_hidden: bool = False) -> list[Path]:
-    """Every regular file under ``folder`` (broken symbolic links included), sorted.
-    Links to folders are followed, but each real folder is walked once, under the first
-    name met in sorted order, so a link loop ends. ``skip_hidden``: names starting with
-    "." are left out, folders before that once-only rule (a hidden link to a folder must
-    not take the visible name's place)."""
-
-    def shown(name: str) -> bool:
-        return not (skip_hidden and name.startswith("."))
-
-    walked = {_identity(Path(folder))}
-    found: list[Path] = []
-    for root, folders, files in os.walk(folder, followlinks=True):
-        folders[:] = [
-            name
-            for name in sorted(folders)
-            if shown(name) and _first_visit(Path(root, name), walked)
-        ]
-        found += (Path(root, name) for name in files if shown(name))
-    return sorted(p for p in found if p.is_file() or is_broken_link(p))
-
-
-def _identity(folder: Path) -> tuple[int, int]:
-    status = folder.stat()
-    return status.st_dev, status.st_ino
-
-
-def _first_visit(folder: Path, walked: set[tuple[int, int]]) -> bool:
-    try:
-        identity = _identity(folder)
-    except OSError:  # gone or unreadable since it was listed
-        return False
-    if identity in walked:
-        return False
-    walked.add(identity)
-    return True
+def walk_files(folder: Path) -> list[Path]:
+    """Every regular file under ``folder`` (broken symbolic links included), sorted,
+    hidden names left out; linked folders are walked once each."""
+    files = tree_files(folder, skip_hidden_files=True)
+    return sorted(p for p in files if p.is_file() or is_broken_link(p))
 
 
 def split_dir(data_dir: Path, split: str) -> Path:

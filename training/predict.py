@@ -46,7 +46,7 @@ def expand(paths: Iterable[Path]) -> Iterator[Path]:
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            yield from walk_files(path, skip_hidden=True)
+            yield from walk_files(path)
         else:
             yield path
 

@@ -57,7 +57,7 @@ def walk(paths: Iterable[str | Path]) -> Iterator[str]:
         if root.is_file():
             candidates: Iterable[Path] = [root]
         elif root.is_dir():
-            candidates = sorted(_files_under(root))
+            candidates = sorted(tree_files(root))
         else:
             log.warning("no such file or folder: %s", root)
             continue
@@ -68,11 +68,34 @@ def walk(paths: Iterable[str | Path]) -> Iterator[str]:
                 yield str(candidate.absolute())
 
 
-def _files_under(root: Path) -> Iterator[Path]:
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            yield Path(folder) / name
+def tree_files(folder: Path, *, skip_hidden_files: bool = False) -> Iterator[Path]:
+    """Every entry under ``folder`` that is not a folder (files, links, pipes...), hidden
+    folders left out. Links to folders are followed, but each real folder is walked once,
+    under the first name met in sorted order, so a link loop ends."""
+    walked = {_identity(folder)}
+    for root, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = [
+            name
+            for name in sorted(folders)
+            if not name.startswith(".") and _first_visit(Path(root, name), walked)
+        ]
+        yield from (Path(root, n) for n in files if not (skip_hidden_files and n.startswith(".")))
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    status = folder.stat()
+    return status.st_dev, status.st_ino
+
+
+def _first_visit(folder: Path, walked: set[tuple[int, int]]) -> bool:
+    try:
+        identity = _identity(folder)
+    except OSError:  # gone or unreadable since it was listed
+        return False
+    if identity in walked:
+        return False
+    walked.add(identity)
+    return True
 
 
 def discover(

@@ -86,3 +86,25 @@ def test_missing_files_a_dicomdir_references_are_logged_and_skipped(
         found = discover([dicomdir])
     assert len(found.studies[study].files) == 1
     assert "a DICOMDIR references 1 files that are not there" in caplog.text
+
+
+def test_linked_study_folders_are_walked_once_and_a_link_loop_ends(
+    pixels: np.ndarray, tmp_path: Path
+) -> None:
+    """Exports assembled from links (a study folder linked in from the archive) lost
+    those studies without a row: the walk did not follow links to folders."""
+    study = generate_uid()
+    archive = tmp_path / "archive" / "study"
+    for number in (1, 2):
+        write(instance(pixels, study, number), archive / f"{number}.dcm")
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "ward7").symlink_to(archive)
+    (export / "ward9").symlink_to(archive)  # the same folder under a second name
+    (export / "loop").symlink_to(export)
+    (export / ".snapshot").symlink_to(archive)  # hidden, as before
+    found = discover([export])
+    assert sorted(found.studies[study].files) == [
+        str(export / "ward7" / f"{n}.dcm") for n in (1, 2)
+    ]
+    assert found.n_files == 2
