@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 from celery.exceptions import Reject
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
@@ -34,6 +34,7 @@ from worker.queue import (
     StudyBatch,
     StudyTask,
     backoff,
+    is_database_unavailable,
     message_paths,
     mismatch,
     parse_batch_message,
@@ -424,6 +425,62 @@ def test_a_failure_the_database_cannot_record_is_raised_and_logged_without_file_
         record_failure(unreachable, task, "m-1", error, Settings())
     assert "study 1.2.3.4 failed (OperationalError: connection refused)" in caplog.text
     assert "Doe^Jane" not in caplog.text
+
+
+def database_error(url: str, *statements: str, timeout: float = 5) -> Exception:
+    """The error the statements raise, run one after another on one connection."""
+    engine = create_engine(url, connect_args={"timeout": timeout} if "sqlite" in url else {})
+    try:
+        with engine.connect() as conn:
+            for statement in statements:
+                conn.execute(text(statement))
+    except Exception as exc:
+        return exc
+    finally:
+        engine.dispose()
+    raise AssertionError(f"no error from {statements}")
+
+
+@pytest.mark.services
+def test_only_an_unreachable_busy_or_deadlocked_database_counts_as_unavailable(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Such a study is retried until the database is back; other database errors (a
+    statement timeout, a missing table) would never go away and fail the study."""
+    sqlite_url = f"sqlite:///{tmp_path / 'x.db'}"
+    holder = create_engine(sqlite_url)
+    with holder.connect() as conn:
+        conn.exec_driver_sql("BEGIN EXCLUSIVE")
+        locked = database_error(sqlite_url, "CREATE TABLE t (x)", timeout=0)
+    holder.dispose()
+    deadlock = "DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = 'deadlock_detected'; END $$"
+    unavailable = {
+        "nobody listening": database_error("postgresql+psycopg://postgres@127.0.0.1:1/x"),
+        "not set up": capture(lambda: open_database("postgresql+psycopg://u@127.0.0.1:1/x")),
+        "deadlock": database_error(postgres_url, deadlock),
+        "sqlite locked": locked,
+    }
+    permanent = {
+        "statement timeout": database_error(
+            postgres_url, "SET statement_timeout = 1", "SELECT pg_sleep(1)"
+        ),
+        "no such table": database_error(sqlite_url, "SELECT * FROM studies"),
+        "no such relation": database_error(postgres_url, "SELECT * FROM studies"),
+    }
+    assert {k: is_database_unavailable(e) for k, e in unavailable.items()} == dict.fromkeys(
+        unavailable, True
+    )
+    assert {k: is_database_unavailable(e) for k, e in permanent.items()} == dict.fromkeys(
+        permanent, False
+    )
+
+
+def capture(call: Any) -> Exception:
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    raise AssertionError("no error")
 
 
 @pytest.mark.services
