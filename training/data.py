@@ -89,10 +89,11 @@ def walk_images(folder: Path) -> list[Path]:
 
 
 def walk_files(folder: Path) -> list[Path]:
-    """Every regular file under ``folder`` (broken symbolic links included), sorted,
-    hidden names left out; linked folders are walked once each."""
+    """Every file under ``folder`` but pipes, devices and sockets, sorted, hidden names
+    left out, linked folders walked once each; broken symbolic links and folders that
+    cannot be listed are included, so they are reported rather than lost."""
     files = tree_files(folder, skip_hidden_files=True)
-    return sorted(p for p in files if p.is_file() or is_broken_link(p))
+    return sorted(p for p in files if p.is_file() or p.is_dir() or not p.exists())
 
 
 def split_dir(data_dir: Path, split: str) -> Path:

@@ -69,17 +69,24 @@ def walk(paths: Iterable[str | Path]) -> Iterator[str]:
 
 
 def tree_files(folder: Path, *, skip_hidden_files: bool = False) -> Iterator[Path]:
-    """Every entry under ``folder`` that is not a folder (files, links, pipes...), hidden
-    folders left out. Links to folders are followed, but each real folder is walked once,
-    under the first name met in sorted order, so a link loop ends."""
-    walked = {_identity(folder)}
-    for root, folders, files in os.walk(folder, followlinks=True):
+    """Every entry under ``folder`` that is not a folder (files, links, pipes...), and
+    each folder that cannot be listed, so that it is reported instead of skipped; hidden
+    folders left out. Links to folders are followed, but each real folder is walked
+    once, under the first name met in sorted order (so a link loop ends), and never a
+    link to a folder that holds ``folder`` (``..``, ``/``): that walks all around it."""
+    unlisted: list[Path] = []
+    top, walked = folder.resolve(), {_identity(folder)}
+    tree = os.walk(folder, followlinks=True, onerror=lambda e: unlisted.append(Path(e.filename)))
+    for root, folders, files in tree:
         folders[:] = [
             name
             for name in sorted(folders)
-            if not name.startswith(".") and _first_visit(Path(root, name), walked)
+            if not name.startswith(".") and _first_visit(Path(root, name), walked, top)
         ]
         yield from (Path(root, n) for n in files if not (skip_hidden_files and n.startswith(".")))
+        yield from unlisted
+        unlisted.clear()
+    yield from unlisted
 
 
 def _identity(folder: Path) -> tuple[int, int]:
@@ -87,10 +94,14 @@ def _identity(folder: Path) -> tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
-def _first_visit(folder: Path, walked: set[tuple[int, int]]) -> bool:
+def _first_visit(folder: Path, walked: set[tuple[int, int]], top: Path) -> bool:
     try:
         identity = _identity(folder)
-    except OSError:  # gone or unreadable since it was listed
+        around = top.is_relative_to(folder.resolve())
+    except OSError:  # gone, or past PATH_MAX: kept, for the walk to report it
+        return True
+    if around:
+        log.warning("a link to a folder that holds the folder being walked is not followed")
         return False
     if identity in walked:
         return False

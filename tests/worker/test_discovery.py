@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ from pydicom.uid import generate_uid
 
 from tests.dicom_factory import base_dataset, png_pixels, write
 from worker.discovery import discover
+from worker.imaging.dicom import check_regular_file
+from worker.imaging.errors import RejectedInput
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +112,57 @@ def test_linked_study_folders_are_walked_once_and_a_link_loop_ends(
         str(export / "ward7" / f"{n}.dcm") for n in (1, 2)
     ]
     assert found.n_files == 2
+
+
+def test_a_link_to_a_folder_around_the_export_is_not_followed(
+    pixels: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``up -> ..`` would walk every export beside this one (``/`` the whole disk)."""
+    study, beside = generate_uid(), generate_uid()
+    export = tmp_path / "exports" / "today"
+    write(instance(pixels, study, 1), export / "1.dcm")
+    write(instance(pixels, beside, 1), tmp_path / "exports" / "other-hospital" / "1.dcm")
+    (export / "up").symlink_to("..")
+    (export / "root").symlink_to("/")
+    with caplog.at_level(logging.WARNING):
+        found = discover([export])
+    assert list(found.studies) == [study] and found.n_files == 1
+    assert caplog.text.count("a link to a folder that holds the folder being walked") == 2
+
+
+def deep_folder(top: Path, depth: int) -> Path:
+    """Nested folders whose full path is longer than PATH_MAX (4096 bytes on Linux): made
+    relative to an open parent, as nothing can name the deepest ones in full."""
+    fd = os.open(top, os.O_RDONLY)
+    path = top
+    try:
+        for _ in range(depth):
+            name = "d" * 250
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd, path = inner, path / name
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_a_folder_whose_files_cannot_be_listed_gets_a_row_instead_of_vanishing(
+    pixels: np.ndarray, tmp_path: Path
+) -> None:
+    """os.walk skips a folder it cannot list (permissions, or a path past PATH_MAX as
+    here) without a word: its studies were lost with no trace in the results."""
+    study = generate_uid()
+    write(instance(pixels, study, 1), tmp_path / "export" / "1.dcm")
+    deepest = deep_folder(tmp_path / "export", 20)
+    found = discover([tmp_path / "export"])
+    assert list(found.studies) == [study]
+    ((unlisted, code),) = [(r.source, r.reason_code) for r in found.rejected]
+    assert deepest.is_relative_to(unlisted) and code == "unreadable"
+    shutil.rmtree(tmp_path / "export", ignore_errors=True)  # pytest cannot remove it either
+
+
+def test_a_folder_read_as_a_file_is_named_as_such(tmp_path: Path) -> None:
+    """What the read says of a folder the walk could not list (without root's rights)."""
+    with pytest.raises(RejectedInput, match="a folder whose files cannot be listed"):
+        check_regular_file(tmp_path)

@@ -143,6 +143,8 @@ def check_regular_file(path: str | Path) -> None:
         mode = os.stat(path).st_mode
     except OSError:
         return
+    if stat.S_ISDIR(mode):  # one the walk could not list
+        raise RejectedInput(RejectCode.UNREADABLE, "a folder whose files cannot be listed")
     if not stat.S_ISREG(mode):
         raise RejectedInput(RejectCode.UNREADABLE, "not a regular file")
 
