@@ -31,19 +31,21 @@ def save_study(
     *,
     patient_id_mode: PatientIdMode,
     hash_key: str,
-    keep_files: bool = False,
+    from_queue: bool = False,
 ) -> bool:
     """Instance rows and the study row of one screened study, in the caller's transaction.
 
     A ``screened`` or ``rejected`` study is not replaced by a ``failed`` outcome (a
     duplicate delivery that ran out of memory, say): then nothing is written, and False
     is returned.
-    ``keep_files``: a row's ``files`` stay as they are (ingest's paths, from which
-    ``requeue`` makes messages; a worker may see the export under another root).
+    ``from_queue``: ingest's row keeps its ``files`` (ingest's paths, from which
+    ``requeue`` makes messages; a worker may see the export under another root) and its
+    ``queued_at``. Otherwise (``run``) the study was received when its screening started,
+    also when it is screened again: turnaround and day count from then.
     """
     row = _study_row(outcome, patient_id_mode, hash_key)
     insert_values = fit_to_columns(STUDIES, {"queued_at": outcome.started_at, "attempts": 1, **row})
-    columns = tuple(k for k in row if not (keep_files and k == "files"))
+    columns = tuple(k for k in row if k != "files") if from_queue else (*row, "queued_at")
     statement = _study_statement(_dialect(session), columns)
     if session.execute(statement, insert_values).first() is None:
         return False

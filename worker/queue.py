@@ -536,7 +536,7 @@ def save_outcome(
         outcome,
         patient_id_mode=settings.patient_id_mode,
         hash_key=settings.hash_key,
-        keep_files=True,
+        from_queue=True,
     )
     if task.model_version != outcome.model_version:
         mark_failed(

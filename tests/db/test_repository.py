@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from db.models import utcnow
+from db.models import Study, utcnow
 from db.repository import (
     mark_failed,
     mark_processing,
     queue_studies,
     save_instances,
+    save_study,
     stale_studies,
 )
 from db.session import open_database
@@ -26,7 +27,7 @@ from worker.imaging.enum import Status
 from worker.metrics import metrics
 from worker.model import Classifier
 from worker.queue import StudyTask, delivery_limit, process_study, save_failure, worker_files
-from worker.screening import InstanceResult
+from worker.screening import InstanceResult, failed_outcome
 
 UID, VERSION = "1.2.826.0.1.3680043.8.498.1", "m-1"
 
@@ -115,6 +116,27 @@ def test_a_study_delivered_past_the_limit_is_failed_not_screened(one_study: OneS
     with sessions() as session:
         reason = session.execute(text("SELECT reason FROM studies")).scalar_one()
     assert reason.startswith(f"gave up after {delivery_limit(settings)} deliveries")
+
+
+@pytest.mark.parametrize("from_queue", [False, True])
+def test_a_study_screened_again_counts_from_when_it_was_received_again(
+    database_url: str, from_queue: bool
+) -> None:
+    """``run`` over an export again: the study was received anew. Keeping the first
+    queued_at made its turnaround the days between the runs, on the day of the second."""
+    sessions = open_database(database_url)
+    week_ago = utcnow() - dt.timedelta(days=7)
+    first = failed_outcome(UID, ["a.dcm"], VERSION, "first")
+    again = failed_outcome(UID, ["a.dcm"], VERSION, "again")
+    settings = {"patient_id_mode": Settings().patient_id_mode, "hash_key": "k"}
+    with sessions.begin() as session:
+        save_study(session, replace(first, started_at=week_ago, finished_at=week_ago), **settings)
+    with sessions.begin() as session:
+        save_study(session, again, from_queue=from_queue, **settings)
+    with sessions() as session:
+        queued_at = session.execute(select(Study.queued_at)).scalar_one()
+    received = week_ago if from_queue else again.started_at  # ingest's queued_at stays
+    assert queued_at.replace(tzinfo=queued_at.tzinfo or dt.UTC) == received  # SQLite: naive
 
 
 def test_stale_studies_are_those_queued_or_taken_before_the_cutoff(database_url: str) -> None:
