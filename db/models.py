@@ -51,6 +51,7 @@ class Prediction(Base):
         ),
         Index("ix_predictions_study_instance_uid", "study_instance_uid"),
         Index("ix_predictions_source_model_version", "source", "model_version"),
+        Index("ix_predictions_updated_at", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -81,6 +82,8 @@ class Study(Base):
     __table_args__ = (
         UniqueConstraint("study_instance_uid", "model_version"),
         Index("ix_studies_status", "status"),
+        Index("ix_studies_finished_at", "finished_at"),
+        Index("ix_studies_queued_at", "queued_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, func, select, text
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, event, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from db.models import Prediction, Study
+from db.models import Base, Prediction, Study
 from db.repository import save_instances, save_study
 from db.session import DatabaseError, make_engine, open_database, upgrade
 from tests.conftest import POSTGRES_URL
@@ -54,6 +56,29 @@ def test_migrations_are_repeatable(database_url: str) -> None:
     upgrade(engine)
     upgrade(engine)
     engine.dispose()
+
+
+def test_the_migrated_schema_is_the_models_and_indexes_every_period_filter(
+    database_url: str,
+) -> None:
+    """Reports and exports select a period by these timestamps: without an index each
+    scanned the whole table."""
+    engine = make_engine(database_url)
+    upgrade(engine)
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    indexed = {
+        (table, tuple(index["column_names"]))
+        for table in ("studies", "predictions")
+        for index in inspect(engine).get_indexes(table)
+    }
+    engine.dispose()
+    periods = {
+        ("studies", ("finished_at",)),
+        ("studies", ("queued_at",)),
+        ("predictions", ("updated_at",)),
+    }
+    assert periods <= indexed
 
 
 def _first_use(url: str, start: Barrier, results: Any) -> None:
