@@ -266,15 +266,19 @@ def _prepare(path: str, size: int, max_pixels: int) -> tuple[InstanceResult, np.
         tensor = model_input(image.gray, size)
     except RejectedInput as exc:
         reraise_time_limit(exc)
-        uid = exc.header.sop_instance_uid if exc.header else "(no UID)"
+        # A full read that failed (pixel data cut short) may still have a readable header,
+        # as discovery found: the row then belongs to its study and instance.
+        header = exc.header or _header_only(path)
+        uid = header.sop_instance_uid if header else "(no UID)"
         log.info("instance %s rejected: %s", uid, exc.code.value)
-        return rejected(path, exc.code, exc.reason, exc.header), None
+        return rejected(path, exc.code, exc.reason, header), None
     except Exception as exc:  # a bug or a decoder crash must not take the study down
         reraise_time_limit(exc)
         log.exception("failed to prepare an instance")
         return InstanceResult(
             source=path,
             status=Status.FAILED,
+            header=_header_only(path),
             reason_code="error",
             reason=f"{type(exc).__name__}: {exc}",
         ), None
