@@ -34,17 +34,22 @@ class Settings(BaseSettings):
     broker_url: str = Field("redis://localhost:6379/0", description="Celery broker URL.")
     model: Path = Field(DEFAULT_MODEL, description="Model folder (model.tflite + model_card.json).")
     threshold: float | None = Field(
-        None, description="Operating threshold; default: the one in the model card."
+        None,
+        gt=0,
+        lt=1,
+        description="Operating threshold; default: the one in the model card.",
     )
     ingest_root: Path | None = Field(
         None,
         description="Root that queued file paths are stored relative to, so workers "
         "that mount the export elsewhere still find them. Default: absolute paths.",
     )
-    workers: int = Field(0, description="Processes for `run` (0 = one per core).")
-    batch_size: int = Field(16, description="Images per inference batch.")
+    workers: int = Field(0, ge=0, description="Processes for `run` (0 = one per core).")
+    batch_size: int = Field(16, ge=1, description="Images per inference batch.")
     max_pixels: int = Field(
-        DEFAULT_MAX_PIXELS, description="Largest Rows*Columns decoded (decompression-bomb guard)."
+        DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="Largest Rows*Columns decoded (decompression-bomb guard).",
     )
     patient_id_mode: Literal["hash", "none", "clear"] = Field(
         "hash", description="How patient IDs are stored: keyed hash, not at all, or in clear."
@@ -56,12 +61,14 @@ class Settings(BaseSettings):
         description="Most studies `ingest` puts in one queue message (fewer when the "
         "ingest is small, so that it still makes at least 16 messages).",
     )
-    task_time_limit: int = Field(300, description="Hard limit in seconds for one task.")
-    task_max_retries: int = Field(5, description="Retries of a transient failure.")
+    task_time_limit: int = Field(300, ge=1, description="Hard limit in seconds for one task.")
+    task_max_retries: int = Field(5, ge=0, description="Retries of a transient failure.")
     visibility_timeout: int = Field(
-        3600, description="Redis visibility timeout (s); must exceed the longest task."
+        3600, ge=1, description="Redis visibility timeout (s); must exceed the longest task."
     )
-    metrics_port: int = Field(0, description="Prometheus metrics port for a worker (0 = off).")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus metrics port for a worker (0 = off)."
+    )
     log_json: bool = Field(False, description="Structured JSON logs.")
     log_level: str = Field("INFO", description="Log level.")
 
@@ -79,9 +86,10 @@ class Settings(BaseSettings):
         return level
 
     def with_overrides(self, **overrides: Any) -> Settings:
-        """A copy with the non-None overrides applied (command-line flags)."""
+        """A copy with the non-None overrides applied (command-line flags), validated as
+        the environment is (a copy with an update would take ``--threshold 5``)."""
         given = {key: value for key, value in overrides.items() if value is not None}
-        return self.model_copy(update=given)
+        return type(self).model_validate({**self.model_dump(), **given})
 
 
 @lru_cache(maxsize=1)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from config.settings import Settings, get_settings
 
@@ -45,3 +46,27 @@ def test_an_unknown_log_level_is_refused() -> None:
 def test_the_published_or_an_empty_hash_key_is_flagged(key: str, default: bool) -> None:
     assert Settings(hash_key=key).hash_key_is_default is default
     assert Settings(hash_key=key, patient_id_mode="none").hash_key_is_default is False
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"threshold": 5.0},  # every film `normal`, stored as if it were a threshold
+        {"threshold": float("nan")},  # every film `normal`, stored as null
+        {"threshold": 0.0},
+        {"workers": -3},  # the process pool's traceback
+        {"batch_size": 0},
+        {"task_max_retries": -1},
+        {"metrics_port": 70000},
+    ],
+)
+def test_a_value_that_cannot_work_is_refused_from_the_environment_and_the_command_line(
+    setting: dict[str, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ((name, value),) = setting.items()
+    monkeypatch.setenv(f"CXR_{name.upper()}", str(value))
+    with pytest.raises(ValidationError, match=name):
+        Settings()
+    monkeypatch.delenv(f"CXR_{name.upper()}")
+    with pytest.raises(ValidationError, match=name):
+        Settings().with_overrides(**setting)
