@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from config.settings import get_settings
 from worker.cli_common import user_errors
 
 app = typer.Typer(
@@ -24,12 +25,8 @@ app = typer.Typer(
 
 
 def default_model_dir() -> Path:
-    env = os.environ.get("CXR_MODEL")
-    if env:
-        return Path(env)
-    from config.settings import DEFAULT_MODEL
-
-    return DEFAULT_MODEL
+    """CXR_MODEL (environment or settings file), else the shipped model."""
+    return get_settings().model
 
 
 def _quiet_tensorflow() -> None:
@@ -51,7 +48,7 @@ def train_command(
         ),
     ],
     out: Annotated[
-        Path | None, typer.Option(help="Output model folder [default: runs/<arch>].")
+        Path | None, typer.Option(help="Output model folder (default: runs/<arch>).")
     ] = None,
     arch: Annotated[
         str, typer.Option(help="compact | residual | alexnet | vgg16 | inceptionv3")
@@ -62,8 +59,8 @@ def train_command(
     image_size: Annotated[
         int | None,
         typer.Option(
-            help="Input side in pixels [default: 160 compact/residual, 224 alexnet/vgg16, "
-            "299 inceptionv3]."
+            help="Input side in pixels (default: 160 compact/residual, 224 alexnet/vgg16, "
+            "299 inceptionv3)."
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
@@ -96,7 +93,7 @@ def train_command(
         ),
     ] = 0.97,
     name: Annotated[
-        str | None, typer.Option(help="Model name in the card [default: cxr-<arch>].")
+        str | None, typer.Option(help="Model name in the card (default: cxr-<arch>).")
     ] = None,
     version: Annotated[str, typer.Option(help="Model version in the card.")] = "1.0.0",
     time_budget: Annotated[
@@ -174,10 +171,11 @@ def evaluate_command(
         ),
     ],
     model: Annotated[
-        Path | None, typer.Option(help="Model folder [default: CXR_MODEL or models/cxr-compact].")
+        Path | None, typer.Option(help="Model folder (default: CXR_MODEL or models/cxr-compact).")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Report folder [default: <model>/evaluation].")
+        Path | None,
+        typer.Option(help="Report folder (default: evaluation/<model folder name> here)."),
     ] = None,
     split: Annotated[str, typer.Option(help="Sub-folder to evaluate if present.")] = "test",
     rethreshold: Annotated[
@@ -223,10 +221,12 @@ def evaluate_command(
     from training.evaluate import evaluate
 
     model_dir = model or default_model_dir()
+    # Not inside the model folder: its evaluation/ is the shipped model's evidence.
+    out_dir = out or Path("evaluation") / model_dir.resolve().name
     metrics = evaluate(
         data_dir,
         model_dir,
-        out or model_dir / "evaluation",
+        out_dir,
         split=split,
         shortcut_audit=shortcut_audit,
         robustness=robustness,
@@ -237,6 +237,7 @@ def evaluate_command(
         seed=seed,
     )
     typer.echo(metrics["text"])
+    typer.echo(f"wrote {out_dir}", err=True)
 
 
 @user_errors
@@ -245,7 +246,7 @@ def predict_command(
         list[Path], typer.Argument(help="Image files or folders (walked recursively).")
     ],
     model: Annotated[
-        Path | None, typer.Option(help="Model folder [default: CXR_MODEL or models/cxr-compact].")
+        Path | None, typer.Option(help="Model folder (default: CXR_MODEL or models/cxr-compact).")
     ] = None,
     csv: Annotated[Path | None, typer.Option(help="Write the CSV here instead of stdout.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Override the card threshold.")] = None,
@@ -253,7 +254,8 @@ def predict_command(
     """One CSV line per image: path,covid_probability,predicted_label,status,reason."""
     from training.predict import predict_to_csv
 
-    n = predict_to_csv(paths, model or default_model_dir(), csv, threshold=threshold)
+    settings = get_settings().with_overrides(model=model, threshold=threshold)
+    n = predict_to_csv(paths, settings.model, csv, threshold=settings.threshold)
     if csv is not None:
         typer.echo(f"wrote {n} rows to {csv}", err=True)
 

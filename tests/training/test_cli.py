@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from config.settings import get_settings
 from training.cli import app, evaluate_command, predict_command, train_command
 
 runner = CliRunner()
@@ -41,6 +42,43 @@ def test_predict_command_writes_csv(
     lines = out.read_text().splitlines()
     assert lines[0] == "path,covid_probability,predicted_label,status,reason"
     assert ",screened," in lines[1] and ",rejected," in lines[2]
+
+
+def test_predict_takes_the_threshold_from_the_settings_as_run_does(
+    shipped_model: Path, sample_png: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    get_settings.cache_clear()
+    labels = {}
+    for threshold in ("0.0001", "0.9999"):
+        monkeypatch.setenv("CXR_THRESHOLD", threshold)
+        monkeypatch.setenv("CXR_MODEL", str(shipped_model))
+        out = tmp_path / f"{threshold}.csv"
+        result = runner.invoke(app, ["predict", str(sample_png), "--csv", str(out)])
+        get_settings.cache_clear()
+        assert result.exit_code == 0, result.output
+        labels[threshold] = out.read_text().splitlines()[1].split(",")[2]
+    assert labels == {"0.0001": "covid", "0.9999": "normal"}
+
+
+def test_evaluate_never_overwrites_the_model_folders_evaluation_unless_told(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its evaluation/ is the shipped model's evidence, which README links to."""
+    data = tmp_path / "site"
+    for label in ("normal", "covid"):
+        (data / label).mkdir(parents=True)
+        for png in sorted((cxr_dir / "test" / label).glob("*.png"))[:3]:
+            (data / label / png.name).symlink_to(png)
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in shipped_model.iterdir():
+        if item.name != "evaluation":  # written through, on the old code
+            (model / item.name).symlink_to(item)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["evaluate", str(data), "--model", str(model)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "evaluation" / "model" / "metrics.json").is_file()
+    assert not any(p.is_file() and not p.is_symlink() for p in model.rglob("*"))
 
 
 def test_train_rejects_unknown_architecture(cxr_dir: Path, tmp_path: Path) -> None:
