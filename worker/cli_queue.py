@@ -6,6 +6,8 @@ Registered on the main Typer app by ``worker/cli.py`` (``register(app)``).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +27,7 @@ from worker.cli_common import (
     settings_from,
     user_errors,
 )
+from worker.errors import UserError
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -39,6 +42,24 @@ def _settings(**overrides: Any) -> Settings:
             os.environ[f"CXR_{name.upper()}"] = str(value)
     get_settings.cache_clear()
     return settings_from(**overrides)
+
+
+@contextmanager
+def sending(settings: Settings) -> Iterator[None]:
+    """The broker checked before any row is written; lost while sending, one line."""
+    from kombu.exceptions import OperationalError
+
+    from db.session import safe_url
+    from worker.queue import check_broker
+
+    check_broker(settings.broker_url)
+    try:
+        yield
+    except OperationalError as exc:
+        raise UserError(
+            f"the broker at {safe_url(settings.broker_url)} stopped taking messages ({exc}); "
+            "the studies not sent stay queued: run the same command again once it is back"
+        ) from exc
 
 
 def register(app: typer.Typer) -> None:
@@ -63,7 +84,7 @@ def register(app: typer.Typer) -> None:
         from worker.tasks import enqueue
 
         sessions = open_database(settings.database_url)
-        with progress_bars() as bars:
+        with sending(settings), progress_bars() as bars:
             scan = bars.add_task("reading headers", total=None)
             send = bars.add_task("queueing studies", total=None)
             hooks = IngestProgress(
@@ -187,12 +208,13 @@ def register(app: typer.Typer) -> None:
         settings = _settings(broker_url=broker_url, database_url=database_url, model=model)
         from worker.tasks import enqueue
 
-        done = requeue_studies(
-            settings,
-            enqueue,
-            sessions=open_database(settings.database_url),
-            failed=failed,
-            stale_after=dt.timedelta(minutes=stale_minutes) if stale else None,
-        )
+        with sending(settings):
+            done = requeue_studies(
+                settings,
+                enqueue,
+                sessions=open_database(settings.database_url),
+                failed=failed,
+                stale_after=dt.timedelta(minutes=stale_minutes) if stale else None,
+            )
         skipped = f"; {len(done.skipped)} skipped (see the warnings)" if done.skipped else ""
         typer.echo(f"requeued {len(done.sent)} studies{skipped}")

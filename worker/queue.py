@@ -37,7 +37,7 @@ from db.repository import (
     stale_studies,
     study_status_counts,
 )
-from db.session import DatabaseError, autocommit
+from db.session import DatabaseError, autocommit, safe_url
 from worker.discovery import discover
 from worker.errors import UserError
 from worker.imaging.dicom import is_dicom_uid
@@ -655,6 +655,19 @@ class QueueStatus:
         if self.oldest_queued_at is None:
             return None
         return dt.datetime.now(dt.UTC) - self.oldest_queued_at
+
+
+def check_broker(broker_url: str) -> None:
+    """A Redis broker answers, or UserError. Ingest checks first: rows marked ``queued``
+    (with ``--force``, over a final result) and no message would hide the studies until a
+    requeue."""
+    client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        raise UserError(f"cannot reach the broker at {safe_url(broker_url)}: {exc}") from exc
+    finally:
+        client.close()
 
 
 def broker_queue_length(broker_url: str, queue: str) -> tuple[int, int]:

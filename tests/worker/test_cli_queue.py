@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import redis
 
+from config.settings import Settings
 from db.repository import mark_processing
 from db.session import open_database
 from tests.conftest import REDIS_URL
@@ -14,6 +18,7 @@ from tests.sql import rows
 from tests.worker.processes import Worker, wait_for
 from tests.worker.test_faults import all_final, cli, ingest, worker_env
 from worker.model import read_card
+from worker.runner import run
 
 # Its own Redis database: this worker must not take messages other tests queue.
 IDLE_BROKER = REDIS_URL.rsplit("/", 1)[0] + "/12"
@@ -57,3 +62,28 @@ def test_requeue_stale_sends_a_study_stranded_in_processing(
     finally:
         worker.stop()
     assert rows(postgres_url, "SELECT status FROM studies") == [("screened",)]
+
+
+@pytest.mark.services
+def test_ingest_with_the_broker_down_writes_nothing_and_says_so_in_one_line(
+    model_dir: Path, sqlite_url: str, dicom_dir: Path
+) -> None:
+    """It marked the studies queued (over their results, with --force) and then died in a
+    kombu traceback: the results vanished from every report until a requeue."""
+    run([dicom_dir / "cxr"], Settings(database_url=sqlite_url, model=model_dir, workers=1))
+    before = rows(sqlite_url, "SELECT study_instance_uid, status FROM studies ORDER BY 1")
+    env = worker_env("redis://127.0.0.1:1/0", sqlite_url, model_dir)  # nothing listens there
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "ingest", str(dicom_dir / "cxr"), "--force"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: cannot reach the broker at redis://127.0.0.1:1/0: Error 111 connecting to "
+        "127.0.0.1:1. Connection refused."
+    ]
+    assert rows(sqlite_url, "SELECT study_instance_uid, status FROM studies ORDER BY 1") == before
