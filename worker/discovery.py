@@ -65,7 +65,7 @@ def walk(paths: Iterable[str | Path]) -> Iterator[str]:
             key = str(candidate.resolve())
             if key not in seen and candidate.name not in SKIPPED_NAMES:
                 seen.add(key)
-                yield str(candidate.absolute())
+                yield os.path.abspath(candidate)
 
 
 def tree_files(folder: Path, *, skip_hidden_files: bool = False) -> Iterator[Path]:
@@ -144,7 +144,7 @@ def _add_dicomdir(
     for target in referenced:
         if str(target.resolve()) not in seen:
             seen.add(str(target.resolve()))
-            queue.append(str(target.absolute()))
+            queue.append(os.path.abspath(target))
 
 
 def _add_instance(found: Discovery, path: str, ds: Dataset) -> None:

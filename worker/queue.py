@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -261,12 +262,12 @@ def study_messages(tasks: Sequence[StudyTask], per_message: int) -> list[dict[st
 def message_paths(files: Iterable[str], ingest_root: Path | None) -> list[str]:
     """Paths as carried in messages: relative to the ingest root when one is set."""
     if ingest_root is None:
-        return [str(Path(f).absolute()) for f in files]
-    root = Path(ingest_root).absolute()
+        return [os.path.abspath(f) for f in files]
+    root = Path(os.path.abspath(ingest_root))
     out = []
     for path in files:
         try:
-            out.append(Path(path).absolute().relative_to(root).as_posix())
+            out.append(Path(os.path.abspath(path)).relative_to(root).as_posix())
         except ValueError:
             raise IngestError(
                 f"{path} is not under the ingest root {root} (CXR_INGEST_ROOT)"
@@ -278,13 +279,13 @@ def worker_paths(files: Iterable[str], ingest_root: Path | None) -> list[str]:
     """The message's paths on this worker (the ingest root may be mounted elsewhere)."""
     if ingest_root is None:
         return [str(Path(f)) for f in files]
-    root = Path(ingest_root).absolute()
+    root = Path(os.path.abspath(ingest_root))
     return [str(root / f) if not Path(f).is_absolute() else f for f in files]
 
 
 def root_name(ingest_root: Path | None) -> str | None:
     """The ingest root as messages carry it: the name rows give the files under it."""
-    return None if ingest_root is None else str(Path(ingest_root).absolute())
+    return None if ingest_root is None else os.path.abspath(ingest_root)
 
 
 def worker_files(task: StudyTask, ingest_root: Path | None) -> dict[str, str]:

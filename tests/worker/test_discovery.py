@@ -166,3 +166,26 @@ def test_a_folder_read_as_a_file_is_named_as_such(tmp_path: Path) -> None:
     """What the read says of a folder the walk could not list (without root's rights)."""
     with pytest.raises(RejectedInput, match="a folder whose files cannot be listed"):
         check_regular_file(tmp_path)
+
+
+def test_one_file_has_one_name_however_the_export_is_spelled(
+    pixels: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows are keyed by path where a file has no UID: `run export/../export` wrote a
+    second row for each such file, and the README's `WHERE source = ...` missed both."""
+    study = generate_uid()
+    write(instance(pixels, study, 1), tmp_path / "export" / "1.dcm")
+    (tmp_path / "export" / "notes.txt").write_text("not DICOM")
+    monkeypatch.chdir(tmp_path / "export")
+    spellings = [
+        tmp_path / "export",
+        tmp_path / "export" / ".." / "export",
+        Path("."),
+        Path("..") / "export",
+    ]
+    names = set()
+    for spelling in spellings:
+        found = discover([spelling])
+        names.add((tuple(found.studies[study].files), tuple(r.source for r in found.rejected)))
+    export = str(tmp_path / "export")
+    assert names == {((f"{export}/1.dcm",), (f"{export}/notes.txt",))}

@@ -86,6 +86,11 @@ def test_malformed_messages_are_refused_with_a_reason(change: dict[str, Any], me
         parse_message((), {**GOOD, **change})
 
 
+def test_an_ingest_root_and_files_spelled_with_dot_dot_still_match() -> None:
+    """Discovery names files without `..`; a root given with one matched none of them."""
+    assert message_paths(["/x/export/../export/a/1.dcm"], Path("/x/tmp/../export")) == ["a/1.dcm"]
+
+
 def test_messages_round_trip_and_paths_are_relative_to_the_ingest_root(tmp_path: Path) -> None:
     task = parse_message((), GOOD)
     assert parse_message((), task.message()) == task
