@@ -348,7 +348,8 @@ def mark_duplicates(results: list[InstanceResult]) -> list[InstanceResult]:
         if first is None or first is result:
             marked.append(result)
             continue
-        note = f"same SOP Instance UID as {first.source}; not counted in the study result"
+        # Not the other file's path: export folders are often named after the patient.
+        note = "same SOP Instance UID as another file of the study; not counted in its result"
         marked.append(
             replace(
                 result,

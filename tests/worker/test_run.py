@@ -358,3 +358,19 @@ def test_two_studies_sharing_a_sop_instance_uid_keep_a_row_each(
 
     run([tmp_path / "export"], settings)
     assert rows(database_url, query) == first, "a re-run keeps the same rows and holder"
+
+
+def test_a_copy_of_an_instance_in_its_study_counts_once_and_its_reason_names_no_path(
+    sqlite_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    ds = base_dataset(png_pixels(png))
+    for folder in ("Doe^Jane", "resent"):  # exports name folders after the patient
+        write(ds, tmp_path / "export" / folder / "1.dcm")
+    run([tmp_path / "export"], settings_for(sqlite_url, model_dir))
+    query = "SELECT source, duplicate_of, reason_code, reason FROM predictions ORDER BY 1"
+    counted, copy = rows(sqlite_url, query)
+    assert counted[1:] == (None, None, None)
+    assert copy[1:3] == (ds.SOPInstanceUID, "duplicate_instance")
+    assert "Doe^Jane" not in copy[3] and "another file of the study" in copy[3]
+    assert rows(sqlite_url, "SELECT n_instances, n_screened FROM studies") == [(1, 1)]
