@@ -65,25 +65,26 @@ def run(
         )
         summary = run_screening(paths, settings, hooks)
         bars.update(scan, total=summary.files)
-    if summary.studies == 0 and summary.rejected_files == summary.files:
+    if summary.files == 0:
+        console.print("[yellow]warning:[/yellow] no file under the given paths (not mounted?)")
+    elif summary.studies == 0:
         console.print("[yellow]warning:[/yellow] no DICOM study found under the given paths")
-    table = Table(title=f"cxr-screen run ({escape(safe_url(settings.database_url))})")
-    for column in ("files", "studies", "screened", "rejected", "failed", "positive", "seconds"):
+    where = escape(safe_url(settings.database_url))
+    table = Table(title=f"cxr-screen run ({where}), {summary.seconds:.1f} s")
+    # "files rejected": before any study (not DICOM, no UIDs); the rest count studies.
+    columns = ("files", "files rejected", "studies", "screened", "rejected", "failed", "positive")
+    for column in columns:
         table.add_column(column, justify="right")
-    table.add_row(
-        *(
-            str(v)
-            for v in (
-                summary.files,
-                summary.studies,
-                summary.screened,
-                summary.rejected,
-                summary.failed,
-                summary.positives,
-                f"{summary.seconds:.1f}",
-            )
-        )
+    counts = (
+        summary.files,
+        summary.rejected_files,
+        summary.studies,
+        summary.screened,
+        summary.rejected,
+        summary.failed,
+        summary.positives,
     )
+    table.add_row(*map(str, counts))
     Console().print(table)
 
 

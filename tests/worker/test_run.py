@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -374,3 +375,36 @@ def test_a_copy_of_an_instance_in_its_study_counts_once_and_its_reason_names_no_
     assert copy[1:3] == (ds.SOPInstanceUID, "duplicate_instance")
     assert "Doe^Jane" not in copy[3] and "another file of the study" in copy[3]
     assert rows(sqlite_url, "SELECT n_instances, n_screened FROM studies") == [(1, 1)]
+
+
+def test_the_summary_counts_files_rejected_before_any_study_and_warns_of_an_empty_folder(
+    sqlite_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """A PNG given to run got a rejected row, and a summary whose counts were all zero."""
+    from typer.testing import CliRunner
+
+    from worker.cli import app
+
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    write(base_dataset(png_pixels(png)), tmp_path / "export" / "1.dcm")
+    shutil.copy(png, tmp_path / "export" / "film.png")
+    (tmp_path / "empty").mkdir()
+    runner = CliRunner()
+    args = ["--database-url", sqlite_url, "--model", str(model_dir), "--workers", "1"]
+    result = runner.invoke(app, ["run", str(tmp_path / "export"), *args])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    (header,) = [line.strip("┃ ").split("┃") for line in lines if line.startswith("┃")]
+    (counts,) = [line.strip("│ ").split("│") for line in lines if line.startswith("│")]
+    names, cells = [c.strip() for c in header], [c.strip() for c in counts]
+    assert dict(zip(names, cells, strict=True)) == {
+        "files": "2",
+        "files rejected": "1",
+        "studies": "1",
+        "screened": "1",
+        "rejected": "0",
+        "failed": "0",
+        "positive": "0",
+    }
+    empty = runner.invoke(app, ["run", str(tmp_path / "empty"), *args])
+    assert empty.exit_code == 0 and "no file under the given paths" in empty.output
