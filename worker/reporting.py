@@ -647,7 +647,10 @@ def write_text(content: str, out: Path | None) -> None:
         raise FileNotFoundError(f"no such folder for --out: {folder}")
     if out.is_dir():
         raise IsADirectoryError(f"--out names a folder, not a file: {out}")
-    handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=folder)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=folder)
+    except OSError as exc:  # named after the file asked for, not the temporary one
+        raise UserError(f"cannot write {out}: {exc.strerror}") from exc
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             stream.write(content)

@@ -394,6 +394,12 @@ def test_a_report_covers_one_model_version_of_several(filled: str) -> None:
         (["export", "--since", "2030-01-01"], 1, "no study finished since 2030-01-01"),
         (["report", "-f", "csv", "-o", "/nonexistent/folder/r.csv", *M1], 2, "no such folder"),
         (["report", "-f", "csv", "-o", "/tmp", *M1], 2, "--out names a folder, not a file: /tmp"),
+        # a folder nobody can create files in (a read-only mount; /proc even for root)
+        (
+            ["export", "--since", "2024-03-01", "-o", "/proc/r.csv"],
+            2,
+            "cannot write /proc/r.csv: No such file or directory",
+        ),
         (
             ["report", "-o", "/nonexistent/a[/]b/r.csv", *M1],
             2,
