@@ -58,8 +58,12 @@ def _reject(path: Path, reason: str) -> Prediction:
 def predict_paths(
     paths: Iterable[Path], model_dir: Path, threshold: float | None = None
 ) -> Iterator[Prediction]:
-    """Predictions in input order, scored in batches of ``BATCH``."""
-    classifier = Classifier(Path(model_dir), threshold=threshold)
+    """Predictions in input order, scored in batches of ``BATCH``. The model is loaded
+    now, so that a bad model folder fails before any output."""
+    return _predictions(paths, Classifier(Path(model_dir), threshold=threshold))
+
+
+def _predictions(paths: Iterable[Path], classifier: Classifier) -> Iterator[Prediction]:
     size = classifier.input_size
     pending: list[tuple[Path, np.ndarray | None, str]] = []
 

@@ -81,6 +81,15 @@ def test_evaluate_never_overwrites_the_model_folders_evaluation_unless_told(
     assert not any(p.is_file() and not p.is_symlink() for p in model.rglob("*"))
 
 
+def test_predict_with_a_folder_that_is_no_model_writes_nothing_but_the_error(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    """The CSV header went out before the model was loaded: a CSV with no rows."""
+    result = runner.invoke(app, ["predict", str(sample_png), "--model", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stdout == "" and "no model card" in result.stderr
+
+
 def test_train_rejects_unknown_architecture(cxr_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", str(cxr_dir), "--arch", "resnet", "--out", str(tmp_path)])
     assert result.exit_code != 0
