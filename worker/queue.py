@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -253,7 +254,7 @@ def parse_batch_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyBat
 def study_messages(tasks: Sequence[StudyTask], per_message: int) -> list[dict[str, Any]]:
     """Messages for ``tasks``: up to ``per_message`` studies each, yet at least
     ``MIN_MESSAGES`` messages (or one per study) so that small ingests still spread."""
-    size = max(1, min(per_message, len(tasks) // MIN_MESSAGES))
+    size = max(1, min(per_message, math.ceil(len(tasks) / MIN_MESSAGES)))
     chunks = [tasks[i : i + size] for i in range(0, len(tasks), size)]
     return [c[0].message() if len(c) == 1 else StudyBatch(tuple(c)).message() for c in chunks]
 

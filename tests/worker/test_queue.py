@@ -162,10 +162,7 @@ def test_batch_messages_round_trip() -> None:
     [
         (3, 8, [1, 1, 1]),
         (MIN_MESSAGES, 8, [1] * MIN_MESSAGES),
-        # At least MIN_MESSAGES messages: 40 studies made 14 (sizes rounded up), 30 made 15.
-        (30, 8, [1] * 30),
-        (40, 8, [2] * 20),
-        (47, 8, [2] * 23 + [1]),
+        (40, 8, [3] * 13 + [1]),
         (160, 8, [8] * 20),
         (1000, 8, [8] * 125),
         (160, 1, [1] * 160),
