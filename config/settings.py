@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         8,
         ge=1,
         description="Most studies `ingest` puts in one queue message (fewer when the "
-        "ingest is small, so that it still makes at least 16 messages).",
+        "ingest is small, ceil(studies / 16) each, so that it still spreads).",
     )
     task_time_limit: int = Field(300, ge=1, description="Hard limit in seconds for one task.")
     task_max_retries: int = Field(5, ge=0, description="Retries of a transient failure.")

@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 MESSAGE_KEYS = frozenset({"study_instance_uid", "files", "model_version", "force", "root"})
 BATCH_KEYS = frozenset({"studies", "model_version", "force", "root"})
 BATCH_STUDY_KEYS = frozenset({"study_instance_uid", "files"})
-# Ingest never makes fewer messages than this by batching: a small ingest still spreads
-# over every worker process.
+# A small ingest is batched into about this many messages (9 to 16), so that it still
+# spreads over every worker process.
 MIN_MESSAGES = 16
 BACKOFF_BASE = 2.0  # seconds; the n-th retry waits about BASE * 2**n (with jitter)
 BACKOFF_MAX = 300.0
@@ -252,8 +252,9 @@ def parse_batch_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyBat
 
 
 def study_messages(tasks: Sequence[StudyTask], per_message: int) -> list[dict[str, Any]]:
-    """Messages for ``tasks``: up to ``per_message`` studies each, yet at least
-    ``MIN_MESSAGES`` messages (or one per study) so that small ingests still spread."""
+    """Messages for ``tasks``: up to ``per_message`` studies each, and fewer in a small
+    ingest, ``ceil(n / MIN_MESSAGES)`` each (one per study up to ``MIN_MESSAGES``
+    studies, then 9 to 16 messages), so that it still spreads over the workers."""
     size = max(1, min(per_message, math.ceil(len(tasks) / MIN_MESSAGES)))
     chunks = [tasks[i : i + size] for i in range(0, len(tasks), size)]
     return [c[0].message() if len(c) == 1 else StudyBatch(tuple(c)).message() for c in chunks]
