@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from tests.conftest import shared
-from tests.dicom_factory import base_dataset, png_pixels, variants, write
+from tests.dicom_factory import base_dataset, lut_item, png_pixels, variants, write
 from worker.discovery import discover
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
@@ -562,3 +562,62 @@ def test_pixel_padding_is_found_before_a_reduced_jpeg2000_decode(tmp_path: Path)
             ds.compress(syntax)
         grays.append(read_dicom_image(write(ds, tmp_path / name), MAX_PIXELS).gray)
     np.testing.assert_allclose(grays[1], grays[0], atol=1e-6)
+
+
+# --- pixel values a header misdescribes --------------------------------------------------
+
+
+def twelve_bit(sample_png: Path) -> np.ndarray:
+    return np.kron(png_pixels(sample_png), np.ones((4, 4), np.uint8)).astype(np.uint16) * 16
+
+
+def test_high_bits_past_bits_stored_in_a_compressed_stream_are_masked_as_in_native_data(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    """A transcoder encoded the whole 16-bit cell of a 12-bit image whose high bits held
+    an overlay: pydicom masks native data to BitsStored, not decoded streams, and the
+    region showed white, like a consolidation."""
+    clean = twelve_bit(sample_png)
+    dirty = clean.copy()
+    dirty[100:300, 100:600] |= 0x1000
+    ds = base_dataset(dirty, bits=12)
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.BitsStored, ds.HighBit = 16, 15  # as the transcoder saw the cell
+    ds.compress(JPEGLSLossless)
+    ds.BitsStored, ds.HighBit = 12, 11
+    reference = base_dataset(clean, bits=12)
+    reference.WindowCenter, reference.WindowWidth = 2048, 4096
+    got = read_dicom_image(write(ds, tmp_path / "dirty.dcm"), MAX_PIXELS).gray
+    want = read_dicom_image(write(reference, tmp_path / "clean.dcm"), MAX_PIXELS).gray
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 10])
+def test_a_voi_lut_with_entries_past_its_declared_bits_is_scaled_not_clipped_white(
+    bits: int, sample_png: Path, tmp_path: Path
+) -> None:
+    """Vendors write LUT descriptors whose bit count is below the entries': divided by
+    2**bits - 1, 98 % of the film was white and still screened."""
+    stored = twelve_bit(sample_png)
+    images = []
+    for declared in (12, bits):
+        ds = base_dataset(stored, bits=12)
+        ds.VOILUTSequence = [lut_item(4096, 0, declared, np.arange(4096))]
+        images.append(read_dicom_image(write(ds, tmp_path / f"{declared}.dcm"), MAX_PIXELS).gray)
+    np.testing.assert_allclose(images[1], images[0], atol=1e-6)
+
+
+def test_the_padding_of_a_signed_image_written_as_us_still_shows_black(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    """PixelPaddingValue is "US or SS"; writers that always use US store -32768 as 32768,
+    which matched no pixel: the padding showed white and squeezed the film's range."""
+    signed = (twelve_bit(sample_png).astype(np.int32) - 2048).astype(np.int16)
+    signed[:, :150] = -32768
+    greys = {}
+    for vr, value in (("SS", -32768), ("US", 32768)):
+        ds = base_dataset(signed, bits=16, signed=True)
+        ds.add_new(0x00280120, vr, value)  # PixelPaddingValue
+        greys[vr] = read_dicom_image(write(ds, tmp_path / f"{vr}.dcm"), MAX_PIXELS).gray
+    assert float(greys["SS"][:, :30].max()) == 0.0
+    np.testing.assert_allclose(greys["US"], greys["SS"], atol=1e-6)

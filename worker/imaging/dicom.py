@@ -475,7 +475,25 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
         ) from exc
     if array.ndim != 2:
         raise RejectedInput(RejectCode.UNSUPPORTED, f"decoded pixel array has shape {array.shape}")
-    return array
+    return keep_bits_stored(array, ds)
+
+
+def keep_bits_stored(array: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Only the BitsStored low bits, sign-extended when signed, as pydicom gives native
+    data. A compressed stream may carry the whole cell (a transcoder encodes all 16 bits
+    of a 12-bit image whose high bits hold a legacy overlay or garbage), and pydicom
+    returns those values as they are: they showed as white patches in the lungs."""
+    try:
+        bits = int(header_value(ds, "BitsStored", 0) or 0)
+    except (TypeError, ValueError):
+        return array
+    cell = array.dtype.itemsize * 8
+    if array.dtype.kind not in "iu" or not 0 < bits < cell:
+        return array
+    if array.dtype.kind == "u":
+        return array & array.dtype.type((1 << bits) - 1)
+    shift = cell - bits
+    return (array << shift) >> shift
 
 
 def gate(ds: Dataset, max_pixels: int) -> None:

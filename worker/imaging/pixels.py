@@ -86,10 +86,10 @@ def padding_to_black(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     """Pixel padding (PS3.3 C.7.5.1.1.2: the area outside the exposed field, e.g. after a
     rotation) set to the darkest-displayed value of the real pixels, so it shows black as
     in a rendered film and stays out of a min-max stretch."""
-    padding = _first_number(ds, "PixelPaddingValue")
+    padding = _stored_number(ds, "PixelPaddingValue")
     if padding is None:
         return stored
-    limit = _first_number(ds, "PixelPaddingRangeLimit")
+    limit = _stored_number(ds, "PixelPaddingRangeLimit")
     low, high = sorted((padding, padding if limit is None else limit))
     mask = (stored >= low) & (stored <= high)
     if not mask.any() or mask.all():
@@ -129,10 +129,9 @@ def modality_values(ds: Dataset, values: np.ndarray, lut: LookupTable | None) ->
         raise RejectedInput(
             RejectCode.UNSUPPORTED, f"rescale slope {slope} / intercept {intercept} unusable"
         )
-    out = values.astype(np.float32, copy=False)
     if slope == 1.0 and intercept == 0.0:
-        return out
-    return out * np.float32(slope) + np.float32(intercept)
+        return values  # stored integers index a VOI LUT without a float copy
+    return values.astype(np.float32, copy=False) * np.float32(slope) + np.float32(intercept)
 
 
 def voi_to_unit(
@@ -145,7 +144,11 @@ def voi_to_unit(
     """Apply the VOI LUT or the first window, or stretch (``rescaled``: as values a
     modality LUT or rescale produced) when there is neither."""
     if voi_lut is not None:
-        return np.clip(voi_lut.lookup(values) / float(2**voi_lut.bits - 1), 0.0, 1.0)
+        # Entries past the descriptor's bit count (vendors get it wrong) set the scale,
+        # rather than clip most of the film to white.
+        top = max(2**voi_lut.bits - 1, int(voi_lut.entries.max()))
+        unit = voi_lut.lookup(values).astype(np.float32) * np.float32(1.0 / top)
+        return np.clip(unit, 0.0, 1.0, out=unit)
     center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
     if center is not None and width is not None and width > 0:
         function = str(header_value(ds, "VOILUTFunction", "LINEAR")).strip().upper()
@@ -176,10 +179,17 @@ class LookupTable:
     bits: int
 
     def lookup(self, values: np.ndarray) -> np.ndarray:
-        # Indexing in int64 (not in the entries' 8- or 16-bit type, which wraps inputs
-        # above 255 or 65535) is why this is not pydicom's apply_voi.
-        index = np.rint(values).astype(np.int64) - self.first_mapped
-        np.clip(index, 0, len(self.entries) - 1, out=index)
+        # Indexing in int32 (not in the entries' 8- or 16-bit type, which wraps inputs
+        # above 255 or 65535) is why this is not pydicom's apply_voi; not in int64 either,
+        # whose indices took 8 bytes a pixel of a 50-megapixel film.
+        low, high = self.first_mapped, self.first_mapped + len(self.entries) - 1
+        if values.dtype.kind in "iu" and values.dtype.itemsize <= 2:
+            index = values.astype(np.int32)
+            np.clip(index, low, high, out=index)
+        else:  # clipped before the cast, which would wrap values past int32
+            rounded = np.rint(values)
+            index = np.clip(rounded, low, high, out=rounded).astype(np.int32)
+        index -= np.int32(low)
         return self.entries[index]
 
 
@@ -212,6 +222,17 @@ def _lut_entries(ds: Dataset, item: Dataset) -> np.ndarray:
         little = ds.original_encoding[1] is not False
         return np.frombuffer(element.value, dtype="<u2" if little else ">u2")
     return np.atleast_1d(np.asarray(element.value, dtype=np.int64))
+
+
+def _stored_number(ds: Dataset, keyword: str) -> float | None:
+    """A value in stored-pixel units whose VR is "US or SS": written as US by some
+    writers also for signed pixels (-32768 then reads 32768), so taken as signed there."""
+    value = _first_number(ds, keyword)
+    cell = int(header_value(ds, "BitsAllocated", 16) or 16)
+    signed = int(header_value(ds, "PixelRepresentation", 0) or 0) == 1
+    if value is not None and signed and value >= 2 ** (cell - 1):
+        return value - 2**cell
+    return value
 
 
 def _first_number(ds: Dataset, keyword: str) -> float | None:
