@@ -16,6 +16,7 @@ import typer
 
 from config.settings import get_settings
 from worker.cli_common import user_errors
+from worker.model import read_card
 
 app = typer.Typer(
     help="Train, evaluate and run the COVID-19 radiograph classifier.",
@@ -175,7 +176,7 @@ def evaluate_command(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Report folder (default: evaluation/<model folder name> here)."),
+        typer.Option(help="Report folder (default: evaluation/<model version> here)."),
     ] = None,
     split: Annotated[str, typer.Option(help="Sub-folder to evaluate if present.")] = "test",
     rethreshold: Annotated[
@@ -222,7 +223,7 @@ def evaluate_command(
 
     model_dir = model or default_model_dir()
     # Not inside the model folder: its evaluation/ is the shipped model's evidence.
-    out_dir = out or Path("evaluation") / model_dir.resolve().name
+    out_dir = out or Path("evaluation") / read_card(model_dir).model_version
     metrics = evaluate(
         data_dir,
         model_dir,

@@ -65,7 +65,23 @@ def walk(paths: Iterable[str | Path]) -> Iterator[str]:
             key = str(candidate.resolve())
             if key not in seen and candidate.name not in SKIPPED_NAMES:
                 seen.add(key)
-                yield os.path.abspath(candidate)
+                yield file_name(candidate)
+
+
+def file_name(path: str | Path) -> str:
+    """The name a file's row takes: absolute, ``.`` dropped, and ``..`` resolved where
+    that still names the same file (after a link, ``..`` leads to the link target's
+    parent: then the path stays as given), so that one file has one name however the
+    folder was typed."""
+    literal = str(Path(path).absolute())
+    if ".." not in Path(literal).parts:
+        return literal
+    normal = os.path.normpath(literal)
+    try:
+        same = os.path.samefile(literal, normal)
+    except OSError:  # one is missing: textual unless the path as given is a file
+        same = not os.path.exists(literal)
+    return normal if same else literal
 
 
 def tree_files(folder: Path, *, skip_hidden_files: bool = False) -> Iterator[Path]:
@@ -97,7 +113,9 @@ def _identity(folder: Path) -> tuple[int, int]:
 def _first_visit(folder: Path, walked: set[tuple[int, int]], top: Path) -> bool:
     try:
         identity = _identity(folder)
-        around = top.is_relative_to(folder.resolve())
+        # Only a link can lead to a folder around ``top``; resolving each real folder
+        # cost a quarter more time on a large export.
+        around = folder.is_symlink() and top.is_relative_to(folder.resolve())
     except OSError:  # gone, or past PATH_MAX: kept, for the walk to report it
         return True
     if around:
@@ -144,7 +162,7 @@ def _add_dicomdir(
     for target in referenced:
         if str(target.resolve()) not in seen:
             seen.add(str(target.resolve()))
-            queue.append(os.path.abspath(target))
+            queue.append(file_name(target))
 
 
 def _add_instance(found: Discovery, path: str, ds: Dataset) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,7 +38,7 @@ from db.repository import (
     study_status_counts,
 )
 from db.session import DatabaseError, autocommit, safe_url
-from worker.discovery import discover
+from worker.discovery import discover, file_name
 from worker.errors import UserError
 from worker.imaging.dicom import is_dicom_uid
 from worker.logs import describe_error
@@ -263,12 +262,12 @@ def study_messages(tasks: Sequence[StudyTask], per_message: int) -> list[dict[st
 def message_paths(files: Iterable[str], ingest_root: Path | None) -> list[str]:
     """Paths as carried in messages: relative to the ingest root when one is set."""
     if ingest_root is None:
-        return [os.path.abspath(f) for f in files]
-    root = Path(os.path.abspath(ingest_root))
+        return [file_name(f) for f in files]
+    root = Path(file_name(ingest_root))
     out = []
     for path in files:
         try:
-            out.append(Path(os.path.abspath(path)).relative_to(root).as_posix())
+            out.append(Path(file_name(path)).relative_to(root).as_posix())
         except ValueError:
             raise IngestError(
                 f"{path} is not under the ingest root {root} (CXR_INGEST_ROOT)"
@@ -280,13 +279,13 @@ def worker_paths(files: Iterable[str], ingest_root: Path | None) -> list[str]:
     """The message's paths on this worker (the ingest root may be mounted elsewhere)."""
     if ingest_root is None:
         return [str(Path(f)) for f in files]
-    root = Path(os.path.abspath(ingest_root))
+    root = Path(file_name(ingest_root))
     return [str(root / f) if not Path(f).is_absolute() else f for f in files]
 
 
 def root_name(ingest_root: Path | None) -> str | None:
     """The ingest root as messages carry it: the name rows give the files under it."""
-    return None if ingest_root is None else os.path.abspath(ingest_root)
+    return None if ingest_root is None else file_name(ingest_root)
 
 
 def worker_files(task: StudyTask, ingest_root: Path | None) -> dict[str, str]:
@@ -662,7 +661,9 @@ class QueueStatus:
 def check_broker(broker_url: str) -> None:
     """A Redis broker answers, or UserError. Ingest checks first: rows marked ``queued``
     (with ``--force``, over a final result) and no message would hide the studies until a
-    requeue."""
+    requeue. Another broker (``amqp://``, ``sentinel://``...) is left to Celery."""
+    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return
     client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
     try:
         client.ping()

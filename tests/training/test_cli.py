@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from config.settings import get_settings
 from training.cli import app, evaluate_command, predict_command, train_command
+from worker.model import read_card
 
 runner = CliRunner()
 
@@ -77,7 +78,8 @@ def test_evaluate_never_overwrites_the_model_folders_evaluation_unless_told(
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["evaluate", str(data), "--model", str(model)])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "evaluation" / "model" / "metrics.json").is_file()
+    version = read_card(shipped_model).model_version  # two folders named model differ
+    assert (tmp_path / "evaluation" / version / "metrics.json").is_file()
     assert not any(p.is_file() and not p.is_symlink() for p in model.rglob("*"))
 
 

@@ -87,3 +87,11 @@ def test_ingest_with_the_broker_down_writes_nothing_and_says_so_in_one_line(
         "127.0.0.1:1. Connection refused."
     ]
     assert rows(sqlite_url, "SELECT study_instance_uid, status FROM studies ORDER BY 1") == before
+
+
+def test_the_broker_check_leaves_other_brokers_to_celery() -> None:
+    """redis-py cannot parse amqp:// or sentinel://, which Celery takes: a traceback."""
+    from worker.queue import check_broker
+
+    for url in ("amqp://guest@127.0.0.1:1//", "sentinel://127.0.0.1:1", "memory://"):
+        check_broker(url)

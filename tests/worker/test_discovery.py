@@ -189,3 +189,16 @@ def test_one_file_has_one_name_however_the_export_is_spelled(
         names.add((tuple(found.studies[study].files), tuple(r.source for r in found.rejected)))
     export = str(tmp_path / "export")
     assert names == {((f"{export}/1.dcm",), (f"{export}/notes.txt",))}
+
+
+def test_dot_dot_after_a_link_keeps_the_path_as_given(pixels: np.ndarray, tmp_path: Path) -> None:
+    """After a link, `..` is the link target's parent: collapsing it as text named a
+    file that does not exist (an `unreadable` row for a valid study)."""
+    study = generate_uid()
+    write(instance(pixels, study, 1), tmp_path / "real" / "sub" / "a.dcm")
+    (tmp_path / "real" / "sub" / "deeper").mkdir()
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "link").symlink_to(tmp_path / "real" / "sub" / "deeper")
+    found = discover([tmp_path / "export" / "link" / ".."])
+    assert found.studies[study].files == [str(tmp_path / "export" / "link" / ".." / "a.dcm")]
+    assert not found.rejected
