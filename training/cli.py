@@ -25,11 +25,6 @@ app = typer.Typer(
 )
 
 
-def default_model_dir() -> Path:
-    """CXR_MODEL (environment or settings file), else the shipped model."""
-    return get_settings().model
-
-
 def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -221,7 +216,7 @@ def evaluate_command(
     _quiet_tensorflow()
     from training.evaluate import evaluate
 
-    model_dir = model or default_model_dir()
+    model_dir = model or get_settings().model
     # Not inside the model folder: its evaluation/ is the shipped model's evidence.
     out_dir = out or Path("evaluation") / read_card(model_dir).model_version
     metrics = evaluate(

@@ -49,9 +49,10 @@ class Discovery:
         return sum(len(s.files) for s in self.studies.values()) + len(self.rejected)
 
 
-def walk(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Every file under the given files and folders, once, in a stable order."""
-    seen: set[str] = set()
+def walk(paths: Iterable[str | Path], seen: set[str] | None = None) -> Iterator[str]:
+    """Every file under the given files and folders, once, in a stable order. ``seen``
+    collects each file's resolved path (for a caller that meets more files later)."""
+    seen = set() if seen is None else seen
     for path in paths:
         root = Path(path)
         if root.is_file():
@@ -132,8 +133,8 @@ def discover(
 ) -> Discovery:
     """Header-only scan of every file; DICOMDIRs add the files they reference."""
     found = Discovery()
-    queue = deque(walk(paths))
-    seen = {str(Path(p).resolve()) for p in queue}
+    seen: set[str] = set()  # resolved paths, so a DICOMDIR's files are not read twice
+    queue = deque(walk(paths, seen))
     while queue:
         path = queue.popleft()
         if on_file is not None:

@@ -482,7 +482,10 @@ def keep_bits_stored(array: np.ndarray, ds: Dataset) -> np.ndarray:
     """Only the BitsStored low bits, sign-extended when signed, as pydicom gives native
     data. A compressed stream may carry the whole cell (a transcoder encodes all 16 bits
     of a 12-bit image whose high bits hold a legacy overlay or garbage), and pydicom
-    returns those values as they are: they showed as white patches in the lungs."""
+    returns those values as they are: they showed as white patches in the lungs. Native
+    data pydicom has masked already: not again on the per-image path."""
+    if transfer_syntax(ds) in UncompressedTransferSyntaxes:
+        return array
     try:
         bits = int(header_value(ds, "BitsStored", 0) or 0)
     except (TypeError, ValueError):
