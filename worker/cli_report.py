@@ -110,8 +110,8 @@ def report(
     reporting.write_text(content, out)
     if out is not None:
         console.print(
-            f"wrote {format.value} report to {out}: {result.totals.finished} studies finished, "
-            f"{len(result.daily)} day rows"
+            f"wrote {format.value} report to {escape(str(out))}: "
+            f"{result.totals.finished} studies finished, {len(result.daily)} day rows"
         )
 
 

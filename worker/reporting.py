@@ -17,6 +17,7 @@ import html
 import io
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -593,7 +594,7 @@ def _volume_chart(report: Report) -> str:
     rates = [v.positive / v.screened * 100 if v.screened else float("nan") for v in values]
     rate_axes.plot(x, rates, color="#2b2b2b", marker="o", label="positivity %")
     rate_axes.set_ylabel("positivity (% of screened)")
-    rate_axes.set_ylim(0, max(5.0, *(r for r in rates if r == r)) * 1.15)
+    rate_axes.set_ylim(0, max([5.0, *(r for r in rates if r == r)]) * 1.15)
     handles, labels = axes.get_legend_handles_labels()
     more, more_labels = rate_axes.get_legend_handles_labels()
     axes.legend(handles + more, labels + more_labels, loc="upper left", fontsize="small")
@@ -635,30 +636,46 @@ def _reasons_chart(report: Report) -> str:
 
 
 def write_text(content: str, out: Path | None) -> None:
-    """To stdout, or atomically to a file (a reader never sees half a file)."""
+    """To stdout, or atomically to a file (a reader never sees half a file).
+
+    The file keeps the mode of the one it replaces, or gets the umask's; a link is
+    followed, and a device or pipe (``/dev/stdout``) is written in place."""
     if out is None:
         import sys
 
         sys.stdout.write(content)
         sys.stdout.flush()
         return
-    folder = out.resolve().parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such folder for --out: {folder}")
-    if out.is_dir():
+    target = out.resolve()
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"no such folder for --out: {target.parent}")
+    if target.is_dir():
         raise IsADirectoryError(f"--out names a folder, not a file: {out}")
+    if target.exists() and not target.is_file():
+        with target.open("w", encoding="utf-8", newline="") as stream:
+            stream.write(content)
+        return
     try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=folder)
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     except OSError as exc:  # named after the file asked for, not the temporary one
         raise UserError(f"cannot write {out}: {exc.strerror}") from exc
     try:
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
             stream.write(content)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, out)
+        os.chmod(temporary, _file_mode(target))
+        os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _file_mode(target: Path) -> int:
+    """The replaced file's permissions, or those a new file gets under the umask."""
+    if target.is_file():
+        return stat.S_IMODE(target.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _first_line(exc: BaseException) -> str:

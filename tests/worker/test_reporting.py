@@ -7,8 +7,10 @@ import csv
 import datetime as dt
 import io
 import json
+import os
 import random
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -448,6 +450,44 @@ def test_html_report_is_self_contained(filled: str, tmp_path: Path) -> None:
         assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
         assert not re.search(r"""href\s*=\s*["'](?!#)""", svg), "an SVG refers outside itself"
     assert "ACC-" not in page and "ref1.2" not in page, "aggregates only, no identifiers"
+
+
+def test_html_report_of_a_period_with_nothing_screened(sqlite_url: str, tmp_path: Path) -> None:
+    """A day of CT and MR only: the positivity axis had no rate to scale to (TypeError)."""
+    fill(sqlite_url, [study(f"1.3.{i}", "rejected", at(DAY1, 9), 2.0) for i in range(3)])
+    page = html_report(sqlite_url, tmp_path).read_text()
+    assert page.count('<img class="chart"') == 3
+
+
+def test_out_keeps_permissions_and_links(tmp_path: Path) -> None:
+    """The file was made 0644 whatever the umask (accession numbers readable by all), an
+    existing file's mode was reset, and a link to the file was replaced by a copy."""
+    private = tmp_path / "private.csv"
+    old_umask = os.umask(0o077)
+    try:
+        reporting.write_text("new\n", private)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    private.chmod(0o640)
+    reporting.write_text("again\n", private)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o640
+    link = tmp_path / "latest.csv"
+    link.symlink_to(private)
+    reporting.write_text("through the link\n", link)
+    assert link.is_symlink() and private.read_text() == "through the link\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.csv", "private.csv"]
+
+
+def test_out_path_is_printed_as_given(filled: str, tmp_path: Path) -> None:
+    """A folder named "[old] reports" vanished from the message; "[/]" raised MarkupError."""
+    folder = tmp_path / "[old] reports" / "a[/]b"
+    folder.mkdir(parents=True)
+    out = folder / "r.csv"
+    done = invoke("report", "-f", "csv", "-o", str(out), "--database-url", filled, *M1)
+    assert done.exit_code == 0, done.output
+    assert f"wrote csv report to {out}:" in " ".join(done.stderr.split())
+    assert out.is_file()
 
 
 def test_html_without_matplotlib_is_one_clear_line(
