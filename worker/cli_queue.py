@@ -139,13 +139,15 @@ def register(app: typer.Typer) -> None:
         database_url: DatabaseUrl = None,
     ) -> None:
         """Studies per status, queue length and the age of the oldest queued study."""
+        from sqlalchemy.orm import sessionmaker
+
         from db.repository import failed_studies
-        from db.session import open_database
         from worker.celery_app import QUEUE
         from worker.queue import queue_status
+        from worker.reporting import open_results
 
         settings = _settings(broker_url=broker_url, database_url=database_url)
-        sessions = open_database(settings.database_url)
+        sessions = sessionmaker(open_results(settings.database_url), expire_on_commit=False)
         report = queue_status(settings, sessions, QUEUE)
         table = Table(title="cxr-screen status")
         names = ("queued", "processing", "screened", "rejected", "failed")

@@ -95,3 +95,24 @@ def test_the_broker_check_leaves_other_brokers_to_celery() -> None:
 
     for url in ("amqp://guest@127.0.0.1:1//", "sentinel://127.0.0.1:1", "memory://"):
         check_broker(url)
+
+
+def test_status_on_a_mistyped_database_path_is_an_error_not_a_new_empty_database(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """It created the file and reported every count as 0 with exit 0: a healthy queue."""
+    typo = tmp_path / "resluts.db"
+    env = worker_env("redis://127.0.0.1:1/0", f"sqlite:///{typo}", model_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "status"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2, done.stdout
+    assert done.stderr.strip() == (
+        f"error: no results database at {typo} (check --database-url or CXR_DATABASE_URL)"
+    )
+    assert list(tmp_path.iterdir()) == []
