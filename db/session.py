@@ -43,18 +43,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def alembic_config(engine: Engine) -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
-    return config
-
-
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to ``revision``; safe to call from many processes."""
     try:
         with sqlite_upgrade_lock(engine), engine.connect() as connection:
-            config = alembic_config(engine)
+            # The migrations run on this connection; the URL never goes through Alembic's
+            # configparser, which reads the "%" of a percent-encoded path as interpolation.
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
             connection.commit()
@@ -95,10 +91,13 @@ def autocommit(sessions: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def safe_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password (libpq also takes ``?password=``), for messages,
+    logs and reports."""
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        secrets = [key for key in parsed.query if "password" in key.lower()]
+        return parsed.difference_update_query(secrets).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable URL>"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, text
 
 from db.models import Base
 
@@ -14,14 +14,7 @@ MIGRATION_LOCK_ID = 7_421_035
 
 
 def run_migrations_online() -> None:
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        _run(connection)
-        return
-    engine = create_engine(config.get_main_option("sqlalchemy.url") or "")
-    with engine.connect() as conn:
-        _run(conn)
-    engine.dispose()
+    _run(config.attributes["connection"])  # given by db.session.upgrade
 
 
 def _run(connection: Connection) -> None:

@@ -220,3 +220,25 @@ def test_database_refuses_a_second_row_for_an_instance(database_url: str) -> Non
         session.add(Prediction(**row))
     with pytest.raises(IntegrityError), sessions.begin() as session:
         session.add(Prediction(**{**row, "source": "/b"}))
+
+
+def test_a_sqlite_file_in_a_folder_named_with_brackets_or_accents(tmp_path: Path) -> None:
+    """Every command failed on "invalid interpolation syntax" (the percent-encoded path
+    went through Alembic's configparser): a results file in "Reports (2024)" or under
+    /home/Müller could not be opened."""
+    folder = tmp_path / "Reports (2024) & Müller #1"
+    folder.mkdir()
+    sessions = open_database(f"sqlite:///{folder / 'results.db'}")
+    with sessions() as session:
+        assert session.execute(select(func.count()).select_from(Study)).scalar() == 0
+    sessions.kw["bind"].dispose()
+
+
+def test_messages_name_the_database_without_its_password() -> None:
+    """A password given as libpq's ?password= reached reports, titles and errors."""
+    from db.session import safe_url
+
+    url = "postgresql+psycopg://cxr:s3cret@db:5432/cxr?password=hunter2&sslmode=require"
+    assert safe_url(url) == "postgresql+psycopg://cxr:***@db:5432/cxr?sslmode=require"
+    assert safe_url("postgresql+psycopg://db/cxr?sslpassword=k3y") == "postgresql+psycopg://db/cxr"
+    assert safe_url("postgresql+psycopg://db:notaport/cxr") == "<unparseable URL>"
