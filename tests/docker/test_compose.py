@@ -138,7 +138,10 @@ def test_postgres_has_a_volume_and_a_healthcheck(compose: dict[str, Any]) -> Non
     (volume,) = postgres["volumes"]
     name, _, target = volume.partition(":")
     assert target == "/var/lib/postgresql/data" and name in compose["volumes"]
-    assert "pg_isready" in command_words(postgres["healthcheck"]["test"])
+    words = command_words(postgres["healthcheck"]["test"])
+    assert "pg_isready" in words
+    # the image's first-start server answers on the socket only: check as workers connect
+    assert words[words.index("-h") + 1] == "127.0.0.1"
 
 
 def test_workers_start_after_a_successful_migration(services: dict[str, dict[str, Any]]) -> None:
@@ -236,6 +239,7 @@ def test_the_worker_image(services: dict[str, dict[str, Any]]) -> None:
     assert all_stages[-1][0] == "worker", "a plain `docker build` gives the worker image"
     worker = dict(all_stages[-1][1])
     assert worker["USER"] not in ("root", "0"), "the worker runs as a non-root user"
+    assert worker["WORKDIR"] == "/home/cxr", "a working folder that user can write"
     assert command_words(_exec_form(worker["CMD"])) == ["cxr-screen", "worker"]
     text = dockerfile.read_text()
     installs = [shlex.split(line) for line in re.findall(r"pip install ([^\n&]+)", text)]
