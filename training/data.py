@@ -333,7 +333,7 @@ class InputCache:
     """``model_input`` of every readable sample in one float32 file on disk (a memmap,
     so only the rows being read are in memory), with their targets."""
 
-    inputs: np.memmap
+    inputs: np.ndarray  # a read-only np.memmap, or empty
     targets: np.ndarray
 
     @property
@@ -354,6 +354,8 @@ class InputCache:
         if not targets_path.exists():
             cls._write(samples, size, path, targets_path)
         targets = np.load(targets_path)
+        if len(targets) == 0:  # nothing readable: numpy cannot map an empty file
+            return cls(np.zeros((0, size, size, 1), np.float32), targets)
         inputs = np.memmap(path, np.float32, "r", shape=(len(targets), size, size, 1))
         return cls(inputs, targets)
 

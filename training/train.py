@@ -29,6 +29,7 @@ from training import CLASS_NAMES, POSITIVE_CLASS
 from training.data import (
     PNEUMONIA_POLICY,
     Augmentation,
+    InputCache,
     Sample,
     class_weights,
     label_counts,
@@ -404,6 +405,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         shipped = build_model(cfg.arch, size)
         shipped.set_weights(model.get_weights())
         y_val, p_val = predict_keras(shipped, val_samples, size, cfg.batch_size, cache_dir)
+        # readable inputs (the first val files may all be unreadable)
+        probe = np.array(InputCache.build(val_samples, size, cache_dir).inputs[:8])
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
@@ -411,17 +414,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     chosen = threshold_fields(y_val, p_val, cfg.target_sensitivity)
 
+    # An old card beside new weights would be read as theirs if this run stopped here.
+    (out / CARD_FILE).unlink(missing_ok=True)
     shipped.save(out / KERAS_FILE)
     export_tflite(shipped, out / TFLITE_FILE)
-    probe = np.stack(
-        [
-            x
-            for x, _ in make_dataset(val_samples[:8], size, 8, training=False)
-            .unbatch()
-            .take(8)
-            .as_numpy_iterator()
-        ]
-    )
     tflite_diff = verify_tflite(shipped, out / TFLITE_FILE, probe)
 
     plot_curves(

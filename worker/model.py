@@ -45,7 +45,10 @@ def read_card(model_dir: Path) -> ModelCard:
     path = Path(model_dir) / CARD_FILE
     if not path.is_file():
         raise ModelError(f"no model card at {path} (is --model / CXR_MODEL a model folder?)")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"model card {path} cannot be read: {exc}") from exc
     try:
         card = ModelCard(
             name=str(raw["name"]),
@@ -71,6 +74,10 @@ def check_compatible(card: ModelCard, path: Path) -> None:
             f"this release computes version {PREPROCESSING_VERSION} (retrain the model, or "
             "run the release it was trained with)"
         )
+    if not 0.0 < card.threshold < 1.0:  # NaN too: a card edited by hand
+        raise ModelError(
+            f"model card {path} has threshold {card.threshold}; it must lie between 0 and 1"
+        )
     if card.class_names != CLASS_NAMES:
         raise ModelError(
             f"model card {path} names classes {list(card.class_names)}; this release reads "
@@ -90,7 +97,15 @@ class Classifier:
         if not tflite.is_file():
             raise ModelError(f"no {TFLITE_FILE} in {model_dir}")
         self._interpreter = Interpreter(model_path=str(tflite), num_threads=threads)
-        self._input = self._interpreter.get_input_details()[0]["index"]
+        details = self._interpreter.get_input_details()[0]
+        size = self.card.input_size
+        shape = [int(n) for n in details["shape"][1:]]
+        if shape != [size, size, 1]:
+            raise ModelError(
+                f"{tflite} takes inputs of shape {shape}, its card "
+                f"says {size} px: the folder mixes two trainings (train again into it)"
+            )
+        self._input = details["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
         self._batch = 0
 

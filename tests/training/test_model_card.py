@@ -97,6 +97,11 @@ def test_shipped_model_separates_a_test_sample(shipped_model: Path, cxr_dir: Pat
     [
         ("preprocessing_version", "1", "is for preprocessing version 1"),
         ("class_names", ["covid", "normal"], "names classes ['covid', 'normal']"),
+        # a hand-edited card: every film would be labelled normal (or covid) in silence
+        ("threshold", 1.5, "has threshold 1.5; it must lie between 0 and 1"),
+        ("threshold", float("nan"), "has threshold nan"),
+        # new weights beside an old card (a training that stopped between the two)
+        ("input_size", 96, "takes inputs of shape [160, 160, 1], its card says 96 px"),
     ],
 )
 def test_a_card_for_other_inputs_or_classes_is_refused(
@@ -109,3 +114,11 @@ def test_a_card_for_other_inputs_or_classes_is_refused(
     (folder / "model_card.json").write_text(json.dumps({**card, field: value}))
     with pytest.raises(ModelError, match=re.escape(message)):
         Classifier(folder)
+
+
+def test_a_card_that_is_not_json_is_one_clear_error(shipped_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(shipped_model, folder)
+    (folder / "model_card.json").write_text('{"name": "cxr-compact",')
+    with pytest.raises(ModelError, match=r"model_card\.json cannot be read: Expecting"):
+        read_card(folder)

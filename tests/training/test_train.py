@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -172,3 +173,48 @@ def test_short_training_run_beats_chance(
     assert (tmp_path / "eval" / "metrics.json").is_file()
     for png in ("roc.png", "confusion_matrix.png", "reliability.png"):
         assert (tmp_path / "eval" / png).is_file()
+
+
+def tiny_data_set(cxr_dir: Path, root: Path, per_class: int) -> Path:
+    """``per_class`` linked PNGs per label in train/ and val/."""
+    for split in ("train", "val"):
+        for label in ("normal", "covid"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for png in sorted((cxr_dir / split / label).glob("*.png"))[:per_class]:
+                (folder / png.name).symlink_to(png)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_unreadable_first_val_files_do_not_lose_the_run_or_mix_two_models(
+    cxr_dir: Path, shipped_model: Path, tmp_path: Path
+) -> None:
+    """The tflite check batch was the first 8 val files, unreadable ones included: the run
+    died after the whole fit, leaving the new weights beside the old model's card."""
+    from training.train import TrainConfig, train
+    from worker.model import Classifier
+
+    data = tiny_data_set(cxr_dir, tmp_path / "data", 24)
+    for i in range(8):
+        (data / "val" / "covid" / f"0000-corrupt-{i}.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "model"
+    out.mkdir()
+    shutil.copy2(shipped_model / "model_card.json", out / "model_card.json")  # 160 px
+    card = train(TrainConfig(data_dir=data, out=out, image_size=SIZE, epochs=1, seed=0, verbose=0))
+    assert card["input_size"] == SIZE and card["tflite_max_abs_diff_vs_keras"] <= 1e-4
+    assert Classifier(out).input_size == SIZE
+
+
+def test_a_split_with_no_readable_image_is_one_clear_error(cxr_dir: Path, tmp_path: Path) -> None:
+    """Numpy cannot map the empty input cache: a traceback instead of the message."""
+    from training.train import TrainConfig, train
+    from worker.errors import UserError
+
+    data = tiny_data_set(cxr_dir, tmp_path / "data", 2)
+    for png in (data / "train").rglob("*.png"):
+        png.unlink()
+        png.write_bytes(b"\x89PNG broken")
+    with pytest.raises(UserError, match=r"train/ needs readable normal/ and covid/ images"):
+        train(TrainConfig(data_dir=data, out=tmp_path / "model", image_size=SIZE, verbose=0))
