@@ -35,8 +35,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # back to the queue when the process running it dies.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # A hard time limit does not acknowledge either: the message comes back after
-        # the visibility timeout and the delivery count (``attempts``) ends it as failed.
+        # A hard time limit does not acknowledge either: Celery 5.7 puts the message
+        # straight back, and the delivery count (``attempts``) ends it as failed.
         "task_acks_on_failure_or_timeout": False,
         # One message reserved per process: a killed worker strands at most one study
         # per process, and a slow study does not hold others hostage.
@@ -97,15 +97,31 @@ def _logging(**_: Any) -> None:
     configure_logging(settings.log_level, settings.log_json)
 
 
+def check_ready_to_work(settings: Settings) -> None:
+    """The whole model loads and the database answers. A worker that cannot screen took
+    every message and failed it (a model that does not load: the message was dropped and
+    the study stayed ``queued``) or retried it for ever (a database that does not exist)."""
+    from db.session import wait_for_database
+    from worker.model import Classifier
+
+    Classifier(settings.model)
+    wait_for_database(settings.database_url)
+
+
 @worker_init.connect
-def _check_model_and_serve_metrics(**_: Any) -> None:
-    """Fail fast, in the main worker process, when the model folder is unusable; serve
+def _check_and_serve_metrics(**_: Any) -> None:
+    """Stop, in the main worker process, when the worker could not screen; serve
     Prometheus metrics (all pool processes aggregated) when a port is configured."""
-    from worker.model import read_card
+    from db.session import DatabaseError
+    from worker.errors import UserError
     from worker.privacy import DEFAULT_KEY_WARNING
 
     settings = get_settings()
-    read_card(settings.model)
+    try:
+        check_ready_to_work(settings)
+    except (UserError, DatabaseError) as exc:
+        log.error("the worker cannot start: %s", exc)
+        raise SystemExit(2) from None  # Celery logs and ignores an Exception here
     if settings.hash_key_is_default:
         log.warning(DEFAULT_KEY_WARNING)
     if settings.metrics_port:

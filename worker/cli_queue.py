@@ -114,14 +114,14 @@ def register(app: typer.Typer) -> None:
         loglevel: Annotated[str | None, typer.Option(help="Overrides CXR_LOG_LEVEL.")] = None,
     ) -> None:
         """Run a Celery worker that screens queued studies (Ctrl-C to stop)."""
-        from worker.model import read_card
-
         settings = _settings(
             broker_url=broker_url, database_url=database_url, model=model, log_level=loglevel
         )
-        read_card(settings.model)  # a missing model is a one-line error, not a traceback
-        from worker.celery_app import QUEUE
+        from worker.celery_app import QUEUE, check_ready_to_work
         from worker.celery_app import app as celery
+
+        # One line before Celery's banner; the worker checks again for `celery worker`.
+        check_ready_to_work(settings)
 
         # No mingle or gossip: workers share no revoked-task or clock state, and mingle
         # alone waits about a second for replies at every start.

@@ -96,7 +96,10 @@ class Classifier:
         tflite = Path(model_dir) / TFLITE_FILE
         if not tflite.is_file():
             raise ModelError(f"no {TFLITE_FILE} in {model_dir}")
-        self._interpreter = Interpreter(model_path=str(tflite), num_threads=threads)
+        try:
+            self._interpreter = Interpreter(model_path=str(tflite), num_threads=threads)
+        except ValueError as exc:  # a truncated copy, a Git LFS pointer
+            raise ModelError(f"{tflite} is not a TFLite model: {exc}") from None
         details = self._interpreter.get_input_details()[0]
         size = self.card.input_size
         shape = [int(n) for n in details["shape"][1:]]

@@ -71,7 +71,7 @@ def screen_study_task(self: Task, *args: Any, **kwargs: Any) -> str:
         return "malformed"
     settings = get_settings()
     deadline = time.monotonic() + soft_time_limit(settings)
-    classifier = load_worker_state()
+    classifier = model_or_retry(self, task.study_instance_uid)
     try:
         return process_study(
             task, settings=settings, classifier=classifier, sessions=database(), deadline=deadline
@@ -117,7 +117,7 @@ def screen_batch_task(self: Task, *args: Any, **kwargs: Any) -> str:
         return "malformed"
     settings = get_settings()
     deadline = time.monotonic() + soft_time_limit(settings)
-    classifier = load_worker_state()
+    classifier = model_or_retry(self, f"batch of {len(batch.studies)} studies")
     try:
         return process_batch(
             batch,
@@ -136,6 +136,17 @@ def screen_batch_task(self: Task, *args: Any, **kwargs: Any) -> str:
         log.warning("%s: %s", label, describe_error(exc))
         split_batch(batch.studies, enqueue)
         return "split"
+
+
+def model_or_retry(task: Task, label: str) -> Classifier:
+    """The model, or the message back on the queue after the backoff: a task that raised
+    here was dropped by Celery (no acknowledgement on failure) with its study ``queued``.
+    The worker checks the model at start; this is a model folder changed under it."""
+    try:
+        return load_worker_state()
+    except Exception as exc:
+        log.error("%s: the model cannot be loaded: %s", label, describe_error(exc))
+        retry_later(task, exc, label, past_limit="the model cannot be loaded")
 
 
 def fail_study(task: Task, study: StudyTask, model_version: str, reason: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,49 @@ def test_status_on_a_mistyped_database_path_is_an_error_not_a_new_empty_database
         f"error: no results database at {typo} (check --database-url or CXR_DATABASE_URL)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def broken_model(model_dir: Path, folder: Path) -> Path:
+    """The card beside a Git LFS pointer where the network should be (a clone without LFS)."""
+    shutil.copytree(model_dir, folder)
+    (folder / "model.tflite").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 3401176\n"
+    )
+    return folder
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("start", ["cxr-screen", "celery"])
+def test_a_worker_whose_model_does_not_load_does_not_start(
+    start: str, model_dir: Path, sqlite_url: str, tmp_path: Path
+) -> None:
+    """It said "ready", took every message and failed it; Celery dropped each one (no
+    acknowledgement on failure) and the studies stayed queued with no message left."""
+    model = broken_model(model_dir, tmp_path / "model")
+    env = worker_env(IDLE_BROKER, sqlite_url, model)
+    command = ["-m", "worker", "worker"] if start == "cxr-screen" else ["-m", "celery"]
+    if start == "celery":
+        command += ["-A", "worker.celery_app", "worker", "--without-mingle", "--without-gossip"]
+    done = subprocess.run(
+        [sys.executable, *command, "--concurrency", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{model / 'model.tflite'} is not a TFLite model" in done.stderr
+    if start == "cxr-screen":
+        assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) <= 2
+
+
+@pytest.mark.services
+def test_the_worker_names_a_database_it_cannot_reach() -> None:
+    """A database that does not exist was "unavailable": the worker started and retried
+    every study for ever."""
+    from db.session import DatabaseError, wait_for_database
+
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/no_such_database"
+    with pytest.raises(DatabaseError, match=r'cannot connect to .*/no_such_database: .*"no_such'):
+        wait_for_database(url, seconds=1)
