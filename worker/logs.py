@@ -43,6 +43,9 @@ def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     # pydicom logs every failed decoder plugin with a traceback; the gate reports the
     # outcome itself, as a rejection with a reason.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    # At DEBUG Celery's pool logs every message's arguments: the file paths, whose folder
+    # and file names often carry the patient's name and ID.
+    logging.getLogger("celery.pool").setLevel(max(logging.INFO, root.level))
 
 
 def describe_error(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ prometheus_client's multiprocess mode: every process writes to files in
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -18,17 +19,27 @@ from typing import Any
 
 from worker.screening import StudyOutcome
 
+log = logging.getLogger(__name__)
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 def prepare_multiprocess() -> Path:
-    """Point prometheus_client at a fresh directory shared by this worker's processes."""
+    """Point prometheus_client at a fresh directory shared by this worker's processes.
+
+    Celery's command line may have imported prometheus_client already (Flower's plugin
+    does), in single-process mode: the value class is chosen again here, or the pool
+    processes would count for themselves only."""
+    from prometheus_client import values
+
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if folder is None:
         folder = tempfile.mkdtemp(prefix="cxr-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    Path(folder).mkdir(parents=True, exist_ok=True)
     for stale in Path(folder).glob("*.db"):
         stale.unlink()
+    values.ValueClass = values.get_value_class()
     return Path(folder)
 
 
@@ -56,6 +67,10 @@ class Metrics:
         )
 
     def observe(self, outcome: StudyOutcome) -> None:
+        with best_effort():
+            self._observe(outcome)
+
+    def _observe(self, outcome: StudyOutcome) -> None:
         self.studies.labels(outcome=outcome.status.value).inc()
         self.model.labels(model_version=outcome.model_version).set(1)
         for result in outcome.instances:
@@ -69,7 +84,31 @@ class Metrics:
     def timing_db_write(self) -> Iterator[None]:
         start = time.perf_counter()
         yield
-        self.db_write.observe(time.perf_counter() - start)
+        with best_effort():
+            self.db_write.observe(time.perf_counter() - start)
+
+
+class MetricsOff(Metrics):
+    """What a process counts when its metrics cannot be kept: nothing."""
+
+    def __init__(self) -> None:
+        pass
+
+    def observe(self, outcome: StudyOutcome) -> None:
+        pass
+
+    @contextmanager
+    def timing_db_write(self) -> Iterator[None]:
+        yield
+
+
+@contextmanager
+def best_effort() -> Iterator[None]:
+    """Metrics never fail a study (a metrics folder removed by a /tmp cleaner, a full disk)."""
+    try:
+        yield
+    except Exception as exc:
+        log.warning("metrics not updated: %s: %s", type(exc).__name__, exc)
 
 
 _metrics: Metrics | None = None
@@ -78,7 +117,11 @@ _metrics: Metrics | None = None
 def metrics() -> Metrics:
     global _metrics
     if _metrics is None:
-        _metrics = Metrics()
+        try:
+            _metrics = Metrics()
+        except Exception as exc:  # PROMETHEUS_MULTIPROC_DIR missing or not writable
+            log.warning("metrics are off in this process: %s: %s", type(exc).__name__, exc)
+            _metrics = MetricsOff()
     return _metrics
 
 

@@ -216,4 +216,19 @@ def enqueue(message: dict[str, Any]) -> None:
     and they would override the worker's own ``CXR_TASK_TIME_LIMIT``.
     """
     task = screen_batch_task if "studies" in message else screen_study_task
-    task.apply_async(kwargs=message, queue=QUEUE, time_limit=None, soft_time_limit=None)
+    task.apply_async(
+        kwargs=message,
+        queue=QUEUE,
+        time_limit=None,
+        soft_time_limit=None,
+        argsrepr="()",
+        kwargsrepr=message_summary(message),
+    )
+
+
+def message_summary(message: dict[str, Any]) -> str:
+    """What Flower and ``celery inspect`` show of a message: UIDs and counts, never the
+    file paths (export folders are often named after the patient)."""
+    if "studies" in message:
+        return f"<batch of {len(message['studies'])} studies>"
+    return f"<study {message.get('study_instance_uid')}, {len(message.get('files', []))} files>"

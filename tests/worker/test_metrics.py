@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -37,17 +41,22 @@ def sample(text: str, name: str) -> float:
 def test_worker_serves_metrics_and_json_logs_without_patient_data(
     postgres_url: str, dicom_dir: Path, model_dir: Path, tmp_path: Path
 ) -> None:
+    """At DEBUG too: Celery's pool logged each message's file paths, and export folders
+    are often named after the patient. The metrics folder need not exist beforehand."""
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
     port = free_port()
     env = {
-        **worker_env(REDIS_URL, postgres_url, model_dir),
+        **worker_env(REDIS_URL, postgres_url, model_dir, log_level="DEBUG"),
         "CXR_METRICS_PORT": str(port),
         "CXR_LOG_JSON": "true",
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
     }
-    (tmp_path / "prom").mkdir()
-    out = ingest(dicom_dir / "cxr", env)
+    export = tmp_path / "DOE^JOHN_MRN1234567"
+    export.mkdir()
+    for i, dicom in enumerate(sorted((dicom_dir / "cxr").glob("*.dcm"))):
+        shutil.copy(dicom, export / f"DOE_JOHN_MRN1234567_chest_{i}.dcm")
+    out = ingest(export, env)
     n = int(out.split("queued ")[1].split()[0])
     worker = Worker(env, tmp_path / "worker.log", concurrency=2)
     try:
@@ -72,4 +81,62 @@ def test_worker_serves_metrics_and_json_logs_without_patient_data(
     log = (tmp_path / "worker.log").read_text(errors="replace")
     assert log.count('"study_instance_uid"') >= n
     assert "Covid0000" not in log  # the NIH file's PatientID
+    assert '"level": "DEBUG"' in log and "MRN1234567" not in log
     assert "CXR_HASH_KEY is the published default" in log, "the default hash key is named"
+
+
+def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_pool_processes_count_together_when_prometheus_client_came_first(
+    tmp_path: Path,
+) -> None:
+    """Flower's Celery plugin imports prometheus_client before the worker starts, in
+    single-process mode: each pool process counted for itself and /metrics showed no
+    study counter (the test worker, given PROMETHEUS_MULTIPROC_DIR, never saw it)."""
+    folder = tmp_path / "prom"
+    code = (
+        "import os, sys\n"
+        "import prometheus_client\n"
+        "from worker.metrics import prepare_multiprocess, metrics\n"
+        f"os.environ['PROMETHEUS_MULTIPROC_DIR'] = {str(folder)!r}\n"
+        "prepare_multiprocess()\n"
+        "if os.fork() == 0:\n"
+        "    metrics().studies.labels(outcome='screened').inc()\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "from prometheus_client.multiprocess import MultiProcessCollector\n"
+        "registry = CollectorRegistry()\n"
+        "MultiProcessCollector(registry)\n"
+        "print(registry.get_sample_value('cxr_studies_total', {'outcome': 'screened'}))\n"
+    )
+    done = run_python(code, {})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1.0"
+
+
+def test_metrics_that_cannot_be_kept_never_fail_a_study(tmp_path: Path) -> None:
+    """A PROMETHEUS_MULTIPROC_DIR that does not exist failed every study: FileNotFoundError,
+    then DuplicateTimeseries from the half-registered counters."""
+    code = (
+        "from worker.metrics import metrics\n"
+        "from worker.screening import failed_outcome\n"
+        "outcome = failed_outcome('1.2.3', ['/x/1.dcm'], 'm-1', 'test', {})\n"
+        "for _ in range(2):\n"
+        "    metrics().observe(outcome)\n"
+        "    with metrics().timing_db_write():\n"
+        "        pass\n"
+        "print(type(metrics()).__name__)\n"
+    )
+    done = run_python(code, {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "MetricsOff"
+    assert "metrics are off in this process: FileNotFoundError" in done.stderr
