@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def worker(
         concurrency: Annotated[
-            int | None, typer.Option(help="Pool processes (default: one per core).")
+            int | None, typer.Option(min=1, help="Pool processes (default: one per core).")
         ] = None,
         broker_url: BrokerUrl = None,
         database_url: DatabaseUrl = None,
@@ -119,8 +119,10 @@ def register(app: typer.Typer) -> None:
         )
         from worker.celery_app import QUEUE, check_ready_to_work
         from worker.celery_app import app as celery
+        from worker.queue import check_broker_url
 
         # One line before Celery's banner; the worker checks again for `celery worker`.
+        check_broker_url(settings.broker_url)
         check_ready_to_work(settings)
 
         # No mingle or gossip: workers share no revoked-task or clock state, and mingle

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import kombu
 import redis
 from celery.exceptions import Reject
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -658,10 +659,21 @@ class QueueStatus:
         return dt.datetime.now(dt.UTC) - self.oldest_queued_at
 
 
+def check_broker_url(broker_url: str) -> None:
+    """UserError for a scheme no transport serves (``redsi://``): Celery's KeyError was a
+    traceback, after ``ingest`` had marked the studies ``queued``."""
+    try:
+        kombu.Connection(broker_url).transport  # noqa: B018 - resolves the scheme
+    except KeyError as exc:
+        raise UserError(f"invalid broker URL {safe_url(broker_url)}: {exc.args[0]}") from None
+
+
 def check_broker(broker_url: str) -> None:
     """A Redis broker answers, or UserError. Ingest checks first: rows marked ``queued``
     (with ``--force``, over a final result) and no message would hide the studies until a
-    requeue. Another broker (``amqp://``, ``sentinel://``...) is left to Celery."""
+    requeue. Another broker (``amqp://``, ``sentinel://``...) is left to Celery once its
+    scheme is known."""
+    check_broker_url(broker_url)
     if not broker_url.startswith(("redis://", "rediss://", "unix://")):
         return
     client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
@@ -694,7 +706,7 @@ def queue_status(settings: Settings, sessions: sessionmaker[Session], queue: str
         counts.setdefault(status, 0)
     try:
         waiting, unacked = broker_queue_length(settings.broker_url, queue)
-    except redis.exceptions.RedisError as exc:
+    except (redis.exceptions.RedisError, ValueError) as exc:  # ValueError: not a Redis URL
         return QueueStatus(counts, None, None, oldest, broker_error=str(exc))
     return QueueStatus(counts, waiting, unacked, oldest)
 

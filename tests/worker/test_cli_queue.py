@@ -98,6 +98,36 @@ def test_the_broker_check_leaves_other_brokers_to_celery() -> None:
         check_broker(url)
 
 
+@pytest.mark.parametrize("command", [["ingest", "."], ["status"], ["worker"]])
+def test_a_broker_url_no_transport_serves_is_one_line(
+    command: list[str], model_dir: Path, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A typo in the scheme gave Celery's KeyError (ingest: after marking the studies
+    queued) or redis-py's ValueError, each a traceback."""
+    open_database(sqlite_url).kw["bind"].dispose()  # status reads an existing database
+    env = worker_env("redsi://127.0.0.1:6379/0", sqlite_url, model_dir)
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    if command == ["status"]:  # the counts still, and the broker's part named
+        assert done.returncode == 0 and "broker unreachable: Redis URL must specify" in (
+            " ".join(done.stderr.split())
+        )
+    else:
+        assert done.returncode == 2
+        assert done.stderr.strip() == (
+            "error: invalid broker URL redsi://127.0.0.1:6379/0: No such transport: redsi.  "
+            "Did you mean redis?"
+        )
+
+
 def test_status_on_a_mistyped_database_path_is_an_error_not_a_new_empty_database(
     model_dir: Path, tmp_path: Path
 ) -> None:
