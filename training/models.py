@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from worker.errors import UserError
+
 ARCHITECTURES = ("compact", "residual", "alexnet", "vgg16", "inceptionv3")
 DEFAULT_SIZES = {"compact": 160, "residual": 160, "alexnet": 224, "vgg16": 224, "inceptionv3": 299}
 MIN_SIZES = {"compact": 32, "residual": 32, "alexnet": 96, "vgg16": 32, "inceptionv3": 75}
@@ -165,16 +167,24 @@ def _application(name: str, size: int) -> Any:
 
 
 def _load_weights(model: Any, path: Path) -> None:
-    """Whole-model weights (``.weights.h5``) or an ImageNet-style base (no top) file."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found (no downloads at run time)")
     try:
+        _load_whole_or_base(model, path)
+    except (ValueError, KeyError) as exc:
+        raise UserError(
+            f"{path} does not match {model.name} (weights of another architecture?)"
+        ) from exc
+
+
+def _load_whole_or_base(model: Any, path: Path) -> None:
+    """Whole-model weights (``.weights.h5``) or an ImageNet-style base (no top) file."""
+    try:
         model.load_weights(str(path))
-        return
-    except (ValueError, KeyError) as whole_model_error:
+    except (ValueError, KeyError):
         base = next((layer for layer in model.layers if hasattr(layer, "layers")), None)
         if base is None:
-            raise ValueError(f"{path} does not match {model.name}") from whole_model_error
+            raise
         base.load_weights(str(path), skip_mismatch=False)
 
 

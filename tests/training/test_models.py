@@ -46,3 +46,13 @@ def test_whole_model_weights_file_round_trip(tmp_path) -> None:
     b = build_model("compact", 32, weights=path)
     x = np.random.default_rng(1).random((1, 32, 32, 1), np.float32)
     np.testing.assert_allclose(np.asarray(a(x)), np.asarray(b(x)), atol=1e-6)
+
+
+def test_weights_of_another_architecture_are_one_clear_error(tmp_path) -> None:
+    """A traceback (ValueError) after the whole data set had been decoded."""
+    from worker.errors import UserError
+
+    path = tmp_path / "compact.weights.h5"
+    build_model("compact", 32).save_weights(path)
+    with pytest.raises(UserError, match="does not match cxr_residual"):
+        build_model("residual", 32, weights=path)
