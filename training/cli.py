@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from config.settings import get_settings
+from training.models import ARCHITECTURES, MIN_SIZES
 from worker.cli_common import user_errors
 from worker.model import read_card
 
@@ -30,6 +32,19 @@ def _quiet_tensorflow() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
+
+
+def check_choice(value: str, choices: Sequence[str], option: str) -> None:
+    if value not in choices:
+        raise typer.BadParameter(f"choose one of {', '.join(choices)}", param_hint=option)
+
+
+def check_image_size(arch: str, image_size: int | None) -> None:
+    """Before any image is decoded: the network is built only after the data set is read."""
+    if image_size is not None and image_size < MIN_SIZES[arch]:
+        raise typer.BadParameter(
+            f"{arch} needs at least {MIN_SIZES[arch]} pixels", param_hint="--image-size"
+        )
 
 
 @user_errors
@@ -121,13 +136,12 @@ def train_command(
     """Fit on DATA_DIR/train, early-stop and pick the threshold on DATA_DIR/val, export."""
     _quiet_tensorflow()
     from training.data import Augmentation
-    from training.models import ARCHITECTURES
-    from training.train import PRECISIONS, TrainConfig, train
+    from training.train import LR_SCHEDULES, PRECISIONS, TrainConfig, train
 
-    if arch not in ARCHITECTURES:
-        raise typer.BadParameter(f"choose one of {', '.join(ARCHITECTURES)}", param_hint="--arch")
-    if precision not in PRECISIONS:
-        raise typer.BadParameter(f"choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    check_choice(arch, ARCHITECTURES, "--arch")
+    check_choice(precision, PRECISIONS, "--precision")
+    check_choice(lr_schedule, LR_SCHEDULES, "--lr-schedule")
+    check_image_size(arch, image_size)
     cfg = TrainConfig(
         data_dir=data_dir,
         out=out or Path("runs") / arch,
@@ -147,6 +161,7 @@ def train_command(
         max_train=max_train,
         max_val=max_val,
         precision=precision,
+        max_pixels=get_settings().max_pixels,
         augmentation=Augmentation(unsharp_prob=processing_augmentation),
     )
     card = train(cfg)
@@ -216,7 +231,8 @@ def evaluate_command(
     _quiet_tensorflow()
     from training.evaluate import evaluate
 
-    model_dir = model or get_settings().model
+    settings = get_settings()
+    model_dir = model or settings.model
     # Not inside the model folder: its evaluation/ is the shipped model's evidence.
     out_dir = out or Path("evaluation") / read_card(model_dir).model_version
     metrics = evaluate(
@@ -231,6 +247,7 @@ def evaluate_command(
         rethreshold=rethreshold,
         n_bootstrap=bootstrap,
         seed=seed,
+        max_pixels=settings.max_pixels,
     )
     typer.echo(metrics["text"])
     typer.echo(f"wrote {out_dir}", err=True)
@@ -251,7 +268,9 @@ def predict_command(
     from training.predict import predict_to_csv
 
     settings = get_settings().with_overrides(model=model, threshold=threshold)
-    n = predict_to_csv(paths, settings.model, csv, threshold=settings.threshold)
+    n = predict_to_csv(
+        paths, settings.model, csv, threshold=settings.threshold, max_pixels=settings.max_pixels
+    )
     if csv is not None:
         typer.echo(f"wrote {n} rows to {csv}", err=True)
 
@@ -267,7 +286,9 @@ def ensemble_command(
     _quiet_tensorflow()
     from training.ensemble import build_ensemble
 
-    card = build_ensemble(members, data_dir, out, version=version)
+    card = build_ensemble(
+        members, data_dir, out, version=version, max_pixels=get_settings().max_pixels
+    )
     val = card["metrics"]["val"]
     typer.echo(
         f"wrote {out}: val AUC {val['auc']:.4f}, threshold {card['threshold']:.4f} "

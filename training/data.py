@@ -2,7 +2,9 @@
 
 Layout: ``DATA_DIR/<split>/<label>/...`` with labels ``normal``, ``covid`` and optionally
 ``pneumonia``; files are PNG/JPEG (any picture ``load_gray`` reads) or DICOM (``.dcm``,
-``.dicom`` or no suffix), found recursively (linked folders included).
+``.dicom``, no suffix, a UID name such as ``CR.1.2.840.1002`` whose suffix is digits, or
+any name with the "DICM" prefix), found recursively (linked folders included). A listed
+file that cannot be read counts as unreadable.
 
 Every image reaches the network as ``model_input(load_gray(path), size)`` - the worker's
 own pipeline (border crop, resize, histogram equalisation). Augmentation is applied on
@@ -29,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES
 from worker.discovery import tree_files
 from worker.imaging.errors import RejectedInput
@@ -66,14 +69,22 @@ def missing_reason(path: Path) -> str:
 
 
 def is_image_file(path: Path) -> bool:
-    """An image by its name, or a DICOM file by its "DICM" prefix (PACS exports name files
-    by their UID, whose last part reads as a suffix, or ``.IMA``); a broken symbolic link
-    counts, so it is reported unreadable instead of vanishing from the counts."""
+    """An image by its name, or a DICOM file by its "DICM" prefix (``.IMA`` files and
+    others); a broken symbolic link counts, so it is reported unreadable instead of
+    vanishing from the counts."""
     if path.name.startswith(".") or not (path.is_file() or is_broken_link(path)):
         return False
-    if is_picture(path) or path.suffix.lower() in DICOM_SUFFIXES:
+    if is_picture(path) or path.suffix.lower() in DICOM_SUFFIXES or is_uid_name(path):
         return True
     return has_dicom_prefix(path)
+
+
+def is_uid_name(path: Path) -> bool:
+    """PACS exports name files by their SOP Instance UID (``1.2.840...1002``, or with a
+    prefix: ``CR.1.2.840.1002``), whose last part reads as an all-digit suffix. Such a
+    file need not have the "DICM" prefix: files without a preamble still read."""
+    suffix = path.suffix[1:]
+    return suffix.isascii() and suffix.isdigit()
 
 
 def has_dicom_prefix(path: Path) -> bool:
@@ -172,11 +183,13 @@ def class_weights(per_label: Mapping[str, int]) -> dict[int, float]:
     return weights
 
 
-def readable_counts(samples: Sequence[Sample], size: int, cache_dir: Path) -> dict[str, int]:
+def readable_counts(
+    samples: Sequence[Sample], size: int, cache_dir: Path, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> dict[str, int]:
     """Images per label that decode, read from the input cache (built here, or found there:
     ``make_dataset`` reuses it). Unreadable files never reach training, so they must not
     count in the class weights or the model card."""
-    return label_counts(InputCache.build(samples, size, Path(cache_dir)).targets)
+    return label_counts(InputCache.build(samples, size, Path(cache_dir), max_pixels).targets)
 
 
 def label_counts(targets: Iterable[float]) -> dict[str, int]:
@@ -184,12 +197,15 @@ def label_counts(targets: Iterable[float]) -> dict[str, int]:
     return dict(sorted(Counter(CLASS_NAMES[int(t)] for t in targets).items()))
 
 
-def load_input(path: str | Path, size: int) -> np.ndarray:
-    """The network input of one file: exactly what the worker computes."""
-    return model_input(load_gray(path), size)
+def load_input(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The network input of one file: exactly what the worker computes (``max_pixels``:
+    its ``CXR_MAX_PIXELS``)."""
+    return model_input(load_gray(path, max_pixels), size)
 
 
-def load_or_reason(path: str | Path, size: int) -> tuple[np.ndarray | None, str]:
+def load_or_reason(
+    path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray | None, str]:
     """``(input, "")``, or ``(None, why)`` for a file the pipeline rejects or cannot read.
 
     Never raises: one corrupt file must not stop a long run.
@@ -197,16 +213,18 @@ def load_or_reason(path: str | Path, size: int) -> tuple[np.ndarray | None, str]
     if not Path(path).exists():
         return None, missing_reason(Path(path))
     try:
-        return load_input(path, size), ""
+        return load_input(path, size, max_pixels), ""
     except RejectedInput as exc:
         return None, f"{exc.code.value}: {exc.reason}"
     except Exception as exc:
         return None, f"unreadable: {type(exc).__name__}: {exc}"
 
 
-def try_load(path: str | Path, size: int) -> tuple[np.ndarray, bool]:
+def try_load(
+    path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, bool]:
     """The input and True, or zeros and False (logged) for a file that is skipped."""
-    x, reason = load_or_reason(path, size)
+    x, reason = load_or_reason(path, size, max_pixels)
     if x is None:
         log.warning("skipping %s: %s", path, reason)
         return np.zeros((size, size, 1), np.float32), False
@@ -249,6 +267,7 @@ def make_dataset(
     augmentation: Augmentation | None = None,
     with_weights: dict[int, float] | None = None,
     cache_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Any:
     """A tf.data pipeline streaming from disk: list -> (shuffle) -> parallel decode ->
     drop unreadable -> batch -> (augment) -> prefetch. Yields (x, y) or (x, y, w).
@@ -259,9 +278,10 @@ def make_dataset(
     import tensorflow as tf
 
     if cache_dir is not None:
-        ds = _cached_inputs(InputCache.build(samples, size, Path(cache_dir)), training, seed)
+        cache = InputCache.build(samples, size, Path(cache_dir), max_pixels)
+        ds = _cached_inputs(cache, training, seed)
     else:
-        ds = _decoded_inputs(samples, size, training, seed)
+        ds = _decoded_inputs(samples, size, training, seed, max_pixels)
     ds = ds.batch(batch_size, drop_remainder=False)
     if training:
         augment = build_augmenter(size, augmentation or Augmentation())
@@ -284,7 +304,9 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _decoded_inputs(samples: Sequence[Sample], size: int, training: bool, seed: int) -> Any:
+def _decoded_inputs(
+    samples: Sequence[Sample], size: int, training: bool, seed: int, max_pixels: int
+) -> Any:
     import tensorflow as tf
 
     paths = [os.fsencode(s.path) for s in samples]  # bytes: a name need not be UTF-8
@@ -294,7 +316,7 @@ def _decoded_inputs(samples: Sequence[Sample], size: int, training: bool, seed: 
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
 
     def _load(path: Any) -> tuple[np.ndarray, bool]:
-        return try_load(os.fsdecode(path), size)
+        return try_load(os.fsdecode(path), size, max_pixels)
 
     def _map(path: Any, y: Any) -> tuple[Any, Any, Any]:
         x, ok = tf.numpy_function(_load, [path], [tf.float32, tf.bool], stateful=False)
@@ -344,15 +366,21 @@ class InputCache:
         return np.asarray(self.inputs[int(i)])
 
     @classmethod
-    def build(cls, samples: Sequence[Sample], size: int, folder: Path) -> InputCache:
+    def build(
+        cls,
+        samples: Sequence[Sample],
+        size: int,
+        folder: Path,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> InputCache:
         folder.mkdir(parents=True, exist_ok=True)
-        header = f"{PREPROCESSING_VERSION}\n{size}\n"
+        header = f"{PREPROCESSING_VERSION}\n{size}\n{max_pixels}\n"
         key = hashlib.sha256(
             name_bytes(header + "".join(f"{s.path}\t{s.label}\n" for s in samples))
         ).hexdigest()[:16]
         path, targets_path = folder / f"inputs-{key}.f32", folder / f"targets-{key}.npy"
         if not targets_path.exists():
-            cls._write(samples, size, path, targets_path)
+            cls._write(samples, size, max_pixels, path, targets_path)
         targets = np.load(targets_path)
         if len(targets) == 0:  # nothing readable: numpy cannot map an empty file
             return cls(np.zeros((0, size, size, 1), np.float32), targets)
@@ -360,11 +388,13 @@ class InputCache:
         return cls(inputs, targets)
 
     @staticmethod
-    def _write(samples: Sequence[Sample], size: int, path: Path, targets_path: Path) -> None:
+    def _write(
+        samples: Sequence[Sample], size: int, max_pixels: int, path: Path, targets_path: Path
+    ) -> None:
         out = np.memmap(path, np.float32, "w+", shape=(len(samples), size, size, 1))
         kept: list[float] = []
         for i, sample in enumerate(samples):
-            x, ok = try_load(sample.path, size)
+            x, ok = try_load(sample.path, size, max_pixels)
             if ok:
                 out[len(kept)] = x
                 kept.append(float(sample.target))

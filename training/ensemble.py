@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from training.data import label_counts, list_split, make_dataset
+from config.settings import DEFAULT_MAX_PIXELS
+from training.data import Sample, label_counts, list_split, make_dataset
 from training.evaluate import load_keras
 from training.train import (
     export_tflite,
@@ -51,37 +52,61 @@ def check_members(cards: list[dict[str, Any]]) -> None:
             raise UserError(f"ensemble members need one {key}; found {sorted(map(str, values))}")
 
 
+def check_out(member_dirs: list[Path], out: Path) -> None:
+    """Writing into a member's folder would replace the member being averaged."""
+    if Path(out).resolve() in {Path(d).resolve() for d in member_dirs}:
+        raise UserError(f"--out {out} is one of the members: choose a new folder")
+
+
+def validation_samples(data_dir: Path) -> list[Sample]:
+    """The normal/ and covid/ files of ``DATA_DIR/val``, which must hold both."""
+    samples = list_split(data_dir, "val", include=("normal", "covid"))
+    if {s.label for s in samples} != {"normal", "covid"}:
+        raise UserError(f"{Path(data_dir) / 'val'} needs normal/ and covid/ images")
+    return samples
+
+
 def shared(dicts: list[dict[str, Any]]) -> dict[str, Any]:
     """The entries that every dict holds with the same value."""
     return {k: v for k, v in dicts[0].items() if all(k in d and d[k] == v for d in dicts)}
 
 
 def build_ensemble(
-    member_dirs: list[Path], data_dir: Path, out: Path, *, version: str = "1.0.0"
+    member_dirs: list[Path],
+    data_dir: Path,
+    out: Path,
+    *,
+    version: str = "1.0.0",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
+    """The combined model, written to ``out`` only once its threshold is chosen: nothing
+    is written for data it cannot be chosen on."""
     started = time.perf_counter()
+    check_out(member_dirs, out)
     cards = [json.loads((Path(d) / CARD_FILE).read_text()) for d in member_dirs]
     check_members(cards)
+    val_samples = validation_samples(data_dir)
     first = cards[0]
     size = int(first["input_size"])
     model = combine([load_keras(Path(d)) for d in member_dirs], size)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save(out / KERAS_FILE)
-    export_tflite(model, out / TFLITE_FILE)
-
-    val_samples = list_split(data_dir, "val", include=("normal", "covid"))
-    y_val, p_val = predict_keras(model, val_samples, size, 32)
+    y_val, p_val = predict_keras(model, val_samples, size, 32, max_pixels=max_pixels)
     target = float(first["target_sensitivity"])
     chosen = threshold_fields(y_val, p_val, target)
     probe = np.stack(
         [
             x
-            for x, _ in make_dataset(val_samples[:8], size, 8, training=False)
+            for x, _ in make_dataset(val_samples, size, 8, training=False, max_pixels=max_pixels)
             .unbatch()
             .take(8)
             .as_numpy_iterator()
         ]
     )
+
+    out.mkdir(parents=True, exist_ok=True)
+    # An old card beside new weights would be read as theirs if this stopped here.
+    (out / CARD_FILE).unlink(missing_ok=True)
+    model.save(out / KERAS_FILE)
+    export_tflite(model, out / TFLITE_FILE)
     card = {
         **first,
         "version": version,

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES
 from training.data import Sample, list_samples, load_input, load_or_reason, split_dir
 from training.robustness import SHIFTS, GrayTransform
@@ -94,6 +95,7 @@ def score_files(
     paths: Sequence[Path],
     scorer: Callable[[np.ndarray], np.ndarray],
     size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, list[tuple[Path, str]]]:
     """Probabilities (NaN for rejected files) and the rejected (path, reason) list."""
     probs = np.full(len(paths), np.nan, dtype=np.float64)
@@ -101,7 +103,7 @@ def score_files(
     for start in range(0, len(paths), BATCH):
         idx, arrays = [], []
         for i in range(start, min(start + BATCH, len(paths))):
-            x, reason = load_or_reason(paths[i], size)
+            x, reason = load_or_reason(paths[i], size, max_pixels)
             if x is None:
                 rejected.append((paths[i], reason))
             else:
@@ -120,6 +122,7 @@ def score_altered(
     size: int,
     threshold: float,
     *,
+    max_pixels: int,
     on_input: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """AUC, and sensitivity / specificity at ``threshold``, with each transform applied to
@@ -128,7 +131,7 @@ def score_altered(
     transforms."""
 
     def load(path: Path) -> np.ndarray:
-        return load_input(path, size) if on_input else load_gray(path)
+        return load_input(path, size, max_pixels) if on_input else load_gray(path, max_pixels)
 
     def finish(altered: np.ndarray) -> np.ndarray:
         return altered if on_input else model_input(altered, size)
@@ -482,6 +485,8 @@ def gradcam_grid(
     threshold: float,
     size: int,
     path: Path,
+    *,
+    max_pixels: int,
     per_row: int = 6,
     seed: int = 0,
 ) -> dict[str, int]:
@@ -503,7 +508,7 @@ def gradcam_grid(
         )
         shown[name] = len(idx)
         inputs = (
-            np.stack([model_input(load_gray(samples[i].path), size) for i in chosen])
+            np.stack([load_input(samples[i].path, size, max_pixels) for i in chosen])
             if len(chosen)
             else np.zeros((0, size, size, 1), np.float32)
         )
@@ -553,9 +558,11 @@ def evaluate(
     rethreshold: bool = False,
     n_bootstrap: int = 2000,
     seed: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """With ``rethreshold`` (``DATA_DIR/val/`` only) the card's threshold is chosen again on
-    this split's scores with the current rule and stored, with metrics.val, in the card."""
+    this split's scores with the current rule and stored, with metrics.val, in the card.
+    Files over ``max_pixels`` (the worker's ``CXR_MAX_PIXELS``) are rejected as there."""
     if rethreshold:
         check_rethreshold(Path(data_dir), split, write_card)
     model_dir, out = Path(model_dir), Path(out)
@@ -570,7 +577,7 @@ def evaluate(
     name = f"{scorer.card.model_version} ({'keras' if use_keras else 'tflite'})"
 
     paths = [s.path for s in samples]
-    probs, rejected = score_files(paths, scorer, size)
+    probs, rejected = score_files(paths, scorer, size, max_pixels)
     ok = ~np.isnan(probs)
     if not ok.any():
         path, reason = rejected[0]
@@ -599,7 +606,7 @@ def evaluate(
     if card_change is not None:
         metrics["card_threshold"] = card_change
     if pneumonia:
-        pp, _ = score_files([s.path for s in pneumonia], scorer, size)
+        pp, _ = score_files([s.path for s in pneumonia], scorer, size, max_pixels)
         pp = pp[~np.isnan(pp)]
         metrics["pneumonia"] = {
             "n": len(pp),
@@ -614,15 +621,27 @@ def evaluate(
 
     if shortcut_audit:
         audit: dict[str, Any] = {"full_image_auc": m["auc"]}
-        audit.update(score_altered(AUDITS, readable, y, scorer, size, threshold, on_input=True))
+        audit.update(
+            score_altered(
+                AUDITS, readable, y, scorer, size, threshold, max_pixels=max_pixels, on_input=True
+            )
+        )
         audit["examples_png"] = "audit_examples.png"
-        plot_audit_examples(good, size, out / "audit_examples.png")
+        plot_audit_examples(good, size, out / "audit_examples.png", max_pixels)
         model_k = scorer.keras_model
         if model_k is None and (model_dir / KERAS_FILE).is_file():
             model_k = load_keras(model_dir)
         if model_k is not None:
             audit["gradcam_groups"] = gradcam_grid(
-                model_k, good, y, p, threshold, size, out / "gradcam_grid.png", seed=seed
+                model_k,
+                good,
+                y,
+                p,
+                threshold,
+                size,
+                out / "gradcam_grid.png",
+                max_pixels=max_pixels,
+                seed=seed,
             )
             audit["gradcam_png"] = "gradcam_grid.png"
         else:
@@ -630,7 +649,7 @@ def evaluate(
         metrics["shortcut_audit"] = audit
 
     if robustness:
-        shifts = score_altered(SHIFTS, readable, y, scorer, size, threshold)
+        shifts = score_altered(SHIFTS, readable, y, scorer, size, threshold, max_pixels=max_pixels)
         metrics["robustness"] = {"shifts": shifts, "png": "robustness.png"}
         plot_robustness(m, shifts, out / "robustness.png")
 
@@ -642,7 +661,7 @@ def evaluate(
     return metrics
 
 
-def plot_audit_examples(samples: Sequence[Sample], size: int, path: Path) -> None:
+def plot_audit_examples(samples: Sequence[Sample], size: int, path: Path, max_pixels: int) -> None:
     """What the network sees under each audit, for one covid and one normal image."""
     plt = _plt()
     picks = [
@@ -657,7 +676,7 @@ def plot_audit_examples(samples: Sequence[Sample], size: int, path: Path) -> Non
         len(picks), len(views), figsize=(2.4 * len(views), 2.6 * len(picks)), squeeze=False
     )
     for r, s in enumerate(picks):
-        x = load_input(s.path, size)
+        x = load_input(s.path, size, max_pixels)
         for c, (title, f) in enumerate(views):
             axes[r, c].imshow((f(x) if f else x)[..., 0], cmap="gray", vmin=0, vmax=1)
             axes[r, c].set_title(f"{s.label}: {title}", fontsize=9)

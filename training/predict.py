@@ -1,9 +1,10 @@
 """``cxr-screen predict``: P(covid) for image files with the shipped LiteRT model.
 
 No TensorFlow. One CSV row per file: ``path,covid_probability,predicted_label,status,
-reason``. Folders are walked recursively (hidden files skipped; every other file is
-tried, since DICOM files often have no suffix). A file that cannot be read or that the
-DICOM gate refuses gets ``status=rejected`` and the reason; it never stops the run.
+reason``. Folders are walked recursively (hidden files and the output CSV skipped; every
+other file is tried, since DICOM files often have no suffix). A file that cannot be read
+or that the DICOM gate refuses gets ``status=rejected`` and the reason; it never stops
+the run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TextIO
 
 import numpy as np
 
+from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES
 from training.data import load_or_reason, walk_files
 from worker.csv_rows import write_csv_row
@@ -40,13 +42,15 @@ class Prediction:
         return [str(self.path), prob, self.predicted_label, self.status, self.reason]
 
 
-def expand(paths: Iterable[Path]) -> Iterator[Path]:
+def expand(paths: Iterable[Path], output: Path | None = None) -> Iterator[Path]:
     """Files as given, folders walked recursively in sorted order, linked folders included
-    (broken symbolic links included, so they get a row rather than vanishing)."""
+    (broken symbolic links included, so they get a row rather than vanishing). A walk
+    leaves out ``output``, the CSV being written, which may sit in a walked folder."""
+    skip = None if output is None else Path(output).resolve()
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            yield from walk_files(path)
+            yield from (p for p in walk_files(path) if skip is None or p.resolve() != skip)
         else:
             yield path
 
@@ -56,14 +60,22 @@ def _reject(path: Path, reason: str) -> Prediction:
 
 
 def predict_paths(
-    paths: Iterable[Path], model_dir: Path, threshold: float | None = None
+    paths: Iterable[Path],
+    model_dir: Path,
+    threshold: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    output: Path | None = None,
 ) -> Iterator[Prediction]:
-    """Predictions in input order, scored in batches of ``BATCH``. The model is loaded
-    now, so that a bad model folder fails before any output."""
-    return _predictions(paths, Classifier(Path(model_dir), threshold=threshold))
+    """Predictions in input order, scored in batches of ``BATCH``, for the files of
+    ``expand(paths, output)``. The model is loaded now, so that a bad model folder fails
+    before any output."""
+    classifier = Classifier(Path(model_dir), threshold=threshold)
+    return _predictions(expand(paths, output), classifier, max_pixels)
 
 
-def _predictions(paths: Iterable[Path], classifier: Classifier) -> Iterator[Prediction]:
+def _predictions(
+    files: Iterable[Path], classifier: Classifier, max_pixels: int
+) -> Iterator[Prediction]:
     size = classifier.input_size
     pending: list[tuple[Path, np.ndarray | None, str]] = []
 
@@ -79,8 +91,8 @@ def _predictions(paths: Iterable[Path], classifier: Classifier) -> Iterator[Pred
             yield Prediction(path, prob, label, Status.SCREENED.value, "")
         pending.clear()
 
-    for path in expand(paths):
-        pending.append((path, *load_or_reason(path, size)))
+    for path in files:
+        pending.append((path, *load_or_reason(path, size, max_pixels)))
         if len(pending) >= BATCH:
             yield from flush()
     yield from flush()
@@ -101,8 +113,9 @@ def predict_to_csv(
     model_dir: Path,
     csv_out: Path | None = None,
     threshold: float | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> int:
-    predictions = predict_paths(paths, model_dir, threshold)
+    predictions = predict_paths(paths, model_dir, threshold, max_pixels, csv_out)
     if csv_out is None:
         if isinstance(sys.stdout, io.TextIOWrapper):  # the same escaping as in a file
             sys.stdout.reconfigure(errors="backslashreplace")

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES, POSITIVE_CLASS
 from training.data import (
     PNEUMONIA_POLICY,
@@ -49,6 +50,7 @@ DEFAULT_TARGET_SENSITIVITY = 0.97
 TFLITE_TOLERANCE = 1e-4
 INPUT_CACHE_DIR = ".input-cache"
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+LR_SCHEDULES = ("plateau", "cosine")
 CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
@@ -72,6 +74,7 @@ class TrainConfig:
     max_train: int | None = None  # subsample (stratified, seeded) for quick runs/tests
     max_val: int | None = None
     precision: str = "auto"  # see resolve_precision
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the worker's CXR_MAX_PIXELS
     verbose: int | str = "auto"
     augmentation: Augmentation = field(default_factory=Augmentation)
 
@@ -157,7 +160,10 @@ def threshold_for_sensitivity(y: np.ndarray, p: np.ndarray, target: float) -> fl
     lower no longer drops the positive."""
     positives = np.sort(p[y == 1])[::-1]
     if len(positives) == 0:
-        raise ValueError("no positive (covid) images to choose a threshold on")
+        raise UserError(
+            "no readable covid image to choose the threshold on: the validation split "
+            "needs covid/ images"
+        )
     k = min(len(positives), max(1, fewest_positives(target, len(positives))))
     score = float(positives[k - 1])
     lower = p[p < score]
@@ -204,8 +210,11 @@ def predict_keras(
     size: int,
     batch_size: int,
     cache_dir: Path | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    ds = make_dataset(samples, size, batch_size, training=False, cache_dir=cache_dir)
+    ds = make_dataset(
+        samples, size, batch_size, training=False, cache_dir=cache_dir, max_pixels=max_pixels
+    )
     ys, ps = [], []
     for x, y in ds:
         ps.append(model(x, training=False).numpy().reshape(-1))
@@ -341,11 +350,11 @@ def callbacks(cfg: TrainConfig, out: Path) -> list[Any]:
 
 
 def readable_split_counts(
-    samples: list[Sample], split: str, size: int, cache_dir: Path
+    samples: list[Sample], split: str, size: int, cache_dir: Path, max_pixels: int
 ) -> dict[str, int]:
     """Images per label of one split that decode (into the input cache). Each class needs
     one: train for its class weights, val for early stopping and the threshold."""
-    found = readable_counts(samples, size, cache_dir)
+    found = readable_counts(samples, size, cache_dir, max_pixels)
     unreadable = len(samples) - sum(found.values())
     if unreadable:
         log.warning("%d %s images cannot be read and are left out", unreadable, split)
@@ -370,9 +379,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise UserError("train/ and val/ both need normal/ and covid/ images")
     cache_dir = out / INPUT_CACHE_DIR
     try:
-        used = readable_split_counts(train_samples, "train", size, cache_dir)
+        used = readable_split_counts(train_samples, "train", size, cache_dir, cfg.max_pixels)
         unreadable = len(train_samples) - sum(used.values())
-        val_used = readable_split_counts(val_samples, "val", size, cache_dir)
+        val_used = readable_split_counts(val_samples, "val", size, cache_dir, cfg.max_pixels)
         weights = class_weights(used)
         log.info("train %s, val %s, class weights %s", used, val_used, weights)
         train_ds = make_dataset(
@@ -384,9 +393,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             augmentation=cfg.augmentation,
             with_weights=weights,
             cache_dir=cache_dir,
+            max_pixels=cfg.max_pixels,
         )
         val_ds = make_dataset(
-            val_samples, size, cfg.batch_size, training=False, cache_dir=cache_dir
+            val_samples,
+            size,
+            cfg.batch_size,
+            training=False,
+            cache_dir=cache_dir,
+            max_pixels=cfg.max_pixels,
         )
         with dtype_policy(precision):
             model = build_model(cfg.arch, size, cfg.weights)
@@ -404,9 +419,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # of model.keras), and choose the threshold on that copy's own outputs.
         shipped = build_model(cfg.arch, size)
         shipped.set_weights(model.get_weights())
-        y_val, p_val = predict_keras(shipped, val_samples, size, cfg.batch_size, cache_dir)
+        y_val, p_val = predict_keras(
+            shipped, val_samples, size, cfg.batch_size, cache_dir, cfg.max_pixels
+        )
         # readable inputs (the first val files may all be unreadable)
-        probe = np.array(InputCache.build(val_samples, size, cache_dir).inputs[:8])
+        probe = np.array(InputCache.build(val_samples, size, cache_dir, cfg.max_pixels).inputs[:8])
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
@@ -470,6 +487,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "early_stopping": f"val_auc, patience {cfg.patience}, restore best",
             "time_budget_minutes": cfg.time_budget_minutes,
             "weights": str(cfg.weights) if cfg.weights else None,
+            "max_train": cfg.max_train,
+            "max_val": cfg.max_val,
         },
         "tflite_max_abs_diff_vs_keras": tflite_diff,
         "metrics": {"val": chosen["val"], "test": None},

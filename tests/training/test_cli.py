@@ -3,6 +3,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,93 @@ def test_train_without_the_training_extra_says_what_to_install(tmp_path: Path) -
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: this command needs the training extra"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _tiny_data(cxr_dir: Path, root: Path, per_label: int = 4) -> Path:
+    for part, label in itertools.product(("train", "val"), ("normal", "covid")):
+        (root / part / label).mkdir(parents=True)
+        for png in sorted((cxr_dir / part / label).glob("*.png"))[:per_label]:
+            (root / part / label / png.name).symlink_to(png)
+    return root
+
+
+@pytest.fixture()
+def max_pixels(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], None]]:
+    """Sets CXR_MAX_PIXELS for the commands' settings."""
+
+    def set_limit(limit: int) -> None:
+        monkeypatch.setenv("CXR_MAX_PIXELS", str(limit))
+        get_settings.cache_clear()
+
+    yield set_limit
+    get_settings.cache_clear()
+
+
+def test_predict_honours_cxr_max_pixels_as_run_does(
+    shipped_model: Path, sample_png: Path, tmp_path: Path, max_pixels: Callable[[int], None]
+) -> None:
+    """The 224 x 224 film in DICOM: refused one pixel under its size, screened at it."""
+    from tests.dicom_factory import base_dataset, png_pixels, write
+    from worker.imaging.errors import RejectedInput
+    from worker.imaging.pipeline import read_dicom_image
+
+    film = write(base_dataset(png_pixels(sample_png)), tmp_path / "film.dcm")
+    side = png_pixels(sample_png).shape[0]
+    for limit, status in ((side * side - 1, "rejected"), (side * side, "screened")):
+        max_pixels(limit)
+        out = tmp_path / f"{limit}.csv"
+        args = ["predict", str(film), "--model", str(shipped_model), "--csv", str(out)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        row = out.read_text().splitlines()[1]
+        assert row.split(",")[3] == status, row
+        if status == "rejected":
+            assert f"over the limit of {limit} pixels" in row
+            with pytest.raises(RejectedInput, match=f"over the limit of {limit} pixels"):
+                read_dicom_image(film, limit)  # what run does with the setting
+
+
+def test_evaluate_honours_cxr_max_pixels(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path, max_pixels: Callable[[int], None]
+) -> None:
+    data = _tiny_data(cxr_dir, tmp_path / "data", per_label=2)
+    max_pixels(1000)
+    args = ["--model", str(shipped_model), "--out", str(tmp_path / "e"), "--bootstrap", "100"]
+    result = runner.invoke(app, ["evaluate", str(data / "val"), *args])
+    assert result.exit_code == 2, result.output
+    assert "over the limit of 1000 pixels" in result.output
+
+
+def test_train_honours_cxr_max_pixels(
+    cxr_dir: Path,
+    tmp_path: Path,
+    max_pixels: Callable[[int], None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = _tiny_data(cxr_dir, tmp_path / "data")
+    max_pixels(1000)
+    args = ["--out", str(tmp_path / "model"), "--image-size", "32", "--epochs", "1"]
+    result = runner.invoke(app, ["train", str(data), *args])
+    assert result.exit_code == 2, result.output
+    assert "train/ needs readable normal/ and covid/ images" in result.output
+    assert "over the limit of 1000 pixels" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--image-size", "16", "compact needs at least 32 pixels"),
+        ("--lr-schedule", "cosin", "plateau, cosine"),
+    ],
+)
+def test_train_checks_its_options_before_reading_any_image(
+    option: str, value: str, message: str, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """Both were tracebacks (exit 1) after the whole data set had been decoded."""
+    data = _tiny_data(cxr_dir, tmp_path / "data")
+    out = tmp_path / "model"
+    args = ["--out", str(out), "--image-size", "32", "--epochs", "1", option, value]
+    result = runner.invoke(app, ["train", str(data), *args])
+    assert result.exit_code == 2, result.output
+    assert option in result.output and message in result.output
+    assert not out.exists()  # nothing decoded into its input cache

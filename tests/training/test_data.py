@@ -218,6 +218,29 @@ def test_dicom_files_named_by_uid_or_vendor_suffix_are_listed(
     assert sorted(s.path.name for s in list_split(tmp_path, "train")) == sorted(names[:3])
 
 
+def test_a_dicom_without_preamble_named_by_its_uid_is_listed_and_read(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    """No "DICM" at byte 128 and a UID's last part as suffix: it was never listed, so
+    neither trained on nor counted unreadable. A UID-named file that is no DICOM is
+    listed and counted unreadable; a text file stays out."""
+    from tests.dicom_factory import base_dataset, png_pixels
+    from training.data import readable_counts
+
+    folder = tmp_path / "train" / "covid"
+    folder.mkdir(parents=True)
+    ds = base_dataset(png_pixels(sample_png))
+    del ds.file_meta
+    film = folder / "CR.1.2.840.1002"
+    ds.save_as(film, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert film.read_bytes()[128:132] != b"DICM"
+    (folder / "1.2.840.1003").write_bytes(b"cut short by the export")
+    (folder / "notes.txt").write_text("not an image")
+    samples = list_split(tmp_path, "train")
+    assert [s.path.name for s in samples] == ["1.2.840.1003", "CR.1.2.840.1002"]
+    assert readable_counts(samples, 32, tmp_path / "cache") == {"covid": 1}
+
+
 def test_a_missing_file_is_named_as_missing_wherever_it_is_loaded(
     sample_png: Path, tmp_path: Path
 ) -> None:

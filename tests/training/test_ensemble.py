@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from worker.imaging.pipeline import load_gray, model_input
 from worker.model import Classifier
 
 
-def small_data_dir(cxr_dir: Path, root: Path, per_label: int = 20) -> Path:
-    for label in ("normal", "covid"):
+def small_data_dir(
+    cxr_dir: Path, root: Path, per_label: int = 20, labels: tuple[str, ...] = ("normal", "covid")
+) -> Path:
+    for label in labels:
         (root / "val" / label).mkdir(parents=True)
         for png in sorted((cxr_dir / "val" / label).glob("*.png"))[:per_label]:
             (root / "val" / label / png.name).symlink_to(png)
@@ -65,3 +68,62 @@ def test_members_trained_on_other_images_are_refused(shipped_model: Path, tmp_pa
     (other / "model_card.json").write_text(json.dumps(card))
     with pytest.raises(UserError, match="training_manifest_sha256"):
         build_ensemble([shipped_model, other], tmp_path, tmp_path / "out")
+
+
+def test_the_data_is_checked_before_anything_is_written(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """The members were combined and written to --out first: a half-made model folder."""
+    from training.ensemble import build_ensemble
+
+    no_val = tmp_path / "no-val"
+    (no_val / "train").mkdir(parents=True)
+    normal_only = small_data_dir(cxr_dir, tmp_path / "normal-only", 4, ("normal",))
+    unreadable_covid = small_data_dir(cxr_dir, tmp_path / "unreadable", 4, ("normal",))
+    (unreadable_covid / "val" / "covid").mkdir()
+    (unreadable_covid / "val" / "covid" / "cut.png").write_bytes(b"\x89PNG cut")
+    cases = [
+        (no_val, FileNotFoundError, "no val/ folder"),
+        (normal_only, UserError, "needs normal/ and covid/ images"),
+        (unreadable_covid, UserError, "no readable covid image"),
+    ]
+    for data, error, message in cases:
+        out = tmp_path / f"out-{data.name}"
+        with pytest.raises(error, match=message):
+            build_ensemble([shipped_model, shipped_model], data, out)
+        assert not out.exists(), data.name
+
+
+def test_an_out_folder_that_is_a_member_is_refused(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """The member was overwritten by the ensemble it was part of."""
+    from training.ensemble import build_ensemble
+
+    member = tmp_path / "member"
+    shutil.copytree(shipped_model, member, ignore=shutil.ignore_patterns("evaluation"))
+    before = {p.name: p.read_bytes() for p in member.iterdir()}
+    data = small_data_dir(cxr_dir, tmp_path / "data", 4)
+    with pytest.raises(UserError, match="is one of the members"):
+        build_ensemble([shipped_model, member], data, tmp_path / "." / "member")
+    assert {p.name: p.read_bytes() for p in member.iterdir()} == before
+
+
+def test_a_stopped_export_leaves_no_old_card_beside_new_weights(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old card would be read as the new weights' (its threshold, its input size)."""
+    import training.ensemble
+    from training.ensemble import build_ensemble
+
+    def stop(model: object, path: Path) -> bytes:
+        raise RuntimeError("stopped")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model_card.json").write_text('{"input_size": 96}')
+    monkeypatch.setattr(training.ensemble, "export_tflite", stop)
+    data = small_data_dir(cxr_dir, tmp_path / "data", 4)
+    with pytest.raises(RuntimeError, match="stopped"):
+        build_ensemble([shipped_model, shipped_model], data, out)
+    assert (out / "model.keras").is_file() and not (out / "model_card.json").exists()

@@ -241,6 +241,19 @@ def test_rethreshold_refuses_a_folder_without_val(
     assert not (tmp_path / "e").exists()
 
 
+def test_rethreshold_on_a_val_without_covid_images_is_one_clear_error(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """No positive to choose the threshold on: a ValueError traceback."""
+    model = tmp_path / "model"
+    shutil.copytree(shipped_model, model, ignore=shutil.ignore_patterns("evaluation"))
+    card_before = (model / "model_card.json").read_bytes()
+    _sample_folder(tmp_path / "data" / "val", cxr_dir, "val", {"normal": 4})
+    with pytest.raises(UserError, match="no readable covid image to choose the threshold on"):
+        evaluate(tmp_path / "data", model, tmp_path / "e", split="val", rethreshold=True)
+    assert (model / "model_card.json").read_bytes() == card_before
+
+
 def test_a_new_threshold_clears_the_test_figures_and_the_same_one_keeps_them(
     shipped_model: Path, tmp_path: Path
 ) -> None:

@@ -79,6 +79,17 @@ def test_folders_are_walked_recursively(
     assert "broken symbolic link" in rows["moved.png"]["reason"]
 
 
+def test_the_csv_written_inside_a_walked_folder_is_not_scored(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    """``predict DIR --csv DIR/out.csv`` gave its own output file a rejected row."""
+    (tmp_path / "x.png").symlink_to(sample_png)
+    out = tmp_path / "out.csv"
+    assert predict_to_csv([tmp_path / "."], shipped_model, out) == 1
+    rows = list(csv.DictReader(out.open()))
+    assert [Path(r["path"]).name for r in rows] == ["x.png"]
+
+
 def test_linked_sub_folders_are_walked_once_each(
     shipped_model: Path, sample_png: Path, tmp_path: Path
 ) -> None:

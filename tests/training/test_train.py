@@ -207,6 +207,29 @@ def test_unreadable_first_val_files_do_not_lose_the_run_or_mix_two_models(
     assert Classifier(out).input_size == SIZE
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_card_records_the_training_and_validation_subsets(
+    cxr_dir: Path, tmp_path: Path
+) -> None:
+    """--max-train / --max-val left no trace in the card's hyperparameters."""
+    from training.train import TrainConfig, train
+
+    data = tiny_data_set(cxr_dir, tmp_path / "data", 12)
+    cfg = TrainConfig(
+        data_dir=data,
+        out=tmp_path / "model",
+        image_size=32,
+        epochs=1,
+        max_train=16,
+        max_val=8,
+        precision="float32",
+        verbose=0,
+    )
+    hyperparameters = train(cfg)["hyperparameters"]
+    assert (hyperparameters["max_train"], hyperparameters["max_val"]) == (16, 8)
+
+
 def test_a_split_with_no_readable_image_is_one_clear_error(cxr_dir: Path, tmp_path: Path) -> None:
     """Numpy cannot map the empty input cache: a traceback instead of the message."""
     from training.train import TrainConfig, train
