@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,22 +43,25 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def wait_for_database(url: str, seconds: float = 30.0) -> None:
-    """Return once the database answers; DatabaseError when it has not within ``seconds``
-    (a server still starting gets that long; a wrong URL fails after it)."""
+# Said by a server that refuses a connection for now, not for good. libpq gives no
+# SQLSTATE for a failed connection, only its message.
+TRANSIENT_REFUSALS = ("starting up", "shutting down", "in recovery", "too many", "slots")
+
+
+def check_database(url: str) -> str | None:
+    """None when the database answers, or why it cannot be reached now (a retry may
+    succeed). DatabaseError when it cannot work at all: a URL that does not parse, or a
+    server that refused the database, role or password for good."""
     engine = make_engine(url)
-    deadline = time.monotonic() + seconds
     try:
-        while True:
-            try:
-                with engine.connect() as connection:
-                    connection.execute(text("SELECT 1"))
-                return
-            except OperationalError as exc:
-                if time.monotonic() >= deadline:
-                    message = str(exc.orig or exc).strip().splitlines()[0]
-                    raise DatabaseError(f"cannot connect to {safe_url(url)}: {message}") from None
-                time.sleep(1.0)
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return None
+    except OperationalError as exc:
+        message = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "FATAL:" in message and not any(t in message for t in TRANSIENT_REFUSALS):
+            raise DatabaseError(f"cannot connect to {safe_url(url)}: {message}") from None
+        return message
     finally:
         engine.dispose()
 

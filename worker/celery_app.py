@@ -98,14 +98,17 @@ def _logging(**_: Any) -> None:
 
 
 def check_ready_to_work(settings: Settings) -> None:
-    """The whole model loads and the database answers. A worker that cannot screen took
+    """The whole model loads and the database can work. A worker that cannot screen took
     every message and failed it (a model that does not load: the message was dropped and
-    the study stayed ``queued``) or retried it for ever (a database that does not exist)."""
-    from db.session import wait_for_database
+    the study stayed ``queued``) or retried it for ever (a database that does not exist).
+    A database that is merely down is not a reason: studies wait for it in retries."""
+    from db.session import check_database
     from worker.model import Classifier
 
     Classifier(settings.model)
-    wait_for_database(settings.database_url)
+    problem = check_database(settings.database_url)
+    if problem:
+        log.warning("the database does not answer yet (%s); studies wait for it", problem)
 
 
 @worker_init.connect

@@ -14,7 +14,7 @@ import redis
 from config.settings import Settings
 from db.repository import mark_processing
 from db.session import open_database
-from tests.conftest import REDIS_URL
+from tests.conftest import POSTGRES_URL, REDIS_URL
 from tests.sql import rows
 from tests.worker.processes import Worker, wait_for
 from tests.worker.test_faults import all_final, cli, ingest, worker_env
@@ -185,11 +185,16 @@ def test_a_worker_whose_model_does_not_load_does_not_start(
 
 
 @pytest.mark.services
-def test_the_worker_names_a_database_it_cannot_reach() -> None:
+def test_the_worker_refuses_a_database_that_cannot_work_and_waits_for_one_that_is_down() -> None:
     """A database that does not exist was "unavailable": the worker started and retried
-    every study for ever."""
-    from db.session import DatabaseError, wait_for_database
+    every study for ever. One that is down is waited for, as before."""
+    from db.session import DatabaseError, check_database
 
-    url = "postgresql+psycopg://postgres@127.0.0.1:5432/no_such_database"
-    with pytest.raises(DatabaseError, match=r'cannot connect to .*/no_such_database: .*"no_such'):
-        wait_for_database(url, seconds=1)
+    assert check_database(POSTGRES_URL) is None
+    missing = POSTGRES_URL.rsplit("/", 1)[0] + "/no_such_database"
+    with pytest.raises(DatabaseError, match=r'/no_such_database: .*FATAL: .*"no_such_database'):
+        check_database(missing)
+    with pytest.raises(DatabaseError, match="invalid database URL"):
+        check_database("postgresq+psycopg://postgres@127.0.0.1/test")
+    down = check_database("postgresql+psycopg://postgres@127.0.0.1:1/test")
+    assert down is not None and "Connection refused" in down
