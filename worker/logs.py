@@ -30,8 +30,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class NoMessageBodies(logging.Filter):
+    """Celery and kombu log the whole body and headers of a message they cannot take (an
+    unregistered task, a refused pickle): the file paths, which often name the patient."""
+
+    MARKERS = ("The full contents of the message body", "Can't decode message body")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for marker in self.MARKERS:
+            at = message.find(marker)
+            if at >= 0:
+                record.msg = f"{message[:at]}{marker}: not logged (file paths may name patients)"
+                record.args = ()
+                break
+        return True
+
+
 def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(NoMessageBodies())
     handler.setFormatter(
         JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s")
     )

@@ -201,6 +201,8 @@ def retry_later(
             exc=exc,
             throw=False,
             max_retries=retries + 1 if past_limit else None,
+            argsrepr="()",  # Celery would put repr(kwargs), the file paths, in the headers
+            kwargsrepr=message_summary(task.request.kwargs or {}),
         )
     except Reject:
         # The retry could not be published (broker down too): put the message back

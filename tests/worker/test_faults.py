@@ -322,7 +322,12 @@ def test_fault5_malformed_messages_and_missing_files(
                 "model_version": "x",
             },
         )
-        send_raw(broker, kwargs={"study_instance_uid": "1.2.3"}, serializer="pickle")
+        # Celery logs the whole body of a message it cannot take: not the paths.
+        patient = "/exports/DOE^JOHN_MRN1234567/1.dcm"
+        send_raw(
+            broker, kwargs={"study_instance_uid": "1.2.3", "files": [patient]}, serializer="pickle"
+        )
+        send_raw(broker, kwargs={"files": [patient]}, task="cxr_screen.renamed_task")
         # Not sent: raw non-JSON bytes pushed onto the Redis list by a foreign client.
         # Kombu cannot decode the envelope and the worker exits (a supervisor restarts
         # it; the item is already consumed). See the README, Limitations.
@@ -363,6 +368,8 @@ def test_fault5_malformed_messages_and_missing_files(
         assert malformed == 4, log
         assert "path escapes the ingest root" in log and "not a DICOM UID" in log
         assert "untrusted content of type pickle" in log
+        assert "unregistered task of type 'cxr_screen.renamed_task'" in log
+        assert "MRN1234567" not in log
         assert missing and missing[0][0] == "rejected" and missing[0][1] == "unreadable"
         assert "No such file" in missing[0][2]
         assert worker.alive()
