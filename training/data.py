@@ -34,6 +34,7 @@ import numpy as np
 from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES
 from worker.discovery import tree_files
+from worker.imaging.dicom import describe_read_error
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pipeline import PREPROCESSING_VERSION, is_picture, load_gray, model_input
 
@@ -104,7 +105,16 @@ def walk_files(folder: Path) -> list[Path]:
     left out, linked folders walked once each; broken symbolic links and folders that
     cannot be listed are included, so they are reported rather than lost."""
     files = tree_files(folder, skip_hidden_files=True)
-    return sorted(p for p in files if p.is_file() or p.is_dir() or not p.exists())
+    return sorted(p for p in files if _reportable(p))
+
+
+def _reportable(path: Path) -> bool:
+    """Not a pipe, device or socket; a path the system refuses to look at (longer than
+    PATH_MAX) is kept, so it is reported rather than stopping the walk."""
+    try:
+        return path.is_file() or path.is_dir() or not path.exists()
+    except OSError:
+        return True
 
 
 def split_dir(data_dir: Path, split: str) -> Path:
@@ -210,23 +220,23 @@ def load_or_reason(
 
     Never raises: one corrupt file must not stop a long run.
     """
-    if not Path(path).exists():
-        return None, missing_reason(Path(path))
     try:
+        if not Path(path).exists():
+            return None, missing_reason(Path(path))
         return load_input(path, size, max_pixels), ""
     except RejectedInput as exc:
         return None, f"{exc.code.value}: {exc.reason}"
     except Exception as exc:
-        return None, f"unreadable: {type(exc).__name__}: {exc}"
+        return None, f"unreadable: {describe_read_error(exc)}"
 
 
 def try_load(
     path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, bool]:
-    """The input and True, or zeros and False (logged) for a file that is skipped."""
-    x, reason = load_or_reason(path, size, max_pixels)
+    """The input and True, or zeros and False for a file that is skipped. Not logged one
+    by one: a path can name the patient (the callers log how many)."""
+    x, _ = load_or_reason(path, size, max_pixels)
     if x is None:
-        log.warning("skipping %s: %s", path, reason)
         return np.zeros((size, size, 1), np.float32), False
     return x, True
 

@@ -50,9 +50,16 @@ def expand(paths: Iterable[Path], output: Path | None = None) -> Iterator[Path]:
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            yield from (p for p in walk_files(path) if skip is None or p.resolve() != skip)
+            yield from (p for p in walk_files(path) if skip is None or not _is(p, skip))
         else:
             yield path
+
+
+def _is(path: Path, resolved: Path) -> bool:
+    try:
+        return path.resolve() == resolved
+    except OSError:  # longer than PATH_MAX: not the file being written
+        return False
 
 
 def _reject(path: Path, reason: str) -> Prediction:

@@ -357,7 +357,12 @@ def readable_split_counts(
     found = readable_counts(samples, size, cache_dir, max_pixels)
     unreadable = len(samples) - sum(found.values())
     if unreadable:
-        log.warning("%d %s images cannot be read and are left out", unreadable, split)
+        log.warning(
+            "%d %s images cannot be read and are left out (`cxr-screen predict` on the "
+            "folder gives each one's reason)",
+            unreadable,
+            split,
+        )
     if len(found) < 2:
         raise UserError(f"{split}/ needs readable normal/ and covid/ images")
     return found

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 
-from worker.imaging.dicom import InstanceHeader, header_or_none, read_dataset
+from worker.imaging.dicom import (
+    InstanceHeader,
+    describe_read_error,
+    header_or_none,
+    read_dataset,
+)
 from worker.imaging.enum import Label, RejectCode, Status, StudyStatus
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pipeline import model_input, read_dicom_image
@@ -280,7 +285,7 @@ def _prepare(path: str, size: int, max_pixels: int) -> tuple[InstanceResult, np.
             status=Status.FAILED,
             header=_header_only(path),
             reason_code="error",
-            reason=f"{type(exc).__name__}: {exc}",
+            reason=describe_read_error(exc),
         ), None
     elapsed = (time.perf_counter() - start) * 1000
     return InstanceResult(

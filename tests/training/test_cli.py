@@ -212,7 +212,7 @@ def test_train_honours_cxr_max_pixels(
     result = runner.invoke(app, ["train", str(data), *args])
     assert result.exit_code == 2, result.output
     assert "train/ needs readable normal/ and covid/ images" in result.output
-    assert "over the limit of 1000 pixels" in caplog.text
+    assert "8 train images cannot be read and are left out" in caplog.text
 
 
 @pytest.mark.parametrize(

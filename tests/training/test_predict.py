@@ -175,3 +175,35 @@ def test_standard_output_survives_a_file_name_that_is_not_utf8(
     rows = list(csv.DictReader(io.StringIO(done.stdout.decode("utf-8"))))
     assert [Path(r["path"]).name for r in rows] == ["film\\udcff.png", "z.png"]
     assert {r["status"] for r in rows} == {"screened"}
+
+
+def deep_path(root: Path, name: str) -> None:
+    """A file whose path is longer than PATH_MAX (made from inside, one level at a time)."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for _ in range(20):
+            os.mkdir("x" * 250, dir_fd=fd)
+            inner = os.open("x" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def test_reasons_never_quote_a_patient_named_path_and_a_deep_one_is_a_row(
+    shipped_model: Path, tmp_path: Path
+) -> None:
+    """Pillow's "cannot identify image file '<path>'" went into the reason whole, and a
+    path past PATH_MAX stopped predict with exit 2 and the path on stderr."""
+    folder = tmp_path / "DOE^JOHN_MRN1234567"
+    folder.mkdir()
+    (folder / "scan.png").write_text("not a picture")
+    deep_path(folder, "deep.png")
+    rows = _rows([folder], shipped_model)
+    assert [r["status"] for r in rows] == ["rejected", "rejected"], rows
+    assert all("MRN1234567" not in r["reason"] for r in rows), [r["reason"] for r in rows]
+    assert sorted(r["reason"] for r in rows) == [
+        "unreadable: OSError: File name too long",
+        "unreadable: not an image format Pillow reads",
+    ]

@@ -468,10 +468,12 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
             warnings.simplefilter("ignore")
             array = ds.pixel_array
     except NotImplementedError as exc:
-        raise RejectedInput(RejectCode.UNSUPPORTED, f"cannot decode pixel data ({exc})") from exc
-    except Exception as exc:  # decoders raise many types on corrupt data
         raise RejectedInput(
-            RejectCode.UNREADABLE, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})"
+            RejectCode.UNSUPPORTED, f"cannot decode pixel data ({shown(str(exc), 120)})"
+        ) from exc
+    except Exception as exc:  # decoders raise many types on corrupt data, quoting values
+        raise RejectedInput(
+            RejectCode.UNREADABLE, f"pixel data cannot be decoded ({describe_read_error(exc)})"
         ) from exc
     if array.ndim != 2:
         raise RejectedInput(RejectCode.UNSUPPORTED, f"decoded pixel array has shape {array.shape}")

@@ -32,6 +32,7 @@ from worker.imaging.dicom import (
     Reorientation,
     check_dimensions,
     decode_pixels,
+    describe_read_error,
     display_orientation,
     gate,
     header_or_none,
@@ -200,8 +201,12 @@ def load_picture(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
         raise RejectedInput(
             RejectCode.UNSUPPORTED, f"image is over the size limit ({exc})"
         ) from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise RejectedInput(RejectCode.UNREADABLE, f"not a readable image ({exc})") from exc
+    except UnidentifiedImageError as exc:  # its message quotes the path
+        raise RejectedInput(RejectCode.UNREADABLE, "not an image format Pillow reads") from exc
+    except (OSError, ValueError) as exc:
+        raise RejectedInput(
+            RejectCode.UNREADABLE, f"not a readable image ({describe_read_error(exc)})"
+        ) from exc
     check_not_blank(gray, where="")
     return gray
 
