@@ -271,7 +271,9 @@ def message_paths(files: Iterable[str], ingest_root: Path | None) -> list[str]:
             out.append(Path(file_name(path)).relative_to(root).as_posix())
         except ValueError:
             raise IngestError(
-                f"{path} is not under the ingest root {root} (CXR_INGEST_ROOT)"
+                # not the file's own path: export folders are often named after the patient
+                f"files to ingest must be under the ingest root {root} (CXR_INGEST_ROOT); "
+                "give the export folder under it"
             ) from None
     return out
 
