@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import fcntl
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,15 @@ def sqlite_upgrade_lock(engine: Engine) -> Iterator[None]:
         return
     with open(f"{database}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        create_private(Path(database))
         yield
+
+
+def create_private(path: Path) -> None:
+    """A new SQLite file readable by its owner only: it holds file paths, which often
+    name the patient, and accession numbers. SQLite gives its WAL files the same mode."""
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def open_database(url: str) -> sessionmaker[Session]:

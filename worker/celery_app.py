@@ -117,7 +117,7 @@ def _check_and_serve_metrics(**_: Any) -> None:
     Prometheus metrics (all pool processes aggregated) when a port is configured."""
     from db.session import DatabaseError
     from worker.errors import UserError
-    from worker.privacy import DEFAULT_KEY_WARNING
+    from worker.privacy import privacy_warning
 
     settings = get_settings()
     try:
@@ -125,8 +125,8 @@ def _check_and_serve_metrics(**_: Any) -> None:
     except (UserError, DatabaseError) as exc:
         log.error("the worker cannot start: %s", exc)
         raise SystemExit(2) from None  # Celery logs and ignores an Exception here
-    if settings.hash_key_is_default:
-        log.warning(DEFAULT_KEY_WARNING)
+    if warning := privacy_warning(settings):
+        log.warning(warning)
     if settings.metrics_port:
         from worker.metrics import prepare_multiprocess, serve
         from worker.queue import broker_queue_length

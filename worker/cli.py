@@ -23,7 +23,7 @@ from worker.cli_common import (
 )
 from worker.cli_queue import register as register_queue
 from worker.cli_report import register as register_report
-from worker.privacy import DEFAULT_KEY_WARNING
+from worker.privacy import privacy_warning
 
 app = typer.Typer(
     help="Screen chest radiographs (DICOM) for COVID-19 findings.",
@@ -53,8 +53,8 @@ def run(
         database_url=database_url, model=model, workers=workers, threshold=threshold
     )
     check_paths_exist(paths)
-    if settings.hash_key_is_default:
-        console.print(f"[yellow]warning:[/yellow] {DEFAULT_KEY_WARNING}", soft_wrap=True)
+    if warning := privacy_warning(settings):
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     with progress_bars() as bars:
         scan = bars.add_task("reading headers", total=None)
         screen = bars.add_task("screening studies", total=None)

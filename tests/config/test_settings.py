@@ -70,3 +70,24 @@ def test_a_value_that_cannot_work_is_refused_from_the_environment_and_the_comman
     monkeypatch.delenv(f"CXR_{name.upper()}")
     with pytest.raises(ValidationError, match=name):
         Settings().with_overrides(**setting)
+
+
+@pytest.mark.parametrize(
+    ("mode", "key", "warning"),
+    [
+        ("hash", "change-me", "CXR_HASH_KEY is the published default"),
+        ("hash", "x", "CXR_HASH_KEY has 1 characters: a short key can be guessed"),
+        ("hash", "changeme", "CXR_HASH_KEY has 8 characters"),
+        ("clear", "0" * 64, "CXR_PATIENT_ID_MODE=clear: patient IDs are stored in clear"),
+        ("hash", "0123456789abcdef", None),
+        ("none", "x", None),
+    ],
+)
+def test_the_operator_hears_how_patient_ids_will_be_stored(
+    mode: str, key: str, warning: str | None
+) -> None:
+    """A one-letter key or clear mode started without a word."""
+    from worker.privacy import privacy_warning
+
+    found = privacy_warning(Settings(patient_id_mode=mode, hash_key=key))
+    assert (found is None) if warning is None else (found or "").startswith(warning)

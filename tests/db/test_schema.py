@@ -242,3 +242,14 @@ def test_messages_name_the_database_without_its_password() -> None:
     assert safe_url(url) == "postgresql+psycopg://cxr:***@db:5432/cxr?sslmode=require"
     assert safe_url("postgresql+psycopg://db/cxr?sslpassword=k3y") == "postgresql+psycopg://db/cxr"
     assert safe_url("postgresql+psycopg://db:notaport/cxr") == "<unparseable URL>"
+
+
+def test_a_new_sqlite_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """It was created 0644: file paths naming patients, readable by every local user."""
+    database = tmp_path / "results.db"
+    sessions = open_database(f"sqlite:///{database}")
+    with sessions.begin() as session:
+        session.execute(text("UPDATE studies SET status = status"))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.glob("results.db*")}
+    sessions.kw["bind"].dispose()
+    assert modes["results.db"] == 0o600 and modes.get("results.db-wal", 0o600) == 0o600, modes

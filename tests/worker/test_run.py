@@ -198,7 +198,7 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
         "--database-url",
         sqlite_url,
         env_model=model_dir,
-        CXR_HASH_KEY="a site secret",
+        CXR_HASH_KEY="a site secret of 32 characters....",
     )
     assert keyed.returncode == 0 and "CXR_HASH_KEY" not in keyed.stderr, keyed.stderr
 
