@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import signal
 from typing import Annotated
 
 import typer
@@ -14,9 +14,10 @@ from db.session import make_engine, safe_url, upgrade
 from training.cli import ensemble_command, evaluate_command, predict_command, train_command
 from worker.cli_common import (
     DatabaseUrl,
+    ExportPaths,
     ModelDir,
-    check_paths_exist,
     console,
+    existing_paths,
     progress_bars,
     settings_from,
     user_errors,
@@ -37,7 +38,7 @@ app.add_typer(db_app, name="db")
 @app.command()
 @user_errors
 def run(
-    paths: Annotated[list[Path], typer.Argument(help="DICOM files, folders or DICOMDIRs.")],
+    paths: ExportPaths,
     database_url: DatabaseUrl = None,
     model: ModelDir = None,
     workers: Annotated[int | None, typer.Option(help="Processes (default: one per core).")] = None,
@@ -52,9 +53,10 @@ def run(
     settings = settings_from(
         database_url=database_url, model=model, workers=workers, threshold=threshold
     )
-    check_paths_exist(paths)
+    exports = existing_paths(paths)
     if warning := privacy_warning(settings):
         console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill <pid>` stops the pool as Ctrl-C does
     with progress_bars() as bars:
         scan = bars.add_task("reading headers", total=None)
         screen = bars.add_task("screening studies", total=None)
@@ -63,7 +65,15 @@ def run(
             on_discovered=lambda n: bars.update(screen, total=n),
             on_study=lambda _: bars.advance(screen),
         )
-        summary = run_screening(paths, settings, hooks)
+        try:
+            summary = run_screening(exports, settings, hooks)
+        except KeyboardInterrupt:
+            bars.stop()
+            console.print(
+                "interrupted: the studies finished so far are saved; run the same command "
+                "again to finish (it screens every study again)"
+            )
+            raise typer.Exit(130) from None
         bars.update(scan, total=summary.files)
     if summary.files == 0:
         console.print("[yellow]warning:[/yellow] no file under the given paths (not mounted?)")
@@ -86,6 +96,10 @@ def run(
     )
     table.add_row(*map(str, counts))
     Console().print(table)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @db_app.command("upgrade")

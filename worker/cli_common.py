@@ -74,10 +74,18 @@ def settings_from(**overrides: Any) -> Settings:
     return settings
 
 
-def check_paths_exist(paths: list[Path]) -> None:
-    missing = [str(p) for p in paths if not p.exists()]
+ExportPaths = Annotated[list[str], typer.Argument(help="DICOM files, folders or DICOMDIRs.")]
+
+
+def existing_paths(paths: list[str]) -> list[Path]:
+    """The paths, each of which exists. Taken as text: ``Path("")`` would be ".", and an
+    unset ``"$EXPORT"`` in a cron line would screen the current folder."""
+    if "" in paths:
+        raise UserError("an empty path was given (an unset variable?)")
+    missing = [p for p in paths if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"no such file or folder: {', '.join(missing)}")
+    return [Path(p) for p in paths]
 
 
 def progress_bars() -> Progress:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -20,9 +19,10 @@ from config.settings import Settings, get_settings
 from worker.cli_common import (
     BrokerUrl,
     DatabaseUrl,
+    ExportPaths,
     ModelDir,
-    check_paths_exist,
     console,
+    existing_paths,
     progress_bars,
     settings_from,
     user_errors,
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @user_errors
     def ingest(
-        paths: Annotated[list[Path], typer.Argument(help="DICOM files, folders or DICOMDIRs.")],
+        paths: ExportPaths,
         broker_url: BrokerUrl = None,
         database_url: DatabaseUrl = None,
         model: ModelDir = None,
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         from worker.queue import ingest as ingest_studies
 
         settings = _settings(broker_url=broker_url, database_url=database_url, model=model)
-        check_paths_exist(paths)
+        exports = existing_paths(paths)
         from worker.tasks import enqueue
 
         sessions = open_database(settings.database_url)
@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
                 on_queued=lambda _: bars.advance(send),
             )
             summary = ingest_studies(
-                paths, settings, enqueue, sessions=sessions, force=force, progress=hooks
+                exports, settings, enqueue, sessions=sessions, force=force, progress=hooks
             )
             bars.update(scan, total=summary.files)
         typer.echo(

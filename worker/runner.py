@@ -7,8 +7,11 @@ the Celery worker uses.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -17,21 +20,28 @@ from dataclasses import dataclass
 from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from db.repository import save_instances, save_study
-from db.session import open_database
+from db.session import DatabaseError, open_database
 from worker.discovery import discover
 from worker.imaging.enum import Label, StudyStatus
 from worker.logs import describe_error
 from worker.model import Classifier, read_card
+from worker.queue import is_database_unavailable
 from worker.screening import StudyOutcome, failed_outcome, screen_study
 
 CRASHED = (
     "the process screening this study died, also when it screened this study alone "
     "(a decoder crash, or out of memory?)"
 )
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+SAVE_RETRY_WAITS = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 _classifier: Classifier | None = None
 _max_pixels = 0
@@ -85,13 +95,24 @@ class Results:
     progress: Progress
 
     def save(self, outcome: StudyOutcome) -> None:
-        with self.sessions.begin() as session:
-            save_study(
-                session,
-                outcome,
-                patient_id_mode=self.settings.patient_id_mode,
-                hash_key=self.settings.hash_key,
-            )
+        """One transaction per study; a database that is locked, busy or reconnecting
+        is tried again after 1, 2, 4, 8 and 16 s (each SQLite try waits up to 30 s for a
+        lock of its own), then the run stops with the error."""
+        for wait in (*SAVE_RETRY_WAITS, None):
+            try:
+                with self.sessions.begin() as session:
+                    save_study(
+                        session,
+                        outcome,
+                        patient_id_mode=self.settings.patient_id_mode,
+                        hash_key=self.settings.hash_key,
+                    )
+                break
+            except SQLAlchemyError as exc:
+                if wait is None or not is_database_unavailable(exc):
+                    raise DatabaseError(f"cannot save a result: {describe_error(exc)}") from exc
+                log.warning("the database is unavailable (%s); trying again", describe_error(exc))
+                time.sleep(wait)
         self.summary.count(outcome)
         self.progress.on_study(outcome)
 
@@ -115,9 +136,14 @@ def run(
     results = Results(sessions, settings, card.model_version, summary, progress)
     todo = {uid: sorted(study.files) for uid, study in found.studies.items()}
     pool_args = (str(settings.model), threshold, settings.max_pixels, settings.batch_size)
-    _screen_all(todo, settings.workers or os.cpu_count() or 1, pool_args, results)
+    _screen_all(todo, settings.workers or usable_cores(), pool_args, results)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, a container's cpuset), not the host's."""
+    return len(os.sched_getaffinity(0)) or 1
 
 
 def _screen_all(
@@ -147,15 +173,19 @@ def _screen_in_pool(
     begun: set[str] = set()
     broken = False
     before = len(todo)
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_load_model, initargs=(*pool_args, started)
-    ) as pool:
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_load_model,
+        initargs=(*pool_args, started, os.getpid()),
+    )
+    try:
         futures: dict[Future[StudyOutcome], str] = {
             pool.submit(_screen, uid, files): uid for uid, files in todo.items()
         }
         for future in as_completed(futures):
             begun |= _drain(started)  # also keeps the pipe from filling up
-            uid = futures[future]
+            uid = futures.pop(future)  # its outcome is not kept once saved
             try:
                 outcome = future.result()
             except BrokenProcessPool:
@@ -166,10 +196,23 @@ def _screen_in_pool(
                 continue
             results.save(outcome)
             del todo[uid]
+    except BaseException:
+        _stop(pool)
+        raise
+    pool.shutdown()
     suspects = (begun | _drain(started)) & todo.keys() if broken else set()
     if broken and not suspects and len(todo) == before:
         raise BrokenProcessPool("the screening processes die before screening anything")
     return suspects
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Interrupted (Ctrl-C, SIGTERM, the database gone): end the pool processes now.
+    Leaving the pool's block would screen every queued study and throw the results away,
+    and could hang for good on the pipe of started studies no one reads any more."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for child in multiprocessing.active_children():
+        child.terminate()
 
 
 def _drain(started: SimpleQueue[str]) -> set[str]:
@@ -180,9 +223,15 @@ def _drain(started: SimpleQueue[str]) -> set[str]:
 
 
 def _load_model(
-    model_dir: str, threshold: float, max_pixels: int, batch_size: int, started: SimpleQueue[str]
+    model_dir: str,
+    threshold: float,
+    max_pixels: int,
+    batch_size: int,
+    started: SimpleQueue[str],
+    parent: int,
 ) -> None:
     global _classifier, _max_pixels, _batch_size, _started
+    _as_pool_process(parent)
     _classifier = Classifier(Path(model_dir), threshold=threshold, threads=1)
     _max_pixels, _batch_size, _started = max_pixels, batch_size, started
 
@@ -194,3 +243,15 @@ def _screen(study_instance_uid: str, files: list[str]) -> StudyOutcome:
     return screen_study(
         study_instance_uid, files, _classifier, max_pixels=_max_pixels, batch_size=_batch_size
     )
+
+
+def _as_pool_process(parent: int) -> None:
+    """Ctrl-C is the main process's to handle (it ends the pool); a SIGTERM ends a pool
+    process quietly; and a pool process ends when the main process dies (``kill -9``,
+    ``KillMode=process``) instead of waiting for work under PID 1 for ever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import create_engine, text
 
 from config.settings import Settings
 from db.session import open_database
@@ -209,6 +210,9 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
         (["run", ".", "--database-url", "nosuchdb://x"], {}, "invalid database URL"),
         (["run", ".", "--model", "/nonexistent/model"], {}, "no model card"),
         (["run", "/nonexistent/folder"], {}, "no such file or folder"),
+        # an unset "$EXPORT": it screened the current folder, the results database included
+        (["run", ""], {}, "an empty path was given (an unset variable?)"),
+        (["ingest", ""], {}, "an empty path was given"),
         # "[/]" is rich markup: the message must show the path as it is, not fail on it
         (
             ["run", "/nonexistent/[old]/a[/]b"],
@@ -408,3 +412,90 @@ def test_the_summary_counts_files_rejected_before_any_study_and_warns_of_an_empt
     }
     empty = runner.invoke(app, ["run", str(tmp_path / "empty"), *args])
     assert empty.exit_code == 0 and "no file under the given paths" in empty.output
+
+
+def pool_children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_run_stopped_midway_stops_its_pool_and_keeps_what_it_saved(
+    how: signal.Signals, cxr_dir: Path, tmp_path: Path, sqlite_url: str, model_dir: Path
+) -> None:
+    """Ctrl-C or `kill` left the pool screening every remaining study for nothing (and,
+    past about 1,000 of them, hanging for good on a full pipe); a killed main process left
+    its pool processes waiting under PID 1 for ever."""
+    from tests.worker.processes import wait_for
+    from tests.worker.test_faults import make_studies
+
+    n = 300
+    make_studies(tmp_path / "export", cxr_dir, n, 1)
+    env = {**os.environ, "CXR_MODEL": str(model_dir), "CXR_DATABASE_URL": sqlite_url}
+    main = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", str(tmp_path / "export"), "--workers", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    saved = "SELECT count(*) FROM studies"
+    try:
+        wait_for(lambda: Path(sqlite_url.removeprefix("sqlite:///")).exists(), 60, "the database")
+        wait_for(lambda: rows(sqlite_url, saved)[0][0] >= 10, 120, "the first studies")
+        children = pool_children(main.pid)
+        assert len(children) == 2, children
+        main.send_signal(how)
+        _, stderr = main.communicate(timeout=60)
+        wait_for(lambda: not any(alive(c) for c in children), 30, "the pool processes to end")
+    finally:
+        main.kill()
+    kept = rows(sqlite_url, saved)[0][0]
+    assert 10 <= kept < n, kept
+    assert rows(sqlite_url, "SELECT count(*) FROM studies WHERE status <> 'screened'") == [(0,)]
+    assert rows(sqlite_url, "SELECT count(*) FROM predictions") == [(kept,)]
+    if how != signal.SIGKILL:
+        assert main.returncode == 130, stderr[-2000:]
+        assert "interrupted: the studies finished so far are saved" in " ".join(stderr.split())
+        assert "Traceback" not in stderr
+
+
+@pytest.mark.services
+def test_a_run_saves_through_a_database_connection_that_was_cut(
+    postgres_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """A dropped PostgreSQL connection (a failover, an idle-connection killer) ended the
+    whole run with a traceback; the worker retries it, run now does too."""
+    from worker.runner import Progress, Results, RunSummary
+    from worker.screening import failed_outcome
+
+    sessions = open_database(postgres_url)
+    results = Results(
+        sessions, settings_for(postgres_url, model_dir), "m-1", RunSummary(), Progress()
+    )
+    results.save(failed_outcome("1.2.826.0.1.3680043.10.99.1", ["/x/1.dcm"], "m-1", "first"))
+    killer = create_engine(postgres_url)  # not the run's pool: its connection is the one cut
+    with killer.begin() as connection:
+        connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    killer.dispose()
+    results.save(failed_outcome("1.2.826.0.1.3680043.10.99.2", ["/x/2.dcm"], "m-1", "second"))
+    sessions.kw["bind"].dispose()
+    assert results.summary.studies == 2
+    assert rows(postgres_url, "SELECT count(*) FROM studies") == [(2,)]
