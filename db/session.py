@@ -12,7 +12,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -44,6 +44,34 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# PostgreSQL: connection errors, shut down or starting up, too many connections,
+# serialization failure, deadlock, lock not available.
+UNAVAILABLE_SQLSTATES = ("08", "57P", "53300", "40001", "40P01", "55P03")
+UNAVAILABLE_SQLITE_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN")
+
+
+def is_database_unavailable(exc: BaseException | None) -> bool:
+    """The database could not be reached (or set up), lost the connection, or was busy,
+    locked or deadlocked: nothing about the study. Recording it ``failed`` needs the
+    same database, and once that works screening it does too. Not a statement timeout
+    or a missing table: those are errors like any other."""
+    if isinstance(exc, DatabaseError):
+        return is_database_unavailable(exc.__cause__)
+    if isinstance(exc, InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", "")  # PostgreSQL's; None: no answer at all
+    sqlite_error = getattr(exc.orig, "sqlite_errorname", "")
+    return (
+        sqlstate is None
+        or str(sqlstate).startswith(UNAVAILABLE_SQLSTATES)
+        or sqlite_error.startswith(UNAVAILABLE_SQLITE_ERRORS)
+    )
+
+
 # Said by a server that refuses a connection for now, not for good. libpq gives no
 # SQLSTATE for a failed connection, only its message.
 TRANSIENT_REFUSALS = ("starting up", "shutting down", "in recovery", "too many", "slots")
@@ -59,12 +87,18 @@ def check_database(url: str) -> str | None:
             connection.execute(text("SELECT 1"))
         return None
     except OperationalError as exc:
-        message = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0]
+        message = first_line(exc)
         if "FATAL:" in message and not any(t in message for t in TRANSIENT_REFUSALS):
             raise DatabaseError(f"cannot connect to {safe_url(url)}: {message}") from None
         return message
     finally:
         engine.dispose()
+
+
+def first_line(exc: BaseException) -> str:
+    """The driver's message, first line only: the rest can quote a statement's values."""
+    message = str(getattr(exc, "orig", None) or exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

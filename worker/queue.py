@@ -70,11 +70,6 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
 )
 
-# PostgreSQL: connection errors, shut down or starting up, too many connections,
-# serialization failure, deadlock, lock not available.
-UNAVAILABLE_SQLSTATES = ("08", "57P", "53300", "40001", "40P01", "55P03")
-UNAVAILABLE_SQLITE_ERRORS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN")
-
 Send = Callable[[dict[str, Any]], None]
 
 
@@ -94,28 +89,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, (*TRANSIENT_ERRORS, IngestRootUnavailable))
-
-
-def is_database_unavailable(exc: BaseException | None) -> bool:
-    """The database could not be reached (or set up), lost the connection, or was busy,
-    locked or deadlocked: nothing about the study. Recording it ``failed`` needs the
-    same database, and once that works screening it does too. Not a statement timeout
-    or a missing table: those are errors like any other."""
-    if isinstance(exc, DatabaseError):
-        return is_database_unavailable(exc.__cause__)
-    if isinstance(exc, InterfaceError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
-    ):
-        return True
-    if not isinstance(exc, OperationalError):
-        return False
-    sqlstate = getattr(exc.orig, "sqlstate", "")  # PostgreSQL's; None: no answer at all
-    sqlite_error = getattr(exc.orig, "sqlite_errorname", "")
-    return (
-        sqlstate is None
-        or str(sqlstate).startswith(UNAVAILABLE_SQLSTATES)
-        or sqlite_error.startswith(UNAVAILABLE_SQLITE_ERRORS)
-    )
 
 
 def backoff(retries: int, settings: Settings, rng: random.Random | None = None) -> float:

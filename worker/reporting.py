@@ -28,7 +28,7 @@ from sqlalchemy import Date, Engine, Float, Integer, String, column, func, selec
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import Prediction, Study
-from db.session import DatabaseError, make_engine, safe_url, upgrade
+from db.session import DatabaseError, first_line, make_engine, safe_url, upgrade
 from worker.csv_rows import write_csv_row
 from worker.errors import UserError
 
@@ -167,7 +167,7 @@ def open_results(url: str) -> Engine:
             connection.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         engine.dispose()
-        raise DatabaseError(f"cannot connect to {safe_url(url)}: {_first_line(exc)}") from None
+        raise DatabaseError(f"cannot connect to {safe_url(url)}: {first_line(exc)}") from None
     upgrade(engine)
     return engine
 
@@ -676,11 +676,6 @@ def _file_mode(target: Path) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-def _first_line(exc: BaseException) -> str:
-    message = str(getattr(exc, "orig", None) or exc).strip()
-    return message.splitlines()[0] if message else type(exc).__name__
 
 
 def _midnight(day: dt.date) -> dt.datetime:

@@ -26,12 +26,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from db.repository import save_instances, save_study
-from db.session import DatabaseError, open_database
+from db.session import DatabaseError, is_database_unavailable, open_database
 from worker.discovery import discover
 from worker.imaging.enum import Label, StudyStatus
 from worker.logs import describe_error
 from worker.model import Classifier, read_card
-from worker.queue import is_database_unavailable
 from worker.screening import StudyOutcome, failed_outcome, screen_study
 
 CRASHED = (

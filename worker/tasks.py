@@ -15,7 +15,7 @@ from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import get_settings
-from db.session import open_database
+from db.session import is_database_unavailable, open_database
 from worker.celery_app import QUEUE, SCREEN_BATCH_TASK, SCREEN_TASK, app, soft_time_limit
 from worker.logs import describe_error
 from worker.model import Classifier
@@ -23,7 +23,6 @@ from worker.queue import (
     MalformedTask,
     StudyTask,
     backoff,
-    is_database_unavailable,
     is_transient,
     parse_batch_message,
     parse_message,

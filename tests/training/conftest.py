@@ -7,6 +7,7 @@ The shared data lives next to the repository (``<repo>/../shared/data``) or wher
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +52,14 @@ def shipped_model() -> Path:
     if not (path / "model_card.json").is_file():
         pytest.skip(f"no shipped model at {path}")
     return path
+
+
+@pytest.fixture()
+def model_copy(shipped_model: Path, tmp_path: Path) -> Path:
+    """A copy of the shipped model folder (without its evaluation) a test may change."""
+    folder = tmp_path / "model"
+    shutil.copytree(shipped_model, folder, ignore=shutil.ignore_patterns("evaluation"))
+    return folder
 
 
 @pytest.fixture(scope="session")

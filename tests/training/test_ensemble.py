@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,18 +94,16 @@ def test_the_data_is_checked_before_anything_is_written(
 
 
 def test_an_out_folder_that_is_a_member_is_refused(
-    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+    shipped_model: Path, model_copy: Path, cxr_dir: Path, tmp_path: Path
 ) -> None:
     """The member was overwritten by the ensemble it was part of."""
     from training.ensemble import build_ensemble
 
-    member = tmp_path / "member"
-    shutil.copytree(shipped_model, member, ignore=shutil.ignore_patterns("evaluation"))
-    before = {p.name: p.read_bytes() for p in member.iterdir()}
+    before = {p.name: p.read_bytes() for p in model_copy.iterdir()}
     data = small_data_dir(cxr_dir, tmp_path / "data", 4)
     with pytest.raises(UserError, match="is one of the members"):
-        build_ensemble([shipped_model, member], data, tmp_path / "." / "member")
-    assert {p.name: p.read_bytes() for p in member.iterdir()} == before
+        build_ensemble([shipped_model, model_copy], data, tmp_path / "." / "model")
+    assert {p.name: p.read_bytes() for p in model_copy.iterdir()} == before
 
 
 def test_a_stopped_export_leaves_no_old_card_beside_new_weights(

@@ -4,7 +4,6 @@ import csv
 import io
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,15 +90,13 @@ def test_grad_cam_explains_a_model_built_on_a_nested_application(arch: str, size
 
 
 def test_evaluate_audits_the_shipped_model_and_records_them_in_a_card_copy(
-    shipped_model: Path, test_sample: Callable[[int], Path], tmp_path: Path
+    model_copy: Path, test_sample: Callable[[int], Path], tmp_path: Path
 ) -> None:
     """Shortcut audit and acquisition shifts on a seeded test sample, written to a copy of
     the shipped card: hiding the lungs must cost far more than any acquisition shift."""
-    model = tmp_path / "model"
-    shutil.copytree(shipped_model, model, ignore=shutil.ignore_patterns("evaluation"))
     m = evaluate(
         test_sample(30),
-        model,
+        model_copy,
         tmp_path / "eval",
         shortcut_audit=True,
         robustness=True,
@@ -114,7 +111,7 @@ def test_evaluate_audits_the_shipped_model_and_records_them_in_a_card_copy(
     assert m["shortcut_audit"]["lungs_hidden"]["auc"] < min(v["auc"] for v in shifts.values())
     for png in ("robustness.png", "audit_examples.png", "gradcam_grid.png"):
         assert (tmp_path / "eval" / png).is_file(), png
-    card = json.loads((model / "model_card.json").read_text())
+    card = json.loads((model_copy / "model_card.json").read_text())
     assert set(card["metrics"]["test"]["robustness_auc"]) == set(SHIFTS)
     assert "acquisition shifts" in m["text"]
 
@@ -187,23 +184,28 @@ def test_a_split_where_every_file_is_rejected_is_a_user_error(
 
 
 def test_rethreshold_stores_the_validation_threshold_in_the_card(
-    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+    shipped_model: Path, model_copy: Path, cxr_dir: Path, tmp_path: Path
 ) -> None:
     from typer.testing import CliRunner
 
     from training.cli import app
 
-    model = tmp_path / "model"
-    shutil.copytree(shipped_model, model, ignore=shutil.ignore_patterns("evaluation"))
     data = _sample_folder(tmp_path / "data" / "val", cxr_dir, "val", {"normal": 10, "covid": 10})
-    args = ["evaluate", str(tmp_path / "data"), "--model", str(model), "--out", str(tmp_path / "e")]
+    args = [
+        "evaluate",
+        str(tmp_path / "data"),
+        "--model",
+        str(model_copy),
+        "--out",
+        str(tmp_path / "e"),
+    ]
     assert CliRunner().invoke(app, [*args, "--rethreshold"]).exit_code == 2  # not on test/
     both = [*args, "--split", "val", "--rethreshold", "--write-card"]
     assert CliRunner().invoke(app, both).exit_code == 2  # the card entry would be overwritten
     result = CliRunner().invoke(app, [*args, "--split", "val", "--rethreshold"])
     assert result.exit_code == 0, result.output
 
-    card = json.loads((model / "model_card.json").read_text())
+    card = json.loads((model_copy / "model_card.json").read_text())
     y = np.array([1 if p.parent.name == "covid" else 0 for p in sorted(data.rglob("*.png"))])
     scored = {
         Path(r["path"]).name: r for r in csv.DictReader((tmp_path / "e" / "predictions.csv").open())
@@ -222,36 +224,32 @@ def test_rethreshold_stores_the_validation_threshold_in_the_card(
 
 
 def test_rethreshold_refuses_a_folder_without_val(
-    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+    model_copy: Path, cxr_dir: Path, tmp_path: Path
 ) -> None:
     """DATA/test --split val would fall back to DATA/test itself: the test images."""
     from typer.testing import CliRunner
 
     from training.cli import app
 
-    model = tmp_path / "model"
-    shutil.copytree(shipped_model, model, ignore=shutil.ignore_patterns("evaluation"))
-    card_before = (model / "model_card.json").read_bytes()
+    card_before = (model_copy / "model_card.json").read_bytes()
     test = _sample_folder(tmp_path / "data" / "test", cxr_dir, "test", {"normal": 3, "covid": 3})
-    args = ["evaluate", str(test), "--model", str(model), "--out", str(tmp_path / "e")]
+    args = ["evaluate", str(test), "--model", str(model_copy), "--out", str(tmp_path / "e")]
     result = CliRunner().invoke(app, [*args, "--split", "val", "--rethreshold"])
     assert result.exit_code == 2, result.output
     assert "has no val/ folder" in result.output
-    assert (model / "model_card.json").read_bytes() == card_before
+    assert (model_copy / "model_card.json").read_bytes() == card_before
     assert not (tmp_path / "e").exists()
 
 
 def test_rethreshold_on_a_val_without_covid_images_is_one_clear_error(
-    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+    model_copy: Path, cxr_dir: Path, tmp_path: Path
 ) -> None:
     """No positive to choose the threshold on: a ValueError traceback."""
-    model = tmp_path / "model"
-    shutil.copytree(shipped_model, model, ignore=shutil.ignore_patterns("evaluation"))
-    card_before = (model / "model_card.json").read_bytes()
+    card_before = (model_copy / "model_card.json").read_bytes()
     _sample_folder(tmp_path / "data" / "val", cxr_dir, "val", {"normal": 4})
     with pytest.raises(UserError, match="no readable covid image to choose the threshold on"):
-        evaluate(tmp_path / "data", model, tmp_path / "e", split="val", rethreshold=True)
-    assert (model / "model_card.json").read_bytes() == card_before
+        evaluate(tmp_path / "data", model_copy, tmp_path / "e", split="val", rethreshold=True)
+    assert (model_copy / "model_card.json").read_bytes() == card_before
 
 
 def test_a_new_threshold_clears_the_test_figures_and_the_same_one_keeps_them(

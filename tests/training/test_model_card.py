@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -105,20 +104,16 @@ def test_shipped_model_separates_a_test_sample(shipped_model: Path, cxr_dir: Pat
     ],
 )
 def test_a_card_for_other_inputs_or_classes_is_refused(
-    field: str, value: object, message: str, shipped_model: Path, tmp_path: Path
+    field: str, value: object, message: str, model_copy: Path
 ) -> None:
     """The network would run on such a card and give confident wrong answers."""
-    folder = tmp_path / "model"
-    shutil.copytree(shipped_model, folder)
-    card = json.loads((folder / "model_card.json").read_text())
-    (folder / "model_card.json").write_text(json.dumps({**card, field: value}))
+    card = json.loads((model_copy / "model_card.json").read_text())
+    (model_copy / "model_card.json").write_text(json.dumps({**card, field: value}))
     with pytest.raises(ModelError, match=re.escape(message)):
-        Classifier(folder)
+        Classifier(model_copy)
 
 
-def test_a_card_that_is_not_json_is_one_clear_error(shipped_model: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "model"
-    shutil.copytree(shipped_model, folder)
-    (folder / "model_card.json").write_text('{"name": "cxr-compact",')
+def test_a_card_that_is_not_json_is_one_clear_error(model_copy: Path) -> None:
+    (model_copy / "model_card.json").write_text('{"name": "cxr-compact",')
     with pytest.raises(ModelError, match=r"model_card\.json cannot be read: Expecting"):
-        read_card(folder)
+        read_card(model_copy)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from db.session import open_database
 from tests.conftest import POSTGRES_URL, REDIS_URL
 from tests.sql import rows
 from tests.worker.processes import Worker, wait_for
-from tests.worker.test_faults import all_final, cli, ingest, worker_env
+from tests.worker.test_faults import all_final, cli, ingest, python_module, worker_env
 from worker.model import read_card
 from worker.runner import run
 
@@ -74,14 +71,7 @@ def test_ingest_with_the_broker_down_writes_nothing_and_says_so_in_one_line(
     run([dicom_dir / "cxr"], Settings(database_url=sqlite_url, model=model_dir, workers=1))
     before = rows(sqlite_url, "SELECT study_instance_uid, status FROM studies ORDER BY 1")
     env = worker_env("redis://127.0.0.1:1/0", sqlite_url, model_dir)  # nothing listens there
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "ingest", str(dicom_dir / "cxr"), "--force"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    done = python_module("worker", "ingest", str(dicom_dir / "cxr"), "--force", env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         "error: cannot reach the broker at redis://127.0.0.1:1/0: Error 111 connecting to "
@@ -106,15 +96,7 @@ def test_a_broker_url_no_transport_serves_is_one_line(
     queued) or redis-py's ValueError, each a traceback."""
     open_database(sqlite_url).kw["bind"].dispose()  # status reads an existing database
     env = worker_env("redsi://127.0.0.1:6379/0", sqlite_url, model_dir)
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", *command],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        cwd=tmp_path,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    done = python_module("worker", *command, env=env, cwd=tmp_path)
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     if command == ["status"]:  # the counts still, and the broker's part named
         assert done.returncode == 0 and "broker unreachable: Redis URL must specify" in (
@@ -134,14 +116,7 @@ def test_status_on_a_mistyped_database_path_is_an_error_not_a_new_empty_database
     """It created the file and reported every count as 0 with exit 0: a healthy queue."""
     typo = tmp_path / "resluts.db"
     env = worker_env("redis://127.0.0.1:1/0", f"sqlite:///{typo}", model_dir)
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "status"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    done = python_module("worker", "status", env=env)
     assert done.returncode == 2, done.stdout
     assert done.stderr.strip() == (
         f"error: no results database at {typo} (check --database-url or CXR_DATABASE_URL)"
@@ -167,17 +142,11 @@ def test_a_worker_whose_model_does_not_load_does_not_start(
     acknowledgement on failure) and the studies stayed queued with no message left."""
     model = broken_model(model_dir, tmp_path / "model")
     env = worker_env(IDLE_BROKER, sqlite_url, model)
-    command = ["-m", "worker", "worker"] if start == "cxr-screen" else ["-m", "celery"]
-    if start == "celery":
-        command += ["-A", "worker.celery_app", "worker", "--without-mingle", "--without-gossip"]
-    done = subprocess.run(
-        [sys.executable, *command, "--concurrency", "1"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    if start == "cxr-screen":
+        done = python_module("worker", "worker", "--concurrency", "1", env=env)
+    else:
+        plain = ("-A", "worker.celery_app", "worker", "--without-mingle", "--without-gossip")
+        done = python_module("celery", *plain, "--concurrency", "1", env=env)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"{model / 'model.tflite'} is not a TFLite model" in done.stderr
     if start == "cxr-screen":

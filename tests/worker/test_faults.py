@@ -83,16 +83,23 @@ def make_studies(
     return uids
 
 
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", *args],
+def python_module(
+    module: str, *args: str, env: dict[str, str], cwd: Path = REPO_ROOT
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` as an operator runs it: its own environment, no stdin."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         env={**os.environ, **env},
-        cwd=REPO_ROOT,
+        cwd=cwd,
         timeout=300,
         stdin=subprocess.DEVNULL,
     )
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    done = python_module("worker", *args, env=env)
     assert done.returncode == 0, done.stderr
     return done
 

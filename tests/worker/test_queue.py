@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from db.session import DatabaseError, open_database
+from db.session import DatabaseError, is_database_unavailable, open_database
 from tests.conftest import REDIS_URL
 from tests.sql import rows
 from tests.worker.processes import Worker, wait_for
@@ -34,7 +34,6 @@ from worker.queue import (
     StudyBatch,
     StudyTask,
     backoff,
-    is_database_unavailable,
     message_paths,
     mismatch,
     parse_batch_message,
