@@ -50,7 +50,34 @@ def save_study(
     if session.execute(statement, insert_values).first() is None:
         return False
     save_instances(session, outcome.instances, outcome.model_version, outcome.threshold)
+    _delete_files_gone_from(session, outcome)
     return True
+
+
+def _delete_files_gone_from(session: Session, outcome: StudyOutcome) -> None:
+    """Rows an earlier screening of the study left for files that are no longer among
+    its files, or whose path holds another instance now (deleted or replaced in the
+    export): the study's rows are those of its latest screening, as its counts are."""
+    keys = [
+        fit_to_columns(PREDICTIONS, {"source": r.source, "sop_instance_uid": r.sop_instance_uid})
+        for r in outcome.instances
+    ]
+    instance_at = {key["source"]: key["sop_instance_uid"] for key in keys}
+    study = fit_to_columns(PREDICTIONS, {"study_instance_uid": outcome.study_instance_uid})
+    rows = session.execute(
+        select(PREDICTIONS.c.id, PREDICTIONS.c.sop_instance_uid, PREDICTIONS.c.source).where(
+            PREDICTIONS.c.study_instance_uid == study["study_instance_uid"],
+            PREDICTIONS.c.model_version == outcome.model_version,
+        )
+    )
+    gone = sorted(
+        row.id
+        for row in rows
+        if row.source not in instance_at
+        or row.sop_instance_uid not in (None, instance_at[row.source])
+    )
+    for start in range(0, len(gone), 500):
+        session.execute(PREDICTIONS.delete().where(PREDICTIONS.c.id.in_(gone[start : start + 500])))
 
 
 def _study_row(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import dcmread
 from sqlalchemy import create_engine, text
 
 from config.settings import Settings
@@ -329,6 +330,39 @@ def test_a_file_read_after_it_was_unreadable_keeps_one_row(
         path.write_bytes(content)
         run([tmp_path / "export"], settings)
         assert rows(database_url, query) == [expected]
+
+
+def test_a_rerun_over_a_changed_export_keeps_rows_of_the_files_screened_now(
+    database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """A film deleted from a study, or replaced by another instance at the same path, left
+    its old row beside the new ones: more rows than the study's n_instances. A study the
+    second run does not see (last night's export) keeps its rows."""
+    pngs = sorted((cxr_dir / "test" / "normal").glob("*.png"))[:4]
+    study, other = "1.2.826.0.1.3680043.10.3.1", "1.2.826.0.1.3680043.10.3.2"
+    export, earlier = tmp_path / "export", tmp_path / "earlier"
+    for png, name in zip(pngs[:3], ("a.dcm", "b.dcm", "c.dcm"), strict=True):
+        write(base_dataset(png_pixels(png), study_uid=study), export / name)
+    write(base_dataset(png_pixels(pngs[3]), study_uid=other), earlier / "d.dcm")
+    settings = settings_for(database_url, model_dir)
+    run([export, earlier], settings)
+
+    (export / "a.dcm").unlink()
+    write(base_dataset(png_pixels(pngs[3]), study_uid=study), export / "b.dcm")
+    run([export], settings)
+    query = (
+        "SELECT study_instance_uid, count(*), count(DISTINCT sop_instance_uid) "
+        "FROM predictions GROUP BY study_instance_uid ORDER BY 1"
+    )
+    assert rows(database_url, query) == [(study, 2, 2), (other, 1, 1)]
+    studies = "SELECT study_instance_uid, n_instances FROM studies ORDER BY 1"
+    assert rows(database_url, studies) == [(study, 2), (other, 1)]
+    now = {str(export / n): dcmread(export / n).SOPInstanceUID for n in ("b.dcm", "c.dcm")}
+    found = rows(
+        database_url,
+        f"SELECT source, sop_instance_uid FROM predictions WHERE study_instance_uid = '{study}'",
+    )
+    assert dict(found) == now
 
 
 def test_two_studies_sharing_a_sop_instance_uid_keep_a_row_each(
