@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -12,7 +15,14 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from config.settings import Settings, get_settings
 from db.session import DatabaseError
@@ -88,7 +98,11 @@ def existing_paths(paths: list[str]) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-def progress_bars() -> Progress:
+def progress_bars() -> Progress | ProgressLines:
+    """Bars on a terminal; in a log (cron, CI, ``2> file``) a line now and then, where
+    bars would show only their last frame, at the end."""
+    if not console.is_terminal:
+        return ProgressLines(console)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -96,3 +110,62 @@ def progress_bars() -> Progress:
         TimeElapsedColumn(),
     )
     return Progress(*columns, console=console)
+
+
+class ProgressLines:
+    """The part of rich's Progress the commands use, as one line per task at most every
+    ``every`` seconds, and each task's last line when it stops (unless just shown)."""
+
+    def __init__(
+        self,
+        out: Console,
+        every: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.out, self.every, self.clock = out, every, clock
+        self.started = clock()
+        self.tasks: list[_LineTask] = []
+        self.stopped = False
+
+    def __enter__(self) -> ProgressLines:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def add_task(self, description: str, total: float | None = None) -> TaskID:
+        self.tasks.append(_LineTask(description, total, shown=self.started))
+        return TaskID(len(self.tasks) - 1)
+
+    def update(self, task_id: TaskID, total: float | None = None) -> None:
+        self.tasks[task_id].total = total
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        task = self.tasks[task_id]
+        task.done += advance
+        if self.clock() - task.shown >= self.every:
+            self._show(task)
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            for task in self.tasks:
+                if task.shown_as != (task.done, task.total):
+                    self._show(task)
+
+    def _show(self, task: _LineTask) -> None:
+        now = self.clock()
+        task.shown, task.shown_as = now, (task.done, task.total)
+        total = "" if task.total is None else f"/{task.total:,.0f}"
+        elapsed = dt.timedelta(seconds=round(now - self.started))
+        line = f"{task.description}: {task.done:,.0f}{total} ({elapsed})"
+        self.out.print(line, markup=False, highlight=False)
+
+
+@dataclass
+class _LineTask:
+    description: str
+    total: float | None
+    shown: float
+    done: float = 0
+    shown_as: tuple[float, float | None] | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -194,6 +195,8 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
     assert "screened" in done.stdout and "positive" in done.stdout
     assert "Covid0000" not in done.stdout + done.stderr  # the NIH file's PatientID
     assert "warning: CXR_HASH_KEY is the published default" in done.stderr
+    # no terminal (cron, CI): plain lines, not the bars' last frame
+    assert re.search(r"^screening studies: (\d+)/\1 \(0:00:\d\d\)$", done.stderr, re.M), done.stderr
     keyed = cli(
         "run",
         str(dicom_dir / "cxr"),
