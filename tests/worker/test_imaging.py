@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from tests.conftest import shared
 from tests.dicom_factory import base_dataset, lut_item, png_pixels, variants, write
@@ -590,6 +598,46 @@ def test_high_bits_past_bits_stored_in_a_compressed_stream_are_masked_as_in_nati
     got = read_dicom_image(write(ds, tmp_path / "dirty.dcm"), MAX_PIXELS).gray
     want = read_dicom_image(write(reference, tmp_path / "clean.dcm"), MAX_PIXELS).gray
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("syntax", "coded_bits", "stored_bits", "options"),
+    [(JPEG2000, 16, 12, {"j2k_cr": [40]}), (JPEGLSNearLossless, 12, 10, {"jls_error": 3})],
+)
+def test_a_lossy_decoders_overshoot_past_bits_stored_is_clipped_white_not_wrapped_black(
+    syntax: str,
+    coded_bits: int,
+    stored_bits: int,
+    options: dict[str, object],
+    sample_png: Path,
+    tmp_path: Path,
+) -> None:
+    """Lossy codecs ring a little past the brightest value when the stream's precision
+    is above BitsStored; masking to BitsStored turned a saturated field black."""
+    top = (1 << stored_bits) - 1
+    stored = (png_pixels(sample_png).astype(np.uint32) * top // 255).astype(np.uint16)
+    stored[60:100, 150:210] = top
+    ds = base_dataset(stored, bits=coded_bits)
+    ds.compress(syntax, **options)
+    ds.BitsStored, ds.HighBit = stored_bits, stored_bits - 1
+    gray = read_dicom_image(write(ds, tmp_path / "lossy.dcm"), MAX_PIXELS).gray
+    assert gray[60:100, 150:210].min() > 0.9, "the saturated field shows white"
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless])
+def test_the_retired_high_bit_layout_is_refused_in_streams_that_code_the_whole_cell(
+    syntax: str, sample_png: Path, tmp_path: Path
+) -> None:
+    """12 bits at the top of the cell (HighBit 15): refused as native data, but in RLE or
+    a 16-bit lossless JPEG stream the low 12 bits were kept and a scrambled film screened."""
+    stored = png_pixels(sample_png).astype(np.uint16) * 16
+    ds = base_dataset(stored, bits=16)
+    ds.compress(syntax, arr=stored << 4)
+    ds.BitsStored, ds.HighBit = 12, 15
+    with pytest.raises(RejectedInput) as rejected:
+        read_dicom_image(write(ds, tmp_path / "top.dcm"), MAX_PIXELS)
+    assert rejected.value.code is RejectCode.UNSUPPORTED
+    assert "high bit 15 with 12 bits stored" in rejected.value.reason
 
 
 @pytest.mark.parametrize("bits", [8, 10])

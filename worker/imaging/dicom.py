@@ -27,14 +27,20 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
+    RLELossless,
     UncompressedTransferSyntaxes,
 )
 
@@ -82,6 +88,11 @@ STANDARD_GROUPS = frozenset({0x0008, 0x0010, 0x0018, 0x0020, 0x0028})
 JPEG_SYNTAXES = frozenset(JPEGTransferSyntaxes + JPEGLSTransferSyntaxes)
 JPEG2000_SYNTAXES = frozenset(JPEG2000TransferSyntaxes)  # with HTJ2K
 NATIVE_OR_UNNAMED_SYNTAXES = frozenset({"", *UncompressedTransferSyntaxes})
+WHOLE_CELL_SYNTAXES = NATIVE_OR_UNNAMED_SYNTAXES | {RLELossless}  # RLE codes the cells' bytes
+# Syntaxes that may be lossy: their decoders can overshoot the stored range a little.
+LOSSY_SYNTAXES = frozenset(
+    {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000, HTJ2K}
+)
 SIZED_STREAM_SYNTAXES = JPEG_SYNTAXES | JPEG2000_SYNTAXES  # stream size checked by the gate
 # The largest image the default size gate lets through, at 32 bits a pixel.
 MAX_INFLATED_BYTES = 4 * DEFAULT_MAX_PIXELS
@@ -346,18 +357,23 @@ def check_decodable(ds: Dataset, max_pixels: int) -> None:
 
 
 def check_bit_layout(ds: Dataset) -> None:
-    """Native pixel cells must hold their bits from bit 0 (HighBit = BitsStored - 1, as
-    PS3.5 8.1.1 now requires). Legacy exports put 12 bits at the top of the word
-    (HighBit 15); decoders keep the low bits, and a scrambled film would be screened."""
-    if transfer_syntax(ds) not in NATIVE_OR_UNNAMED_SYNTAXES:
-        return  # a compressed stream carries its own precision
+    """Pixel cells must hold their bits from bit 0 (HighBit = BitsStored - 1, as PS3.5
+    8.1.1 now requires). Legacy exports put 12 bits at the top of the word (HighBit 15);
+    decoders keep the low bits, and a scrambled film would be screened. Native and RLE
+    data carry the whole cell; JPEG and JPEG 2000 streams are checked in
+    ``check_encoded_size``, where their own precision is read."""
+    if transfer_syntax(ds) in WHOLE_CELL_SYNTAXES and (message := retired_layout(ds)):
+        raise RejectedInput(RejectCode.UNSUPPORTED, message)
+
+
+def retired_layout(ds: Dataset) -> str | None:
     stored, high = ds.get("BitsStored"), ds.get("HighBit")
-    if stored is not None and high is not None and int(high) != int(stored) - 1:
-        raise RejectedInput(
-            RejectCode.UNSUPPORTED,
-            f"high bit {int(high)} with {int(stored)} bits stored (pixel cells with the bits "
-            "not from bit 0, a retired layout)",
-        )
+    if stored is None or high is None or int(high) == int(stored) - 1:
+        return None
+    return (
+        f"high bit {int(high)} with {int(stored)} bits stored (pixel cells with the bits "
+        "not from bit 0, a retired layout)"
+    )
 
 
 def check_dimensions(rows: int, cols: int, max_pixels: int) -> None:
@@ -410,6 +426,9 @@ def check_encoded_size(ds: Dataset, rows: int, cols: int) -> None:
             f"compressed frame has {shape.components} components but the header says "
             "1 sample per pixel",
         )
+    # A stream that codes the whole cell holds the retired layout as it is.
+    if shape.precision > int(ds.get("BitsStored") or 0) and (message := retired_layout(ds)):
+        raise RejectedInput(RejectCode.UNSUPPORTED, message)
 
 
 @dataclass(frozen=True)
@@ -419,6 +438,7 @@ class FrameShape:
     rows: int
     cols: int
     components: int
+    precision: int  # bits per sample
 
     @property
     def size(self) -> tuple[int, int]:
@@ -431,11 +451,12 @@ def _jpeg2000_frame_shape(frame: bytes) -> FrameShape | None:
     if frame.startswith(JP2_SIGNATURE):
         box = frame.find(b"jp2c")
         start = box + 4 if box >= 0 else len(frame)
-    if frame[start : start + 4] != b"\xff\x4f\xff\x51" or len(frame) < start + 42:
+    if frame[start : start + 4] != b"\xff\x4f\xff\x51" or len(frame) < start + 43:
         return None
     width, height, x_offset, y_offset = struct.unpack(">4I", frame[start + 8 : start + 24])
     (components,) = struct.unpack(">H", frame[start + 40 : start + 42])
-    return FrameShape(height - y_offset, width - x_offset, components)
+    precision = (frame[start + 42] & 0x7F) + 1  # Ssiz of the first component
+    return FrameShape(height - y_offset, width - x_offset, components, precision)
 
 
 def _jpeg_frame_shape(frame: bytes) -> FrameShape | None:
@@ -451,9 +472,10 @@ def _jpeg_frame_shape(frame: bytes) -> FrameShape | None:
             position += 1
             continue
         if marker in JPEG_START_OF_FRAME:
+            precision = frame[position + 4]
             height, width, components = struct.unpack(">HHB", frame[position + 5 : position + 10])
             # height 0: the number of lines comes later (DNL marker)
-            return FrameShape(height, width, components) if height else None
+            return FrameShape(height, width, components, precision) if height else None
         if marker == 0xDA:  # start of scan before any frame header
             return None
         (length,) = struct.unpack(">H", frame[position + 2 : position + 4])
@@ -481,12 +503,15 @@ def decode_pixels(ds: Dataset) -> np.ndarray:
 
 
 def keep_bits_stored(array: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Only the BitsStored low bits, sign-extended when signed, as pydicom gives native
-    data. A compressed stream may carry the whole cell (a transcoder encodes all 16 bits
-    of a 12-bit image whose high bits hold a legacy overlay or garbage), and pydicom
-    returns those values as they are: they showed as white patches in the lungs. Native
-    data pydicom has masked already: not again on the per-image path."""
-    if transfer_syntax(ds) in UncompressedTransferSyntaxes:
+    """Values within BitsStored, as pydicom gives native data. A lossless stream may
+    carry the whole cell (a transcoder encodes all 16 bits of a 12-bit image whose high
+    bits hold a legacy overlay or garbage), and pydicom returns those values as they
+    are: they showed as white patches in the lungs; only the low bits are kept
+    (sign-extended when signed). A lossy decoder overshoots the range a little where
+    the film is brightest: those values are clipped (masked, white wrapped to black).
+    Native data pydicom has masked already: not again on the per-image path."""
+    syntax = transfer_syntax(ds)
+    if syntax in UncompressedTransferSyntaxes:
         return array
     try:
         bits = int(header_value(ds, "BitsStored", 0) or 0)
@@ -495,7 +520,11 @@ def keep_bits_stored(array: np.ndarray, ds: Dataset) -> np.ndarray:
     cell = array.dtype.itemsize * 8
     if array.dtype.kind not in "iu" or not 0 < bits < cell:
         return array
-    if array.dtype.kind == "u":
+    signed = array.dtype.kind == "i"
+    if syntax in LOSSY_SYNTAXES:
+        low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+        return np.clip(array, low, high).astype(array.dtype, copy=False)
+    if not signed:
         return array & array.dtype.type((1 << bits) - 1)
     shift = cell - bits
     return (array << shift) >> shift
