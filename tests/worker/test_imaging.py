@@ -655,6 +655,39 @@ def test_a_voi_lut_with_entries_past_its_declared_bits_is_scaled_not_clipped_whi
     np.testing.assert_allclose(images[1], images[0], atol=1e-6)
 
 
+def test_padding_shows_black_when_a_negative_rescale_slope_turns_the_scale_over(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    """The lowest stored value was taken as the darkest: with slope -1 it is the
+    brightest, and the padding showed white."""
+    stored = 4095 - twelve_bit(sample_png)
+    stored[:, :150] = 4095
+    ds = base_dataset(stored, bits=12)
+    ds.RescaleSlope, ds.RescaleIntercept = -1, 4095
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelPaddingValue = 4095
+    gray = read_dicom_image(write(ds, tmp_path / "padded.dcm"), MAX_PIXELS).gray
+    assert float(gray[:, :30].max()) <= float(gray[:, 60:].min()) + 1e-6
+
+
+def test_a_voi_lut_first_value_written_as_us_is_negative_when_the_rescale_makes_it_so(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    """PS3.3 C.11.2.1.1: the first input value is SS when the modality output can be
+    negative (here by the intercept), whatever PixelRepresentation says. Written as US
+    (or read from implicit VR) -1024 read 64512 and the film was rejected as blank."""
+    stored = twelve_bit(sample_png)
+    greys = {}
+    for vr, first in (("SS", -1024), ("US", 64512)):
+        ds = base_dataset(stored, bits=12)
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        item = lut_item(4096, 0, 8, np.arange(4096) // 16)
+        item.add_new(0x00283002, vr, [4096, first, 8])  # LUTDescriptor
+        ds.VOILUTSequence = [item]
+        greys[vr] = read_dicom_image(write(ds, tmp_path / f"{vr}.dcm"), MAX_PIXELS).gray
+    np.testing.assert_allclose(greys["US"], greys["SS"], atol=1e-6)
+
+
 def test_the_padding_of_a_signed_image_written_as_us_still_shows_black(
     sample_png: Path, tmp_path: Path
 ) -> None:

@@ -58,10 +58,13 @@ def display_gray(ds: Dataset, stored: np.ndarray, working_side: int) -> np.ndarr
     applied at full resolution before the shrink. A display that is all one grey (a blank
     image, or a window that clips every pixel) is rejected rather than scored.
     """
-    modality_lut = lookup_table(ds, "ModalityLUTSequence")
-    voi_lut = lookup_table(ds, "VOILUTSequence")
+    pixels_signed = int(header_value(ds, "PixelRepresentation", 0) or 0) == 1
+    modality_lut = lookup_table(ds, "ModalityLUTSequence", signed_input=pixels_signed)
+    voi_lut = lookup_table(
+        ds, "VOILUTSequence", signed_input=modality_output_signed(ds, modality_lut)
+    )
     has_lut = modality_lut is not None or voi_lut is not None
-    stored = padding_to_black(ds, stored)
+    stored = padding_to_black(ds, stored, modality_lut, voi_lut)
     values = stored if has_lut else block_reduce_mean(stored, working_side)
     rescaled = modality_lut is not None or "RescaleSlope" in ds
     gray = voi_to_unit(ds, modality_values(ds, values, modality_lut), voi_lut, rescaled=rescaled)
@@ -82,7 +85,12 @@ def shrinks_before_display(ds: Dataset) -> bool:
     )
 
 
-def padding_to_black(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+def padding_to_black(
+    ds: Dataset,
+    stored: np.ndarray,
+    modality_lut: LookupTable | None = None,
+    voi_lut: LookupTable | None = None,
+) -> np.ndarray:
     """Pixel padding (PS3.3 C.7.5.1.1.2: the area outside the exposed field, e.g. after a
     rotation) set to the darkest-displayed value of the real pixels, so it shows black as
     in a rendered film and stays out of a min-max stretch."""
@@ -95,8 +103,20 @@ def padding_to_black(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     if not mask.any() or mask.all():
         return stored
     real = stored[~mask]
-    darkest = real.max() if is_inverted(ds) else real.min()
-    return np.where(mask, darkest, stored)
+    ends = np.array([real.min(), real.max()], dtype=stored.dtype)
+    return np.where(mask, ends[_darkest(ds, ends, modality_lut, voi_lut)], stored)
+
+
+def _darkest(
+    ds: Dataset, ends: np.ndarray, modality_lut: LookupTable | None, voi_lut: LookupTable | None
+) -> int:
+    """Which of the lowest and highest stored value displays darker: the lowest, unless
+    a negative rescale slope, a falling LUT or an inversion turns the scale over."""
+    values = modality_values(ds, ends, modality_lut)
+    shown = voi_to_unit(ds, values, voi_lut, rescaled=True)
+    if is_inverted(ds):
+        shown = 1.0 - shown
+    return int(shown[1] < shown[0])
 
 
 def is_inverted(ds: Dataset) -> bool:
@@ -115,7 +135,7 @@ def check_not_blank(gray: np.ndarray, where: str = " after the window or LUT") -
 
 
 def modality_values(ds: Dataset, values: np.ndarray, lut: LookupTable | None) -> np.ndarray:
-    """The modality LUT (``lookup_table(ds, "ModalityLUTSequence")``), else rescale slope
+    """The modality LUT (``lookup_table(ds, "ModalityLUTSequence", ...)``), else rescale slope
     and intercept, else the stored values. Empty slope or intercept elements take their
     defaults 1 and 0.
     """
@@ -193,9 +213,28 @@ class LookupTable:
         return self.entries[index]
 
 
-def lookup_table(ds: Dataset, keyword: str) -> LookupTable | None:
+def modality_output_signed(ds: Dataset, modality_lut: LookupTable | None) -> bool:
+    """Whether the modality step can give negative values (PS3.3 C.11.2.1.1: a VOI LUT's
+    first input value is then SS, however the stored pixels are signed)."""
+    if modality_lut is not None:
+        return False  # its entries are US
+    bits = int(header_value(ds, "BitsStored", 16) or 16)
+    if int(header_value(ds, "PixelRepresentation", 0) or 0) == 1:
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        low, high = 0, 2**bits - 1
+    slope = _first_number(ds, "RescaleSlope")
+    intercept = _first_number(ds, "RescaleIntercept")
+    slope = 1.0 if slope is None else slope
+    intercept = 0.0 if intercept is None else intercept
+    return min(slope * low, slope * high) + intercept < 0
+
+
+def lookup_table(ds: Dataset, keyword: str, *, signed_input: bool) -> LookupTable | None:
     """The first item of a Modality or VOI LUT sequence, or None when the sequence is
-    absent, empty or its item cannot be used (then it counts as absent)."""
+    absent, empty or its item cannot be used (then it counts as absent).
+    ``signed_input``: whether the values it maps can be negative, so that its first
+    mapped value, written as US by many writers (and read so from implicit VR), is SS."""
     try:
         sequence = ds.get(keyword)
         if not sequence:
@@ -206,8 +245,8 @@ def lookup_table(ds: Dataset, keyword: str) -> LookupTable | None:
         count = count or 2**16
         if not 1 <= bits <= 16:
             return None
-        if first > 2**15 - 1 and int(ds.get("PixelRepresentation", 0) or 0) == 1:
-            first -= 2**16  # the descriptor is US/SS; a signed first input value
+        if first > 2**15 - 1 and signed_input:
+            first -= 2**16
         entries = _lut_entries(ds, item)
     except (AttributeError, TypeError, ValueError, IndexError, KeyError):
         return None
