@@ -12,7 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from dotenv import dotenv_values
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,10 +22,15 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_HASH_KEY = "change-me"
 LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}  # what logging also accepts
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+PREFIX = "CXR_"
+
+
+class SettingsError(ValueError):
+    """A settings file that cannot be used."""
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
 
     database_url: str = Field(
         "sqlite:///cxr-screen.db",
@@ -77,6 +83,31 @@ class Settings(BaseSettings):
         """Patient IDs hashed with the published key: anyone can recompute them."""
         return self.patient_id_mode == "hash" and self.hash_key in (DEFAULT_HASH_KEY, "")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_blank_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """Spaces around a value are a typing slip (``"sqlite:///r.db "`` made a file
+        named with the space); an empty URL or folder is an unset variable, which read as
+        the current folder or as an AMQP broker on localhost."""
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if value == "" and info.field_name in REQUIRED_TEXT:
+            raise ValueError("empty (an unset variable?): give a value or leave it out")
+        return value
+
+    @field_validator("model", "ingest_root")
+    @classmethod
+    def _home_expanded(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    @field_validator("broker_url")
+    @classmethod
+    def _url_with_scheme(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("not a URL (redis://host:6379/0)")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -92,8 +123,31 @@ class Settings(BaseSettings):
         return type(self).model_validate({**self.model_dump(), **given})
 
 
+REQUIRED_TEXT = frozenset({"database_url", "broker_url", "model", "ingest_root"})
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     # The file is named at call time, not import time: a CLI or test sets it after
     # importing this module.
-    return Settings(_env_file=os.environ.get("CXR_SETTINGS_FILE"))
+    name = os.environ.get("CXR_SETTINGS_FILE", "").strip()
+    if not name:
+        return Settings()
+    check_settings_file(Path(name))
+    return Settings(_env_file=name)
+
+
+def check_settings_file(path: Path) -> None:
+    """A named settings file must be there, and name only settings that exist: a
+    missing file or a misspelt key (``CXR_DATABSE_URL``) left every default in force -
+    a database in the current folder, the published hash key."""
+    if not path.is_file():
+        raise SettingsError(f"CXR_SETTINGS_FILE: no such file: {path}")
+    try:
+        keys = dotenv_values(path).keys()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"CXR_SETTINGS_FILE: cannot read {path}: {exc}") from exc
+    known = {f"{PREFIX}{name}".upper() for name in Settings.model_fields}
+    unknown = sorted(k for k in keys if k.upper().startswith(PREFIX) and k.upper() not in known)
+    if unknown:
+        raise SettingsError(f"{path}: no such setting: {', '.join(unknown)}")

@@ -24,7 +24,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from config.settings import Settings, get_settings
+from config.settings import Settings, SettingsError, get_settings
 from db.session import DatabaseError
 from worker.errors import UserError
 from worker.logs import configure_logging
@@ -48,7 +48,7 @@ def user_errors(function: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except (UserError, DatabaseError, OSError) as exc:
+        except (UserError, DatabaseError, SettingsError, OSError) as exc:
             fail(str(exc))
         except ValidationError as exc:
             fail(setting_errors(exc))
@@ -79,8 +79,13 @@ def setting_errors(exc: ValidationError) -> str:
 
 
 def settings_from(**overrides: Any) -> Settings:
-    settings = get_settings().with_overrides(**overrides)
-    configure_logging("WARNING" if sys.stderr.isatty() else settings.log_level, settings.log_json)
+    configured = get_settings()
+    settings = configured.with_overrides(**overrides)
+    # On a terminal, log lines would break the progress bars: warnings only, unless a
+    # level or JSON was asked for (an operator troubleshooting by hand saw nothing).
+    chosen = {"log_level", "log_json"} & configured.model_fields_set
+    level = "WARNING" if sys.stderr.isatty() and not chosen else settings.log_level
+    configure_logging(level, settings.log_json)
     return settings
 
 

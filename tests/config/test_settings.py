@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from config.settings import Settings, get_settings
+from config.settings import Settings, SettingsError, get_settings
 
 
 @pytest.fixture()
@@ -91,3 +91,71 @@ def test_the_operator_hears_how_patient_ids_will_be_stored(
 
     found = privacy_warning(Settings(patient_id_mode=mode, hash_key=key))
     assert (found is None) if warning is None else (found or "").startswith(warning)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "CXR_SETTINGS_FILE: no such file"),
+        ("folder", "CXR_SETTINGS_FILE: no such file"),
+        ("CXR_DATABSE_URL=sqlite:///x.db\n", "no such setting: CXR_DATABSE_URL"),
+    ],
+)
+def test_a_settings_file_that_is_missing_or_names_no_setting_is_refused(
+    content: str | None,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_settings: None,
+) -> None:
+    """Each left every default in force: a database in the current folder, the
+    published hash key."""
+    path = tmp_path / "cxr.env"
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("CXR_SETTINGS_FILE", str(path))
+    with pytest.raises(SettingsError, match=message):
+        get_settings()
+
+
+def test_a_settings_file_may_hold_other_programs_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_settings: None
+) -> None:
+    path = tmp_path / "cxr.env"
+    path.write_text("POSTGRES_PASSWORD=x\ncxr_workers=3\n")
+    monkeypatch.delenv("CXR_WORKERS", raising=False)
+    monkeypatch.setenv("CXR_SETTINGS_FILE", str(path))
+    assert get_settings().workers == 3
+
+
+@pytest.mark.parametrize(
+    "name", ["CXR_DATABASE_URL", "CXR_BROKER_URL", "CXR_MODEL", "CXR_INGEST_ROOT"]
+)
+def test_an_empty_url_or_folder_is_refused_not_read_as_the_current_folder(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty CXR_INGEST_ROOT was ".", an empty broker URL an AMQP broker on localhost."""
+    monkeypatch.setenv(name, "  ")
+    with pytest.raises(ValidationError, match="empty"):
+        Settings()
+
+
+def test_a_broker_url_without_a_scheme_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_BROKER_URL", "queue-host:6379/0")
+    with pytest.raises(ValidationError, match="not a URL"):
+        Settings()
+
+
+def test_values_are_taken_without_surrounding_spaces_and_folders_with_home(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``"sqlite:///r.db "`` created a database file whose name ends in a space."""
+    monkeypatch.setenv("CXR_DATABASE_URL", "sqlite:////tmp/r.db ")
+    monkeypatch.setenv("CXR_WORKERS", " 2 ")
+    monkeypatch.setenv("CXR_MODEL", "~/models/cxr")
+    settings = Settings()
+    assert settings.database_url == "sqlite:////tmp/r.db"
+    assert settings.workers == 2
+    assert settings.model == Path.home() / "models" / "cxr"

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from worker.cli_common import ProgressLines
@@ -45,3 +51,47 @@ def test_a_task_that_never_moved_still_gets_its_line() -> None:
     with ProgressLines(Console(file=out, width=200), clock=lambda: 0.0) as lines:
         lines.add_task("reading headers")
     assert out.getvalue() == "reading headers: 0 (0:00:00)\n"
+
+
+@pytest.mark.parametrize(("level", "shown"), [(None, False), ("INFO", True)])
+def test_on_a_terminal_logs_are_warnings_only_unless_a_level_was_asked_for(
+    level: str | None, shown: bool, dicom_dir: Path, sqlite_url: str, model_dir: Path
+) -> None:
+    """Log lines would break the bars; but an operator who set CXR_LOG_LEVEL=DEBUG by
+    hand to troubleshoot saw nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "CXR_LOG_LEVEL"}
+    env |= {"CXR_MODEL": str(model_dir), **({"CXR_LOG_LEVEL": level} if level else {})}
+    parent, child = pty.openpty()
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            str(dicom_dir / "zoo"),
+            "--database-url",
+            sqlite_url,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=child,
+        stderr=child,
+        env=env,
+    ) as process:
+        os.close(child)
+        output = read_all(parent)
+        assert process.wait(timeout=120) == 0, output
+    assert ("INFO worker.screening: instance" in output) is shown, output
+
+
+def read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode(errors="replace")

@@ -229,6 +229,8 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
             "CXR_BATCH_SIZE: Input should be a valid integer",
         ),
         (["run", "."], {"CXR_LOG_LEVEL": "verbose"}, "CXR_LOG_LEVEL: Value error, not a log level"),
+        (["run", "."], {"CXR_SETTINGS_FILE": "/nonexistent/cxr.env"}, "CXR_SETTINGS_FILE: no such"),
+        (["ingest", "."], {"CXR_BROKER_URL": ""}, "CXR_BROKER_URL: Value error, empty"),
     ],
 )
 def test_cli_errors_are_one_clear_line(
