@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Iterable, Mapping, Sequence
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import String, Table, func, select, text
@@ -49,7 +50,13 @@ def save_study(
     statement = _study_statement(_dialect(session), columns)
     if session.execute(statement, insert_values).first() is None:
         return False
-    save_instances(session, outcome.instances, outcome.model_version, outcome.threshold)
+    save_instances(
+        session,
+        outcome.instances,
+        outcome.model_version,
+        outcome.threshold,
+        study_instance_uid=outcome.study_instance_uid,
+    )
     _delete_files_gone_from(session, outcome)
     return True
 
@@ -112,8 +119,14 @@ def save_instances(
     results: Iterable[InstanceResult],
     model_version: str,
     threshold: float | None,
+    *,
+    study_instance_uid: str | None = None,
 ) -> None:
     """Upsert instance rows: by SOP Instance UID, or by path where there is none.
+
+    ``study_instance_uid``: the study the files were screened as, for the rows of files
+    whose header could not be read then (deleted or broken after ingest), so that the
+    study's later screenings find them.
 
     A UID's row belongs to the study that wrote it first. Another study's file with the
     same UID (invalid, but re-identified and merged exports do it) is stored as a copy
@@ -124,6 +137,7 @@ def save_instances(
     without_uid: list[dict[str, Any]] = []
     for result in results:
         row = _prediction_row(result, model_version, threshold, now)
+        row["study_instance_uid"] = row["study_instance_uid"] or study_instance_uid
         (with_uid if row["sop_instance_uid"] else without_uid).append(row)
     # One lock order for every writer: two PostgreSQL transactions taking the same two
     # UIDs in opposite orders deadlocked.
@@ -345,9 +359,16 @@ def _study_statement(dialect: str, columns: tuple[str, ...]) -> Any:
 
 
 @functools.cache
-def _marker_statement(dialect: str, force: bool) -> Any:
+def _marker_statement(dialect: str, take: Take) -> Any:
     statement = _insert(dialect)(STUDIES)
     excluded = statement.excluded
+    unfinished = _not_final(STUDIES)
+    since_forced = STUDIES.c.finished_at.is_(None) | (STUDIES.c.finished_at < STUDIES.c.queued_at)
+    where = {
+        Take.UNFINISHED: unfinished,
+        Take.FORCED: unfinished | since_forced,
+        Take.ANY: None,
+    }[take]
     return statement.on_conflict_do_update(
         index_elements=["study_instance_uid", "model_version"],
         set_={
@@ -355,7 +376,7 @@ def _marker_statement(dialect: str, force: bool) -> Any:
             "started_at": excluded.started_at,
             "attempts": func.coalesce(STUDIES.c.attempts, 0) + 1,
         },
-        where=None if force else _not_final(STUDIES),
+        where=where,
     ).returning(STUDIES.c.study_instance_uid, STUDIES.c.attempts)
 
 
@@ -397,6 +418,39 @@ def final_study_uids(session: Session, uids: Sequence[str], model_version: str) 
     return found
 
 
+def studies_missing_files(
+    session: Session, files_by_study: Mapping[str, Iterable[str]], model_version: str
+) -> set[str]:
+    """The studies among these whose rows for this model miss one of the given files
+    (named as rows name them): screened before the file was there, or from an older
+    message than the one that named it."""
+    sources: dict[str, set[str]] = {}
+    uids = list(files_by_study)
+    for start in range(0, len(uids), 500):
+        query = select(PREDICTIONS.c.study_instance_uid, PREDICTIONS.c.source).where(
+            PREDICTIONS.c.study_instance_uid.in_(uids[start : start + 500]),
+            PREDICTIONS.c.model_version == model_version,
+        )
+        for uid, source in session.execute(query):
+            sources.setdefault(uid, set()).add(source)
+    return {
+        uid for uid, files in files_by_study.items() if not set(files) <= sources.get(uid, set())
+    }
+
+
+def screened_sources(session: Session, sources: Sequence[str], model_version: str) -> set[str]:
+    """The files among these that have a row keyed by SOP Instance UID for this model."""
+    found: set[str] = set()
+    for start in range(0, len(sources), 500):
+        query = select(PREDICTIONS.c.source).where(
+            PREDICTIONS.c.source.in_(sources[start : start + 500]),
+            PREDICTIONS.c.model_version == model_version,
+            PREDICTIONS.c.sop_instance_uid.is_not(None),
+        )
+        found.update(session.scalars(query))
+    return found
+
+
 def queue_studies(
     session: Session,
     studies: Sequence[dict[str, Any]],
@@ -430,20 +484,30 @@ def queue_studies(
     )
 
 
+class Take(StrEnum):
+    """Which studies a worker's marker takes."""
+
+    UNFINISHED = "unfinished"  # no final result yet
+    # also one whose result is older than the ``ingest --force`` that queued it: the
+    # message's second delivery then finds the forced screening done
+    FORCED = "forced"
+    ANY = "any"  # also a final one: its result misses files of the message
+
+
 def mark_processing(
     session: Session,
     study_instance_uid: str,
     model_version: str,
     files: Sequence[str],
     *,
-    force: bool = False,
+    take: Take = Take.UNFINISHED,
 ) -> int | None:
     """A worker takes a study: ``processing``, ``started_at`` now, ``attempts`` + 1.
 
-    Returns the new attempt count, or None when the study already has a final result:
-    that row is left alone (unless ``force``) and the caller skips the study.
+    Returns the new attempt count, or None when the study has a final result that
+    ``take`` leaves alone: then the caller skips the study.
     """
-    taken = mark_processing_many(session, {study_instance_uid: files}, model_version, force=force)
+    taken = mark_processing_many(session, {study_instance_uid: files}, model_version, take=take)
     return taken.get(study_instance_uid)
 
 
@@ -452,7 +516,7 @@ def mark_processing_many(
     files_by_study: Mapping[str, Sequence[str]],
     model_version: str,
     *,
-    force: bool = False,
+    take: Take = Take.UNFINISHED,
 ) -> dict[str, int]:
     """``mark_processing`` for several studies; the attempt count of each one taken.
 
@@ -469,7 +533,7 @@ def mark_processing_many(
         }
         for uid, files in files_by_study.items()
     ]
-    statement = _marker_statement(_dialect(session), force)
+    statement = _marker_statement(_dialect(session), take)
     result = session.execute(statement, rows[0] if len(rows) == 1 else rows)
     return {uid: attempts for uid, attempts in result}
 

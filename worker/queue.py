@@ -25,17 +25,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from db.models import Study, utcnow
 from db.repository import (
+    Take,
     fail_unfinished,
     failed_studies,
     final_study_uids,
     mark_failed,
-    mark_processing,
     mark_processing_many,
     oldest_queued_at,
     queue_studies,
     save_instances,
     save_study,
+    screened_sources,
     stale_studies,
+    studies_missing_files,
     study_status_counts,
 )
 from db.session import DatabaseError, autocommit, safe_url
@@ -45,7 +47,7 @@ from worker.imaging.dicom import is_dicom_uid
 from worker.logs import describe_error
 from worker.metrics import metrics
 from worker.model import Classifier, read_card
-from worker.screening import StudyOutcome, failed_outcome, screen_study
+from worker.screening import InstanceResult, StudyOutcome, failed_outcome, screen_study
 
 log = logging.getLogger(__name__)
 
@@ -330,18 +332,26 @@ def ingest(
         for uid, study in found.studies.items()
     ]
     with sessions.begin() as session:
-        save_instances(session, found.rejected, model_version, None)
+        save_rejected_files(session, found.rejected, model_version)
         done = set() if force else final_study_uids(session, list(found.studies), model_version)
+        grown = studies_missing_files(
+            session, {uid: found.studies[uid].files for uid in done}, model_version
+        )
+        done -= grown
         tasks = [t for t in tasks if t.study_instance_uid not in done]
-        rows = [
-            {
+        rows = {
+            t.study_instance_uid: {
                 "study_instance_uid": t.study_instance_uid,
                 "accession_number": found.studies[t.study_instance_uid].accession_number,
                 "files": sorted(found.studies[t.study_instance_uid].files),
             }
             for t in tasks
-        ]
-        queue_studies(session, rows, model_version, force=force)
+        }
+        queue_studies(
+            session, [r for u, r in rows.items() if u not in grown], model_version, force=force
+        )
+        # a study with files its result has not seen is queued over that result
+        queue_studies(session, [rows[u] for u in sorted(grown)], model_version, force=True)
     summary.skipped_studies = len(done)
     # Rows first, then messages: a crash in between leaves studies `queued` without a
     # message, and the next ingest (or requeue) sends them.
@@ -354,6 +364,16 @@ def ingest(
             summary.uids.append(study["study_instance_uid"])
             progress.on_queued(study["study_instance_uid"])
     return summary
+
+
+def save_rejected_files(
+    session: Session, rejected: Sequence[InstanceResult], model_version: str
+) -> None:
+    """Rows for the files ingest could not identify, except over a file's screened row:
+    a file caught mid-copy by a nightly ingest lost its result for good (its study, final,
+    is not queued again)."""
+    screened = screened_sources(session, [r.source for r in rejected], model_version)
+    save_instances(session, [r for r in rejected if r.source not in screened], model_version, None)
 
 
 # --- the worker side -------------------------------------------------------------------
@@ -383,7 +403,8 @@ def process_study(
     check_ingest_root(settings)
     files = worker_files(task, settings.ingest_root)
     with autocommit(sessions) as session:
-        attempts = mark_processing(session, uid, version, sorted(files.values()), force=task.force)
+        taken = take_studies(session, {task: sorted(files.values())}, version)
+    attempts = taken.get(uid)
     if attempts is None:
         skip_finished(task, version, sessions)
         return "skipped"
@@ -418,9 +439,10 @@ def process_batch(
     warn_if_other_model(batch.studies[0], version)
     check_ingest_root(settings)
     files = {t: worker_files(t, settings.ingest_root) for t in batch.studies}
-    markers = {t.study_instance_uid: sorted(names.values()) for t, names in files.items()}
     with autocommit(sessions) as session:
-        attempts = mark_processing_many(session, markers, version, force=batch.studies[0].force)
+        attempts = take_studies(
+            session, {t: sorted(names.values()) for t, names in files.items()}, version
+        )
     todo = {t: paths for t, paths in files.items() if t.study_instance_uid in attempts}
     for task in files:
         if task.study_instance_uid not in attempts:
@@ -429,6 +451,31 @@ def process_batch(
         split_batch(list(todo), send)
         return "split"
     return f"{len(screen_and_save(todo, settings, classifier, sessions, deadline))} screened"
+
+
+def take_studies(
+    session: Session, names: Mapping[StudyTask, Sequence[str]], version: str
+) -> dict[str, int]:
+    """Mark the tasks' studies ``processing``; the attempt count of each one taken.
+
+    A study with a final result is taken only if it lacks a row for one of the
+    message's files (its file was added after an older message was screened), or was
+    forced by an ingest since its result.
+    """
+    markers = {t.study_instance_uid: files for t, files in names.items()}
+    forced = next(iter(names)).force
+    attempts = mark_processing_many(
+        session, markers, version, take=Take.FORCED if forced else Take.UNFINISHED
+    )
+    finished = {uid: files for uid, files in markers.items() if uid not in attempts}
+    grown = studies_missing_files(session, finished, version) if finished else set()
+    if grown:
+        log.info(
+            "%d studies screened without files their messages name: screened again", len(grown)
+        )
+        again = {uid: markers[uid] for uid in sorted(grown)}
+        attempts |= mark_processing_many(session, again, version, take=Take.ANY)
+    return attempts
 
 
 def skip_finished(task: StudyTask, version: str, sessions: sessionmaker[Session]) -> None:

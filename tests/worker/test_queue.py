@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from db.session import DatabaseError, is_database_unavailable, open_database
 from tests.conftest import REDIS_URL
+from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.sql import rows
 from tests.worker.processes import Worker, wait_for
 from tests.worker.test_faults import all_final, ingest, worker_env
@@ -408,8 +409,10 @@ def test_rows_name_files_as_ingest_did_whatever_the_workers_mount(
     assert sorted(files) == [s for s, _ in before if s in files]
     assert all(s.startswith(str(export)) for s, _ in before)
 
+    forced: list[dict[str, Any]] = []
+    ingest_studies([export], ingest_host, forced.append, sessions=sessions, force=True)
+    (again,) = [m for m in map(lambda m: parse_message((), m), forced) if m.files == task.files]
     Path(files[0]).write_bytes(b"DICM broken")
-    again = StudyTask(task.study_instance_uid, task.files, task.model_version, True, task.root)
     second = ingest_host.with_overrides(ingest_root=mounts[1])
     process_study(again, settings=second, classifier=classifier, sessions=sessions)
     after = rows(database_url, query)
@@ -528,3 +531,132 @@ def test_a_batch_that_cannot_be_split_goes_back_on_the_queue_whole() -> None:
     with pytest.raises(Reject) as caught:
         split_batch(tasks, broker_fails_after_one)
     assert caught.value.requeue and len(sent) == 1
+
+
+# --- a study whose files change between ingests --------------------------------------
+
+
+class ChangingStudy:
+    """One study of real DICOM films in an export that gains, loses or breaks files
+    between ingests; messages are collected and delivered by hand, in any order."""
+
+    STUDY = "1.2.826.0.1.3680043.10.4.1"
+
+    def __init__(self, root: Path, database_url: str, model_dir: Path, cxr_dir: Path) -> None:
+        self.export = root / "export"
+        self.pngs = sorted((cxr_dir / "test" / "covid").glob("*.png"))
+        self.settings = Settings(database_url=database_url, model=model_dir)
+        self.sessions = open_database(database_url)
+        self.classifier = Classifier(model_dir)
+        self.url = database_url
+
+    def add(self, n: int) -> Path:
+        ds = base_dataset(png_pixels(self.pngs[n]), study_uid=self.STUDY)
+        return write(ds, self.export / f"IM{n:04d}.dcm")
+
+    def ingest(self, force: bool = False) -> list[StudyTask]:
+        sent: list[dict[str, Any]] = []
+        ingest_studies(
+            [self.export], self.settings, sent.append, sessions=self.sessions, force=force
+        )
+        return [parse_message((), m) for m in sent]
+
+    def deliver(self, task: StudyTask) -> str:
+        return process_study(
+            task, settings=self.settings, classifier=self.classifier, sessions=self.sessions
+        )
+
+    def rows(self) -> dict[str, tuple[object, ...]]:
+        found = rows(
+            self.url,
+            "SELECT source, status, sop_instance_uid IS NOT NULL, study_instance_uid "
+            "FROM predictions ORDER BY source",
+        )
+        return {Path(r[0]).name: r[1:] for r in found}
+
+    def study(self) -> tuple[object, ...]:
+        (row,) = rows(self.url, "SELECT status, n_instances, n_screened FROM studies")
+        return row
+
+
+@pytest.fixture()
+def changing(tmp_path: Path, database_url: str, model_dir: Path, cxr_dir: Path) -> ChangingStudy:
+    return ChangingStudy(tmp_path, database_url, model_dir, cxr_dir)
+
+
+def test_a_film_added_while_the_study_waits_in_the_queue_is_screened(
+    changing: ChangingStudy,
+) -> None:
+    """The older message (2 films) was screened first; the newer one (3 films) was then
+    skipped as finished, and the third film never got a row."""
+    changing.add(0), changing.add(1)
+    (older,) = changing.ingest()
+    changing.add(2)
+    (newer,) = changing.ingest()
+    assert changing.deliver(older) == "screened"
+    assert changing.deliver(newer) == "screened"
+    assert set(changing.rows()) == {"IM0000.dcm", "IM0001.dcm", "IM0002.dcm"}
+    assert changing.study() == ("screened", 3, 3)
+    assert changing.deliver(newer) == "skipped", "delivered again: nothing new"
+    assert changing.ingest() == [], "every film has its row: nothing to queue"
+
+
+def test_a_film_added_after_the_study_was_screened_is_queued_by_the_next_ingest(
+    changing: ChangingStudy,
+) -> None:
+    changing.add(0)
+    (first,) = changing.ingest()
+    assert changing.deliver(first) == "screened"
+    changing.add(1)
+    (again,) = changing.ingest()
+    assert again.files == tuple(sorted(str(changing.export / f"IM000{n}.dcm") for n in (0, 1)))
+    assert changing.deliver(again) == "screened"
+    assert changing.study() == ("screened", 2, 2)
+
+
+def test_an_ingest_that_meets_a_screened_film_mid_copy_keeps_its_result(
+    changing: ChangingStudy,
+) -> None:
+    """The unreadable copy's row replaced the film's screened row; the study, final, was
+    never queued again, and its result named a film that had no row."""
+    changing.add(0)
+    whole = changing.add(1).read_bytes()
+    (first,) = changing.ingest()
+    assert changing.deliver(first) == "screened"
+    (changing.export / "IM0001.dcm").write_bytes(whole[:100])
+    assert changing.ingest() == []
+    (changing.export / "IM0001.dcm").write_bytes(whole)
+    assert changing.ingest() == []
+    assert [r[:2] for r in changing.rows().values()] == [("screened", True)] * 2
+
+
+def test_a_second_delivery_of_a_forced_message_is_skipped_once_it_is_screened(
+    changing: ChangingStudy,
+) -> None:
+    """``--force`` overrode a final result at every delivery: a duplicate that then
+    failed (out of memory, a time limit) replaced the screened result with `failed`."""
+    changing.add(0)
+    (first,) = changing.ingest()
+    assert changing.deliver(first) == "screened"
+    (forced,) = changing.ingest(force=True)
+    assert changing.deliver(forced) == "screened"
+    assert changing.deliver(forced) == "skipped"
+    (again,) = changing.ingest(force=True)
+    assert changing.deliver(again) == "screened", "a new --force screens it again"
+
+
+def test_a_film_gone_before_the_worker_read_it_leaves_no_row_once_it_is_screened_again(
+    changing: ChangingStudy,
+) -> None:
+    """Its row had no study (no header to read), so the study's next screening did not
+    find it to remove."""
+    for n in range(3):
+        changing.add(n)
+    (first,) = changing.ingest()
+    (changing.export / "IM0002.dcm").unlink()
+    assert changing.deliver(first) == "screened"
+    assert changing.rows()["IM0002.dcm"] == ("rejected", False, ChangingStudy.STUDY)
+    (again,) = changing.ingest(force=True)
+    assert changing.deliver(again) == "screened"
+    assert set(changing.rows()) == {"IM0000.dcm", "IM0001.dcm"}
+    assert changing.study() == ("screened", 2, 2)
