@@ -33,6 +33,12 @@ def make_engine(url: str) -> Engine:
     except (ArgumentError, ImportError, ValueError) as exc:
         raise DatabaseError(f"invalid database URL {safe_url(url)}: {exc}") from exc
     if engine.dialect.name == "sqlite":
+        if engine.url.database in (None, "", ":memory:"):
+            # `sqlite:///$DBFILE` with the variable unset: screened, reported, thrown away
+            raise DatabaseError(
+                f"{safe_url(url)} is an in-memory database, which keeps no results: "
+                "name a file (sqlite:///path/to/results.db)"
+            )
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 
@@ -80,8 +86,12 @@ TRANSIENT_REFUSALS = ("starting up", "shutting down", "in recovery", "too many",
 def check_database(url: str) -> str | None:
     """None when the database answers, or why it cannot be reached now (a retry may
     succeed). DatabaseError when it cannot work at all: a URL that does not parse, or a
-    server that refused the database, role or password for good."""
+    server that refused the database, role or password for good, or a SQLite file in a
+    folder that does not exist."""
     engine = make_engine(url)
+    folder = Path(engine.url.database or "").parent
+    if engine.dialect.name == "sqlite" and not folder.is_dir():
+        raise DatabaseError(f"no folder {folder} for the SQLite database {safe_url(url)}")
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))

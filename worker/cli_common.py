@@ -135,8 +135,10 @@ class ProgressLines:
     def __enter__(self) -> ProgressLines:
         return self
 
-    def __exit__(self, *_: object) -> None:
-        self.stop()
+    def __exit__(self, error: type[BaseException] | None, *_: object) -> None:
+        if error is None:
+            self.stop()
+        self.stopped = True  # an error's one line is not preceded by zero counts
 
     def add_task(self, description: str, total: float | None = None) -> TaskID:
         self.tasks.append(_LineTask(description, total, shown=self.started))

@@ -127,6 +127,9 @@ def run(
     start = time.perf_counter()
     card = read_card(settings.model)
     threshold = card.threshold if settings.threshold is None else settings.threshold
+    # The whole model, once, before any file is read: one that does not load (a Git LFS
+    # pointer, a truncated copy) stopped the pool processes with a traceback.
+    Classifier(settings.model, threshold=threshold, threads=1)
     sessions = open_database(settings.database_url)
     found = discover(paths, on_file=progress.on_file)
     summary = RunSummary(files=found.n_files, rejected_files=len(found.rejected))

@@ -167,3 +167,6 @@ def test_the_worker_refuses_a_database_that_cannot_work_and_waits_for_one_that_i
         check_database("postgresq+psycopg://postgres@127.0.0.1/test")
     down = check_database("postgresql+psycopg://postgres@127.0.0.1:1/test")
     assert down is not None and "Connection refused" in down
+    # SQLite in a folder that is not there: "unable to open database file", for ever
+    with pytest.raises(DatabaseError, match="no folder /nonexistent-dir for the SQLite"):
+        check_database("sqlite:////nonexistent-dir/results.db")

@@ -230,6 +230,9 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
         ),
         (["run", "."], {"CXR_LOG_LEVEL": "verbose"}, "CXR_LOG_LEVEL: Value error, not a log level"),
         (["run", "."], {"CXR_SETTINGS_FILE": "/nonexistent/cxr.env"}, "CXR_SETTINGS_FILE: no such"),
+        # `sqlite:///$DBFILE` with DBFILE unset: screened in memory, reported, thrown away
+        (["run", ".", "--database-url", "sqlite:///"], {}, "sqlite:/// is an in-memory database"),
+        (["status", "--database-url", "sqlite://"], {}, "sqlite:// is an in-memory database"),
         (["ingest", "."], {"CXR_BROKER_URL": ""}, "CXR_BROKER_URL: Value error, empty"),
     ],
 )
@@ -241,8 +244,27 @@ def test_cli_errors_are_one_clear_line(
     done = cli(*args, env_model=model_dir, **settings)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
+    assert not any(line.startswith("reading headers") for line in lines), "no zero counts"
+
+
+def test_a_model_that_does_not_load_stops_run_with_one_line(
+    dicom_dir: Path, sqlite_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """A Git LFS pointer in place of model.tflite: the pool processes died in their
+    initializer and run ended with a 57-line traceback and exit 1."""
+    broken = tmp_path / "model"
+    broken.mkdir()
+    shutil.copy(model_dir / "model_card.json", broken)
+    (broken / "model.tflite").write_text("version https://git-lfs.github.com/spec/v1\n")
+    done = cli("run", str(dicom_dir / "cxr"), "--database-url", sqlite_url, env_model=broken)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("model.tflite is not a TFLite model: The model is not a valid Flatbuffer buffer")
+    )
 
 
 def test_header_text_longer_than_the_standard_allows_is_stored_cut(
