@@ -29,6 +29,8 @@ from worker.cli_common import (
 )
 from worker.errors import UserError
 
+BROKER_UNREACHABLE = 3  # `status`: the counts are shown, the queue's part is not
+
 
 def _settings(**overrides: Any) -> Settings:
     """Settings with the flags applied, also exported to the environment.
@@ -180,6 +182,8 @@ def register(app: typer.Typer) -> None:
                     escape(row.reason or ""),
                 )
             Console(width=200).print(listing)
+        if report.broker_error:
+            raise typer.Exit(BROKER_UNREACHABLE)
 
     @app.command()
     @user_errors

@@ -98,10 +98,12 @@ def test_a_broker_url_no_transport_serves_is_one_line(
     env = worker_env("redsi://127.0.0.1:6379/0", sqlite_url, model_dir)
     done = python_module("worker", *command, env=env, cwd=tmp_path)
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
-    if command == ["status"]:  # the counts still, and the broker's part named
-        assert done.returncode == 0 and "broker unreachable: Redis URL must specify" in (
+    if command == ["status"]:  # the counts still, the broker's part named, and exit 3
+        # (exit 0 told a monitoring check that all was well)
+        assert done.returncode == 3 and "broker unreachable: Redis URL must specify" in (
             " ".join(done.stderr.split())
         )
+        assert "queue length" in done.stdout
     else:
         assert done.returncode == 2
         assert done.stderr.strip() == (
