@@ -109,6 +109,13 @@ def check_ready_to_work(settings: Settings) -> None:
     problem = check_database(settings.database_url)
     if problem:
         log.warning("the database does not answer yet (%s); studies wait for it", problem)
+    if settings.visibility_timeout <= settings.task_time_limit:
+        log.warning(
+            "CXR_VISIBILITY_TIMEOUT (%d s) is not longer than CXR_TASK_TIME_LIMIT (%d s): "
+            "Redis hands a study still being screened to another worker",
+            settings.visibility_timeout,
+            settings.task_time_limit,
+        )
 
 
 @worker_init.connect

@@ -12,13 +12,14 @@ import redis
 from PIL import Image
 from pydicom.uid import JPEGLSLossless, generate_uid
 
+from config.settings import Settings
 from db.repository import queue_studies
 from db.session import open_database
 from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.sql import execute, rows
 from tests.worker.processes import Worker, wait_for
 from tests.worker.test_faults import all_final, ingest, send_raw, worker_env
-from worker.celery_app import QUEUE, SCREEN_BATCH_TASK
+from worker.celery_app import QUEUE, SCREEN_BATCH_TASK, check_ready_to_work
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -173,3 +174,21 @@ def test_the_workers_time_limit_governs_not_the_one_of_ingest(
     assert rows(postgres_url, "SELECT status, reason FROM studies") == [
         ("failed", "time limit exceeded (2 s)")
     ]
+
+
+@pytest.mark.parametrize(("visibility", "warned"), [(300, True), (3600, False)])
+def test_a_visibility_timeout_shorter_than_a_task_is_warned_of_at_start(
+    visibility: int,
+    warned: bool,
+    model_dir: Path,
+    sqlite_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The README says it must be longer, or a study still being screened is handed to
+    another worker; nothing said so when it was not."""
+    settings = Settings(
+        model=model_dir, database_url=sqlite_url, visibility_timeout=visibility, task_time_limit=300
+    )
+    with caplog.at_level("WARNING", logger="worker.celery_app"):
+        check_ready_to_work(settings)
+    assert ("CXR_VISIBILITY_TIMEOUT (300 s) is not longer" in caplog.text) is warned, caplog.text
