@@ -94,6 +94,8 @@ def report(
             status.update(f"querying results ({period.describe()})")
             if model_version is None:
                 model_version = default_model_version(engine, period, settings.model)
+            else:
+                reporting.check_model_version(engine, model_version)
             result = reporting.build_report(engine, period, model_version)
             status.update("drawing charts" if format is ReportFormat.html else "rendering")
             if format is ReportFormat.html:

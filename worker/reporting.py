@@ -195,6 +195,19 @@ def model_version_to_report(engine: Engine, period: Period, configured: str | No
     )
 
 
+def check_model_version(engine: Engine, model_version: str) -> None:
+    """ReportError for a version the database has no study of: a typo read as an empty
+    period (exit 1), which a cron job takes for a quiet day."""
+    query = select(Study.model_version).distinct().order_by(Study.model_version)
+    with engine.connect() as connection:
+        versions = list(connection.scalars(query))
+    if versions and model_version not in versions:
+        raise ReportError(
+            f"no results of model version {model_version!r} in the database "
+            f"(it holds {', '.join(versions)})"
+        )
+
+
 def build_report(engine: Engine, period: Period, model_version: str | None = None) -> Report:
     """Every figure of a period report. Raises NoResultsError when there is nothing."""
     with engine.connect() as connection:

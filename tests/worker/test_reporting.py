@@ -412,6 +412,12 @@ def test_a_report_covers_one_model_version_of_several(filled: str) -> None:
             2,
             "all time holds results of 2 model versions (m1, m2): choose one with --model-version",
         ),
+        # a typo was exit 1, "nothing to report": a quiet day to a cron job
+        (
+            ["report", "--model-version", "m3"],
+            2,
+            "no results of model version 'm3' in the database (it holds m1, m2)",
+        ),
     ],
 )
 def test_cli_errors_are_one_clear_line(
