@@ -123,7 +123,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             command.upgrade(config, revision)
             connection.commit()
     except Exception as exc:
-        raise DatabaseError(f"cannot upgrade database {safe_url(str(engine.url))}: {exc}") from exc
+        where = safe_url(str(engine.url))
+        raise DatabaseError(f"cannot upgrade database {where}: {first_line(exc)}") from exc
 
 
 @contextmanager

@@ -233,6 +233,12 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
         # `sqlite:///$DBFILE` with DBFILE unset: screened in memory, reported, thrown away
         (["run", ".", "--database-url", "sqlite:///"], {}, "sqlite:/// is an in-memory database"),
         (["status", "--database-url", "sqlite://"], {}, "sqlite:// is an in-memory database"),
+        # a second line pointed at SQLAlchemy's error pages
+        (
+            ["run", ".", "--database-url", "postgresql+psycopg://postgres@127.0.0.1/no_such_db"],
+            {},
+            'failed: FATAL:  database "no_such_db" does not exist',
+        ),
         (["ingest", "."], {"CXR_BROKER_URL": ""}, "CXR_BROKER_URL: Value error, empty"),
     ],
 )
@@ -247,6 +253,7 @@ def test_cli_errors_are_one_clear_line(
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
     assert not any(line.startswith("reading headers") for line in lines), "no zero counts"
+    assert "sqlalche.me" not in done.stderr
 
 
 def test_a_model_that_does_not_load_stops_run_with_one_line(
