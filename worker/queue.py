@@ -347,11 +347,10 @@ def ingest(
             }
             for t in tasks
         }
-        queue_studies(
-            session, [r for u, r in rows.items() if u not in grown], model_version, force=force
-        )
-        # a study with files its result has not seen is queued over that result
-        queue_studies(session, [rows[u] for u in sorted(grown)], model_version, force=True)
+        fresh = [row for uid, row in rows.items() if uid not in grown]
+        queue_studies(session, fresh, model_version, force=force)
+        # a study with files its result has no row for is queued over that result
+        queue_studies(session, [rows[uid] for uid in sorted(grown)], model_version, force=True)
     summary.skipped_studies = len(done)
     # Rows first, then messages: a crash in between leaves studies `queued` without a
     # message, and the next ingest (or requeue) sends them.
