@@ -538,6 +538,17 @@ def mark_processing_many(
     return {uid: attempts for uid, attempts in result}
 
 
+# A study recorded failed without an outcome has no result: an earlier screening's (an
+# `ingest --force` of a covid study, then a failure) kept its label in the positive list.
+NO_RESULT = {
+    "covid_probability": None,
+    "predicted_label": None,
+    "threshold": None,
+    "n_screened": 0,
+    "n_rejected": 0,
+}
+
+
 def mark_failed(
     session: Session,
     study_instance_uid: str,
@@ -548,6 +559,7 @@ def mark_failed(
     now = utcnow()
     row = {
         **_new_study(study_instance_uid, model_version, StudyStatus.FAILED, now),
+        **NO_RESULT,
         "reason": reason[:2000],
         "finished_at": now,
     }
@@ -556,7 +568,7 @@ def mark_failed(
         STUDIES,
         [row],
         ["study_instance_uid", "model_version"],
-        update_keys=("status", "reason", "finished_at"),
+        update_keys=("status", "reason", "finished_at", *NO_RESULT),
         only_if_not_final=True,
     )
 
@@ -575,6 +587,7 @@ def fail_unfinished(session: Session, uids: Sequence[str], model_version: str, r
                 STUDIES,
                 {
                     "status": StudyStatus.FAILED.value,
+                    **NO_RESULT,
                     "reason": reason[:2000],
                     "finished_at": utcnow(),
                 },

@@ -15,6 +15,7 @@ from config.settings import Settings
 from db.models import Study, utcnow
 from db.repository import (
     Take,
+    fail_unfinished,
     mark_failed,
     mark_processing,
     queue_studies,
@@ -220,3 +221,36 @@ def test_a_failure_after_another_delivery_finished_the_study_is_neither_stored_n
     )
     assert study_row(one_study.sessions)[0] == final
     assert failed_studies_counted() == failed_before
+
+
+@pytest.mark.parametrize("how", ["mark_failed", "fail_unfinished"])
+def test_a_study_recorded_failed_keeps_no_earlier_result(database_url: str, how: str) -> None:
+    """Screened covid, forced again, then failed (a model mismatch, a malformed message):
+    the failed row kept 0.93 and `covid`, and stood in the positive studies."""
+    sessions = open_database(database_url)
+    with sessions.begin() as session:
+        session.execute(
+            Study.__table__.insert().values(  # type: ignore[attr-defined]
+                study_instance_uid=UID,
+                model_version=VERSION,
+                status="screened",
+                covid_probability=0.93,
+                predicted_label="covid",
+                threshold=0.2,
+                n_instances=1,
+                n_screened=1,
+                queued_at=utcnow(),
+            )
+        )
+        queue_studies(
+            session, [{"study_instance_uid": UID, "files": ["a.dcm"]}], VERSION, force=True
+        )
+        if how == "mark_failed":
+            mark_failed(session, UID, VERSION, "lost")
+        else:
+            fail_unfinished(session, [UID], VERSION, "malformed")
+    found = rows_of(
+        sessions,
+        "SELECT status, covid_probability, predicted_label, threshold, n_screened FROM studies",
+    )
+    assert found == [("failed", None, None, None, 0)]
