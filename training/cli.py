@@ -18,7 +18,7 @@ import typer
 from config.settings import get_settings
 from training.models import ARCHITECTURES, MIN_SIZES
 from worker.cli_common import user_errors
-from worker.model import read_card
+from worker.model import MAX_MODEL_VERSION, read_card
 
 app = typer.Typer(
     help="Train, evaluate and run the COVID-19 radiograph classifier.",
@@ -44,6 +44,15 @@ def check_image_size(arch: str, image_size: int | None) -> None:
     if image_size is not None and image_size < MIN_SIZES[arch]:
         raise typer.BadParameter(
             f"{arch} needs at least {MIN_SIZES[arch]} pixels", param_hint="--image-size"
+        )
+
+
+def check_model_version(model_version: str) -> None:
+    """Before the fit: the worker and run would refuse the card it ends with."""
+    if len(model_version) > MAX_MODEL_VERSION:
+        raise typer.BadParameter(
+            f"{model_version!r} is longer than {MAX_MODEL_VERSION} characters",
+            param_hint="--name/--version",
         )
 
 
@@ -142,6 +151,7 @@ def train_command(
     check_choice(precision, PRECISIONS, "--precision")
     check_choice(lr_schedule, LR_SCHEDULES, "--lr-schedule")
     check_image_size(arch, image_size)
+    check_model_version(f"{name or f'cxr-{arch}'}-{version}")
     cfg = TrainConfig(
         data_dir=data_dir,
         out=out or Path("runs") / arch,
@@ -286,6 +296,8 @@ def ensemble_command(
     _quiet_tensorflow()
     from training.ensemble import build_ensemble
 
+    if members:
+        check_model_version(f"{read_card(members[0]).name}-{version}")
     card = build_ensemble(
         members, data_dir, out, version=version, max_pixels=get_settings().max_pixels
     )

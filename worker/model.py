@@ -22,6 +22,9 @@ TFLITE_FILE = "model.tflite"
 KERAS_FILE = "model.keras"
 
 
+MAX_MODEL_VERSION = 64  # the width of the results tables' model_version column
+
+
 class ModelError(UserError):
     """The model folder is missing or inconsistent."""
 
@@ -61,6 +64,12 @@ def read_card(model_dir: Path) -> ModelCard:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"model card {path} lacks a valid field: {exc}") from exc
+    if len(card.model_version) > MAX_MODEL_VERSION:
+        # the results' key column: cut, two versions sharing 64 characters were one
+        raise ModelError(
+            f"model card {path}: name-version {card.model_version!r} is longer than "
+            f"{MAX_MODEL_VERSION} characters"
+        )
     check_compatible(card, path)
     return card
 

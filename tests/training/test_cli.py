@@ -220,6 +220,8 @@ def test_train_honours_cxr_max_pixels(
     [
         ("--image-size", "16", "compact needs at least 32 pixels"),
         ("--lr-schedule", "cosin", "plateau, cosine"),
+        # the card would be refused by run and the worker after the whole fit
+        ("--version", "1.0.0-" + "x" * 60, "is longer than 64 characters"),
     ],
 )
 def test_train_checks_its_options_before_reading_any_image(
