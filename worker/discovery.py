@@ -28,6 +28,9 @@ from worker.screening import InstanceResult, rejected
 log = logging.getLogger(__name__)
 
 SKIPPED_NAMES = frozenset({".DS_Store", "Thumbs.db"})
+# PostgreSQL indexes `predictions.source`, and a btree entry holds at most 2,704 bytes: a
+# longer path failed its study's whole transaction. Linux allows 4,096.
+MAX_SOURCE_BYTES = 2000
 
 
 @dataclass
@@ -139,6 +142,9 @@ def discover(
         path = queue.popleft()
         if on_file is not None:
             on_file(path)
+        if problem := unstorable_name(path):
+            found.rejected.append(rejected(storable_name(path), RejectCode.UNSUPPORTED, problem))
+            continue
         try:
             ds = read_dataset(path, pixels=False)
             if is_dicomdir(ds):
@@ -151,6 +157,28 @@ def discover(
             rejection = malformed(exc)
             found.rejected.append(rejected(path, rejection.code, rejection.reason))
     return found
+
+
+def unstorable_name(path: str) -> str | None:
+    """Why the results tables cannot hold this path as it is, or None. A name in another
+    encoding than UTF-8 (an old Latin-1 folder, ``M\\xfcller``) reaches Python as
+    surrogates, which no database driver encodes: the run stopped with a traceback."""
+    try:
+        size = len(path.encode())
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (rename it to screen it)"
+    if size > MAX_SOURCE_BYTES:
+        return f"path of {size} bytes is longer than the {MAX_SOURCE_BYTES} the results index"
+    return None
+
+
+def storable_name(path: str) -> str:
+    """The path as the results can hold it: undecodable bytes as ``\\xNN``, cut to
+    MAX_SOURCE_BYTES."""
+    name = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if len(name.encode()) <= MAX_SOURCE_BYTES:
+        return name
+    return name.encode()[: MAX_SOURCE_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
 def _add_dicomdir(

@@ -399,6 +399,32 @@ def test_a_rerun_over_a_changed_export_keeps_rows_of_the_files_screened_now(
     assert dict(found) == now
 
 
+def test_a_file_whose_path_the_results_cannot_hold_is_a_rejected_row_not_the_end_of_the_run(
+    database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """A Latin-1 folder name (surrogates no driver encodes) ended the run with a
+    traceback on both databases; a path over 2,704 bytes failed on PostgreSQL's index."""
+    pngs = sorted((cxr_dir / "test" / "normal").glob("*.png"))[:3]
+    export = tmp_path / "export"
+    latin1 = Path(os.fsdecode(bytes(export) + b"/M\xfcller_Hans"))
+    deep = export.joinpath(*["d" * 200] * 11)
+    for png, folder in zip(pngs, (export / "plain", latin1, deep), strict=True):
+        write(base_dataset(png_pixels(png)), folder / "film.dcm")
+    summary = run([export], settings_for(database_url, model_dir))
+    assert (summary.files, summary.screened, summary.rejected_files) == (3, 1, 2)
+    found = rows(database_url, "SELECT source, status, reason_code, reason FROM predictions")
+    (plain,) = [r for r in found if r[0].endswith("/plain/film.dcm")]
+    (latin,) = [r for r in found if "/M\\xfcller_Hans/" in r[0]]
+    assert plain[1] == "screened"
+    assert latin[1:] == (
+        "rejected",
+        "unsupported",
+        "file name is not valid UTF-8 (rename it to screen it)",
+    )
+    (long_row,) = [r for r in found if r[0].endswith("...")]
+    assert long_row[1:3] == ("rejected", "unsupported") and "bytes is longer than" in long_row[3]
+
+
 def test_two_studies_sharing_a_sop_instance_uid_keep_a_row_each(
     database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
 ) -> None:
