@@ -6,6 +6,7 @@ import datetime as dt
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Date,
     DateTime,
     Float,
@@ -24,6 +25,11 @@ NAMING = {
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# 64-bit on PostgreSQL (upserts use up sequence values; migration 0005); SQLite keeps
+# INTEGER, whose primary key is the 64-bit rowid.
+ROW_ID = BigInteger().with_variant(Integer, "sqlite")
 
 
 def utcnow() -> dt.datetime:
@@ -54,7 +60,7 @@ class Prediction(Base):
         Index("ix_predictions_updated_at", "updated_at"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(ROW_ID, primary_key=True, autoincrement=True)
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     series_instance_uid: Mapped[str | None] = mapped_column(String(64))
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))
@@ -86,7 +92,7 @@ class Study(Base):
         Index("ix_studies_queued_at", "queued_at"),
     )
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(ROW_ID, primary_key=True, autoincrement=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64))
     accession_number: Mapped[str | None] = mapped_column(String(64))
     patient_ref: Mapped[str | None] = mapped_column(String(64))

@@ -102,6 +102,36 @@ def open_together(url: str, n: int) -> list[str]:
     return [out for out in (results.get() for _ in range(n)) if out != "ok"]
 
 
+def test_row_ids_on_postgresql_are_64_bit_with_rows_kept(postgres_url: str) -> None:
+    """An upsert uses up a sequence value even when it only updates (three per study
+    through a worker): a 32-bit sequence runs out, and then every save fails."""
+    engine = make_engine(postgres_url)
+    upgrade(engine, "0004")
+    execute(
+        postgres_url,
+        "INSERT INTO studies (study_instance_uid, model_version, status, n_instances, "
+        "n_screened, n_rejected, n_failed, attempts) "
+        "VALUES ('1.2.3', 'm', 'queued', 0, 0, 0, 0, 0)",
+    )
+    upgrade(engine)
+    types = rows(
+        postgres_url,
+        "SELECT sequencename, data_type FROM pg_sequences ORDER BY 1",
+    ) + rows(
+        postgres_url,
+        "SELECT table_name, data_type FROM information_schema.columns "
+        "WHERE column_name = 'id' AND table_schema = 'public' ORDER BY 1",
+    )
+    assert types == [
+        ("predictions_id_seq", "bigint"),
+        ("studies_id_seq", "bigint"),
+        ("predictions", "bigint"),
+        ("studies", "bigint"),
+    ]
+    assert rows(postgres_url, "SELECT study_instance_uid FROM studies") == [("1.2.3",)]
+    engine.dispose()
+
+
 @pytest.mark.services
 def test_workers_starting_together_on_a_fresh_postgresql_all_get_the_schema() -> None:
     """Eight processes open a new database at once, twelve times over (each process
