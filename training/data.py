@@ -42,6 +42,23 @@ log = logging.getLogger(__name__)
 
 LABELS = {"normal": 0, "covid": 1}
 EXTRA_LABELS = ("pneumonia",)
+# Label folders as other data sets name them (compared without case, spaces or
+# punctuation: "COVID-19", "Viral Pneumonia", "Lung_Opacity"). Other findings join the
+# pneumonia group, which evaluate reports apart from the binary figures.
+LABEL_FOLDERS = {
+    "normal": "normal",
+    "negative": "normal",
+    "nofinding": "normal",
+    "healthy": "normal",
+    "covid": "covid",
+    "covid19": "covid",
+    "sarscov2": "covid",
+    "positive": "covid",
+    "pneumonia": "pneumonia",
+    "viralpneumonia": "pneumonia",
+    "bacterialpneumonia": "pneumonia",
+    "lungopacity": "pneumonia",
+}
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ""})
 PNEUMONIA_POLICY = (
     "excluded: pneumonia/ images (all web-published ieee8023/Figure1 figures) are not used "
@@ -117,26 +134,53 @@ def _reportable(path: Path) -> bool:
         return True
 
 
+def folder_key(name: str) -> str:
+    return "".join(c for c in name.casefold() if c.isalnum())
+
+
+def subfolders(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in Path(folder).iterdir() if p.is_dir())
+    except OSError:
+        return []
+
+
+def child_folder(folder: Path, name: str) -> Path | None:
+    """``folder/name`` whatever its case ("Test/", "VAL/")."""
+    return next((p for p in subfolders(folder) if folder_key(p.name) == name), None)
+
+
+def label_folders(folder: Path) -> dict[Path, str]:
+    """The sub-folders that name a label, and the label each names."""
+    found = {p: LABEL_FOLDERS.get(folder_key(p.name)) for p in subfolders(folder)}
+    return {p: label for p, label in found.items() if label is not None}
+
+
+def other_folders(folder: Path) -> list[str]:
+    """Sub-folders whose images no label takes: said, so a class left out is seen."""
+    return [p.name for p in subfolders(folder) if folder_key(p.name) not in LABEL_FOLDERS]
+
+
 def split_dir(data_dir: Path, split: str) -> Path:
     """``DATA_DIR/split`` if present, else DATA_DIR itself when it holds label folders
     (for ``evaluate`` only: training needs distinct train/ and val/ folders)."""
     data_dir = Path(data_dir)
-    candidate = data_dir / split
-    if candidate.is_dir():
+    candidate = child_folder(data_dir, split)
+    if candidate is not None:
         return candidate
-    if any((data_dir / label).is_dir() for label in LABELS):
+    if any(label in LABELS for label in label_folders(data_dir).values()):
         return data_dir
     raise FileNotFoundError(f"{data_dir} has neither {split}/ nor normal/ and covid/ folders")
 
 
 def list_samples(folder: Path, include: Iterable[str] = tuple(LABELS)) -> list[Sample]:
     """Sorted (path, label) pairs of one split folder."""
-    folder = Path(folder)
+    wanted = set(include)
     samples = [
         Sample(path, label)
-        for label in include
-        if (folder / label).is_dir()
-        for path in walk_images(folder / label)
+        for sub, label in label_folders(Path(folder)).items()
+        if label in wanted
+        for path in walk_images(sub)
     ]
     return sorted(samples, key=lambda s: (str(s.path), s.label))
 
@@ -144,8 +188,8 @@ def list_samples(folder: Path, include: Iterable[str] = tuple(LABELS)) -> list[S
 def list_split(data_dir: Path, split: str, include: Iterable[str] = tuple(LABELS)) -> list[Sample]:
     """The samples of ``DATA_DIR/split``, which must exist: no fallback to DATA_DIR, where
     train and val would be the same images."""
-    folder = Path(data_dir) / split
-    if not folder.is_dir():
+    folder = child_folder(Path(data_dir), split)
+    if folder is None:
         raise FileNotFoundError(
             f"{data_dir} has no {split}/ folder (training needs DATA_DIR/train/ and "
             "DATA_DIR/val/, each with normal/ and covid/ folders)"

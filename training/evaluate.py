@@ -37,7 +37,14 @@ import numpy as np
 
 from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES
-from training.data import Sample, list_samples, load_input, load_or_reason, split_dir
+from training.data import (
+    Sample,
+    list_samples,
+    load_input,
+    load_or_reason,
+    other_folders,
+    split_dir,
+)
 from training.robustness import SHIFTS, GrayTransform
 from training.train import (
     DEFAULT_TARGET_SENSITIVITY,
@@ -568,6 +575,13 @@ def evaluate(
     model_dir, out = Path(model_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = split_dir(data_dir, split)
+    if ignored := other_folders(folder):
+        log.warning(
+            "left out: %s under %s (no label folder: normal, covid or pneumonia, or the "
+            "names other data sets use for them)",
+            ", ".join(f"{name}/" for name in ignored),
+            folder,
+        )
     samples = list_samples(folder, ("normal", "covid"))
     if not samples:
         raise FileNotFoundError(f"no normal/ or covid/ images under {folder}")

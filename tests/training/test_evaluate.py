@@ -173,6 +173,24 @@ def test_a_split_with_one_class_gives_a_report(
     assert saved["auc"] is None and saved["specificity"] is None
 
 
+def test_label_folders_as_other_data_sets_name_them_are_read(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``COVID/`` + ``Normal/`` (the Kaggle database's own layout) was refused, and
+    ``covid-19/`` + ``normal/`` reported 0 covid images, exit 0, AUC n/a."""
+    data = tmp_path / "data"
+    _sample_folder(data / "Test", cxr_dir, "test", {"normal": 3, "covid": 3})
+    (data / "Test" / "normal").rename(data / "Test" / "Normal")
+    (data / "Test" / "covid").rename(data / "Test" / "COVID-19")
+    _sample_folder(data / "Test" / "Viral Pneumonia", cxr_dir, "test", {"pneumonia": 2})
+    (data / "Test" / "scanner exports").mkdir()
+    with caplog.at_level("WARNING", logger="training.evaluate"):
+        m = evaluate(data, shipped_model, tmp_path / "eval", n_bootstrap=100)
+    assert (m["n"], m["n_normal"], m["n_covid"]) == (6, 3, 3)
+    assert m["pneumonia"]["n"] == 2
+    assert "left out: scanner exports/ under" in caplog.text
+
+
 def test_a_split_where_every_file_is_rejected_is_a_user_error(
     shipped_model: Path, tmp_path: Path
 ) -> None:
