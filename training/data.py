@@ -36,7 +36,13 @@ from training import CLASS_NAMES
 from worker.discovery import tree_files
 from worker.imaging.dicom import describe_read_error
 from worker.imaging.errors import RejectedInput
-from worker.imaging.pipeline import PREPROCESSING_VERSION, is_picture, load_gray, model_input
+from worker.imaging.pipeline import (
+    PREPROCESSING_VERSION,
+    has_dicom_preamble,
+    is_picture,
+    load_gray,
+    model_input,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def is_image_file(path: Path) -> bool:
         return False
     if is_picture(path) or path.suffix.lower() in DICOM_SUFFIXES or is_uid_name(path):
         return True
-    return has_dicom_prefix(path)
+    return has_dicom_preamble(path)
 
 
 def is_uid_name(path: Path) -> bool:
@@ -103,14 +109,6 @@ def is_uid_name(path: Path) -> bool:
     file need not have the "DICM" prefix: files without a preamble still read."""
     suffix = path.suffix[1:]
     return suffix.isascii() and suffix.isdigit()
-
-
-def has_dicom_prefix(path: Path) -> bool:
-    try:
-        with path.open("rb") as stream:
-            return stream.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
 
 
 def walk_images(folder: Path) -> list[Path]:

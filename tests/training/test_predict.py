@@ -38,6 +38,25 @@ def test_png_jpeg_and_dicom_are_screened(
     assert abs(float(rows[0]["covid_probability"]) - float(rows[1]["covid_probability"])) < 0.1
 
 
+def test_the_reader_is_chosen_by_content_not_by_the_file_name(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    """A PNG with no extension or named .dcm was "not a DICOM file", a DICOM named .png
+    "not an image format Pillow reads"; WebP and GIF went to the DICOM reader."""
+    from tests.dicom_factory import base_dataset, png_pixels, write
+
+    picture = Image.open(sample_png).convert("L")
+    names = {"no_extension": "PNG", "film.dcm": "PNG", "film.webp": "WEBP", "film.gif": "GIF"}
+    for name, kind in names.items():
+        picture.save(tmp_path / name, format=kind, **({"lossless": True} if kind == "WEBP" else {}))
+    write(base_dataset(png_pixels(sample_png)), tmp_path / "dicom.png")
+    rows = {Path(r["path"]).name: r for r in _rows([sample_png, tmp_path], shipped_model)}
+    reference = float(rows[sample_png.name]["covid_probability"])
+    for name in (*names, "dicom.png"):
+        assert rows[name]["status"] == "screened", rows[name]
+        assert abs(float(rows[name]["covid_probability"]) - reference) < 0.01, name
+
+
 def test_bad_files_are_rejected_not_fatal(
     shipped_model: Path, sample_png: Path, bad_files: dict[str, Path], tmp_path: Path
 ) -> None:

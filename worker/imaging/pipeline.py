@@ -56,7 +56,9 @@ PREPROCESSING_VERSION = "2"
 WORKING_SIDE = 512
 BORDER_FRACTION = 0.10
 DEEP_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
-PICTURE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+PICTURE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+)
 # JPEG 2000 that Pillow's OpenJPEG can decode at a reduced resolution (not HTJ2K).
 REDUCIBLE_JPEG2000_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
 # Decoder plugins tried first where installed: CharLS (pyjpegls) decodes JPEG-LS about
@@ -230,7 +232,28 @@ def is_picture(path: str | Path) -> bool:
 
 
 def load_gray(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Any supported file -> grey in [0, 1]; DICOM goes through the full gate."""
-    if is_picture(path):
+    """Any supported file -> grey in [0, 1]; DICOM goes through the full gate. The
+    reader is chosen by content, the name only breaking a tie: a DICOM file named
+    ``.png``, or a PNG with no extension or named ``.dcm``, was rejected by the other."""
+    if not has_dicom_preamble(path) and (is_picture(path) or pillow_reads(path)):
         return load_picture(path, max_pixels)
     return read_dicom_image(path, max_pixels).gray
+
+
+def has_dicom_preamble(path: str | Path) -> bool:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def pillow_reads(path: str | Path) -> bool:
+    """Whether Pillow identifies the file from its header (no pixels decoded)."""
+    try:
+        with Image.open(path):
+            return True
+    except Image.DecompressionBombError:
+        return True  # a picture: load_picture rejects it with the size
+    except (OSError, ValueError):
+        return False
