@@ -52,9 +52,11 @@ from worker.imaging.pixels import (
 # Versions model_input, the step from a display grey image to the network input. Fixes
 # that bring a DICOM file to the display its PNG export shows (LUTs, padding, orientation)
 # leave it alone: the PNG training inputs do not change.
-PREPROCESSING_VERSION = "2"
+PREPROCESSING_VERSION = "3"  # 3: wide uniform bands trimmed before the border crop
 WORKING_SIDE = 512
 BORDER_FRACTION = 0.10
+BAND_FRACTION = 0.05  # a uniform band at least this share of its side is not the film
+BAND_TOLERANCE = 0.02  # grey standard deviation within a band's lines
 DEEP_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
 PICTURE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -75,10 +77,32 @@ class DicomImage:
 def model_input(gray: np.ndarray, size: int) -> np.ndarray:
     """Grey image in [0, 1] (any size) -> (size, size, 1) float32 network input."""
     small = block_reduce_mean(gray, WORKING_SIDE)
-    core = crop_border(small, BORDER_FRACTION)
+    core = crop_border(trim_uniform_bands(small), BORDER_FRACTION)
     resized = resize(core, (size, size), order=1, anti_aliasing=True, preserve_range=True)
     equalised = equalize_hist(resized, nbins=256)
     return equalised.astype(np.float32)[..., np.newaxis]
+
+
+def trim_uniform_bands(image: np.ndarray) -> np.ndarray:
+    """The image without uniform bands along its edges that are at least BAND_FRACTION
+    of the side: padding to a 4:3 or square frame, a scanner's or a photograph's dark
+    surround. The 10 % crop does not reach past them, and the equalisation then spent
+    its range on the band: a 4:3 pillarbox took the test specificity from 0.957 to 0.824.
+    Narrower bands (a few pixels of collimator edge) are left to the crop."""
+    rows, cols = image.shape[:2]
+    top, bottom = _band(image, rows), _band(image[::-1], rows)
+    left, right = _band(image.T, cols), _band(image.T[::-1], cols)
+    if top + bottom >= rows // 2 or left + right >= cols // 2:
+        return image  # mostly uniform: the blank check, not a crop, deals with it
+    return image[top : rows - bottom, left : cols - right]
+
+
+def _band(image: np.ndarray, side: int) -> int:
+    """How many leading rows are nearly uniform and alike, if that is a wide band."""
+    means, spreads = image.mean(axis=1), image.std(axis=1)
+    alike = (spreads <= BAND_TOLERANCE) & (np.abs(means - means[0]) <= 2 * BAND_TOLERANCE)
+    width = len(alike) if alike.all() else int(np.argmin(alike))
+    return width if width >= BAND_FRACTION * side else 0
 
 
 def crop_border(image: np.ndarray, fraction: float) -> np.ndarray:
