@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -17,8 +18,10 @@ import typer
 
 from config.settings import get_settings
 from training.models import ARCHITECTURES, MIN_SIZES
-from worker.cli_common import user_errors
+from worker.cli_common import existing_paths, user_errors
 from worker.model import MAX_MODEL_VERSION, read_card
+
+SIGPIPE_EXIT = 141  # as a shell reports a command ended by SIGPIPE
 
 app = typer.Typer(
     help="Train, evaluate and run the COVID-19 radiograph classifier.",
@@ -266,7 +269,7 @@ def evaluate_command(
 @user_errors
 def predict_command(
     paths: Annotated[
-        list[Path], typer.Argument(help="Image files or folders (walked recursively).")
+        list[str], typer.Argument(help="Image files or folders (walked recursively).")
     ],
     model: Annotated[
         Path | None, typer.Option(help="Model folder (default: CXR_MODEL or models/cxr-compact).")
@@ -278,9 +281,14 @@ def predict_command(
     from training.predict import predict_to_csv
 
     settings = get_settings().with_overrides(model=model, threshold=threshold)
-    n = predict_to_csv(
-        paths, settings.model, csv, threshold=settings.threshold, max_pixels=settings.max_pixels
-    )
+    files = existing_paths(paths)
+    try:
+        n = predict_to_csv(
+            files, settings.model, csv, threshold=settings.threshold, max_pixels=settings.max_pixels
+        )
+    except BrokenPipeError:  # `predict DIR | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(SIGPIPE_EXIT) from None
     if csv is not None:
         typer.echo(f"wrote {n} rows to {csv}", err=True)
 

@@ -47,12 +47,14 @@ def expand(paths: Iterable[Path], output: Path | None = None) -> Iterator[Path]:
     (broken symbolic links included, so they get a row rather than vanishing). A walk
     leaves out ``output``, the CSV being written, which may sit in a walked folder."""
     skip = None if output is None else Path(output).resolve()
+    seen: set[Path] = set()  # a file given twice, or alone and in its folder: one row
     for path in paths:
         path = Path(path)
-        if path.is_dir():
-            yield from (p for p in walk_files(path) if skip is None or not _is(p, skip))
-        else:
-            yield path
+        found = walk_files(path) if path.is_dir() else [path]
+        for file in found:
+            if file not in seen and (skip is None or not _is(file, skip)):
+                seen.add(file)
+                yield file
 
 
 def _is(path: Path, resolved: Path) -> bool:

@@ -226,3 +226,40 @@ def test_reasons_never_quote_a_patient_named_path_and_a_deep_one_is_a_row(
         "unreadable: OSError: File name too long",
         "unreadable: not an image format Pillow reads",
     ]
+
+
+def predict_cli(*args: str, **run: object) -> subprocess.CompletedProcess[bytes]:
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **run}
+    return subprocess.run(  # type: ignore[call-overload]
+        [sys.executable, "-m", "worker", "predict", *args], check=False, timeout=300, **streams
+    )
+
+
+def test_predict_names_a_missing_or_empty_path_instead_of_scoring_around_it(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    """A typo was a `rejected` row and exit 0; an unset "$DIR" screened the current folder."""
+    for paths, message in (
+        ([str(sample_png), str(tmp_path / "missing.png")], b"no such file or folder: "),
+        ([""], b"an empty path was given"),
+    ):
+        done = predict_cli(*paths, "--model", str(shipped_model), cwd=tmp_path)
+        assert done.returncode == 2 and done.stdout == b""
+        assert done.stderr.startswith(b"error: " + message), done.stderr
+
+
+def test_a_file_given_twice_has_one_row_and_a_closed_pipe_ends_quietly(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for n in range(40):
+        (folder / f"{n:02d}.png").symlink_to(sample_png)
+    rows = _rows([folder / "00.png", folder, folder / "00.png"], shipped_model)
+    assert [Path(r["path"]).name for r in rows] == [f"{n:02d}.png" for n in range(40)]
+    reader = subprocess.Popen(["head", "-n", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert reader.stdin is not None
+    done = predict_cli(str(folder), "--model", str(shipped_model), stdout=reader.stdin)
+    reader.stdin.close()
+    assert reader.wait() == 0
+    assert done.returncode == 141 and b"Broken pipe" not in done.stderr, done.stderr
