@@ -48,6 +48,7 @@ from worker.imaging.pixels import (
     display_gray,
     shrinks_before_display,
 )
+from worker.imaging.polarity import looks_inverted
 
 # Versions model_input, the step from a display grey image to the network input. Fixes
 # that bring a DICOM file to the display its PNG export shows (LUTs, padding, orientation)
@@ -217,12 +218,15 @@ def decode_jpeg2000_reduced(ds: Dataset, working_side: int) -> np.ndarray | None
 
 def load_picture(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A PNG/JPEG/TIFF as grey in [0, 1], shown as a viewer shows it, after the same size
-    gate as DICOM (read from the header, before the pixels are decoded); a blank picture
-    is rejected as a blank DICOM image is."""
+    gate as DICOM (read from the header, before the pixels are decoded), the right way
+    round (white lungs turned back); a blank picture is rejected as a blank DICOM
+    image is."""
     try:
         with Image.open(path) as img:
             check_dimensions(img.height, img.width, max_pixels)
             gray = picture_gray(ImageOps.exif_transpose(img))
+        if looks_inverted(gray):  # a picture has no header to say so, as DICOM does
+            gray = 1.0 - gray
     except Image.DecompressionBombError as exc:
         raise RejectedInput(
             RejectCode.UNSUPPORTED, f"image is over the size limit ({exc})"
