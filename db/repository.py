@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import Prediction, Study, utcnow
-from worker.imaging.enum import StudyStatus
+from worker.imaging.enum import Label, StudyStatus
 from worker.privacy import PatientIdMode, patient_ref
 from worker.screening import DUPLICATE_INSTANCE, InstanceResult, StudyOutcome
 
@@ -57,34 +57,111 @@ def save_study(
         outcome.threshold,
         study_instance_uid=outcome.study_instance_uid,
     )
-    _delete_files_gone_from(session, outcome)
+    _delete_replaced_files(session, outcome)
+    _sum_up_study(session, outcome, with_files=not from_queue)
     return True
 
 
-def _delete_files_gone_from(session: Session, outcome: StudyOutcome) -> None:
-    """Rows an earlier screening of the study left for files that are no longer among
-    its files, or whose path holds another instance now (deleted or replaced in the
-    export): the study's rows are those of its latest screening, as its counts are."""
-    keys = [
+def _delete_replaced_files(session: Session, outcome: StudyOutcome) -> None:
+    """Rows of the study whose path now holds another instance (a file replaced in the
+    export): the file screened now is the one there. Rows of files this screening did
+    not see stay: late images come in another export, and exports are often removed
+    once read."""
+    instance_at = dict(_keys(outcome))
+    rows = session.execute(
+        select(PREDICTIONS.c.id, PREDICTIONS.c.sop_instance_uid, PREDICTIONS.c.source).where(
+            PREDICTIONS.c.study_instance_uid == _study_key(outcome),
+            PREDICTIONS.c.model_version == outcome.model_version,
+            PREDICTIONS.c.source.in_(sorted(instance_at)),
+        )
+    )
+    replaced = sorted(
+        row.id for row in rows if row.sop_instance_uid not in (None, instance_at[row.source])
+    )
+    if replaced:
+        session.execute(PREDICTIONS.delete().where(PREDICTIONS.c.id.in_(replaced)))
+
+
+def _sum_up_study(session: Session, outcome: StudyOutcome, *, with_files: bool) -> None:
+    """The study row's figures over every file of the study this model has a row for,
+    this screening's and earlier ones' (a study screened in parts, as its images came):
+    a late normal film must not hide the covid film screened the night before."""
+    rows = session.execute(
+        select(
+            PREDICTIONS.c.source,
+            PREDICTIONS.c.sop_instance_uid,
+            PREDICTIONS.c.duplicate_of,
+            PREDICTIONS.c.status,
+            PREDICTIONS.c.covid_probability,
+            PREDICTIONS.c.reason,
+        ).where(
+            # this screening's files, whatever study their header names, and the study's
+            # earlier ones
+            (PREDICTIONS.c.study_instance_uid == _study_key(outcome))
+            | PREDICTIONS.c.source.in_(sorted(dict(_keys(outcome)))),
+            PREDICTIONS.c.model_version == outcome.model_version,
+        )
+    ).all()
+    own = {row.sop_instance_uid for row in rows}
+    # A copy of one of the study's own instances is not counted; one of another
+    # study's instance (stored under its path) is.
+    counted = [row for row in rows if row.duplicate_of is None or row.duplicate_of not in own]
+    scores = [
+        r.covid_probability
+        for r in counted
+        if r.status == "screened" and r.covid_probability is not None
+    ]
+    statuses = [r.status for r in counted]
+    status = (
+        StudyStatus.SCREENED
+        if "screened" in statuses
+        else StudyStatus.FAILED
+        if "failed" in statuses
+        else StudyStatus.REJECTED
+    )
+    probability = max(scores) if scores else None
+    figures: dict[str, Any] = {
+        "status": status.value,
+        "n_instances": len(counted),
+        "n_screened": statuses.count("screened"),
+        "n_rejected": statuses.count("rejected"),
+        "n_failed": statuses.count("failed"),
+        "covid_probability": probability,
+        "predicted_label": _label(probability, outcome.threshold),
+        "reason": None
+        if status is StudyStatus.SCREENED
+        else "; ".join(sorted({r.reason for r in counted if r.reason})) or None,
+    }
+    if with_files:
+        figures["files"] = sorted(row.source for row in rows)
+    session.execute(
+        STUDIES.update()
+        .where(
+            STUDIES.c.study_instance_uid == outcome.study_instance_uid,
+            STUDIES.c.model_version == outcome.model_version,
+        )
+        .values(fit_to_columns(STUDIES, figures))
+    )
+
+
+def _label(probability: float | None, threshold: float | None) -> str | None:
+    if probability is None or threshold is None:
+        return None
+    return (Label.COVID if probability >= threshold else Label.NORMAL).value
+
+
+def _keys(outcome: StudyOutcome) -> list[tuple[str, str | None]]:
+    """(source, SOP Instance UID) of each file, as the rows store them."""
+    rows = [
         fit_to_columns(PREDICTIONS, {"source": r.source, "sop_instance_uid": r.sop_instance_uid})
         for r in outcome.instances
     ]
-    instance_at = {key["source"]: key["sop_instance_uid"] for key in keys}
-    study = fit_to_columns(PREDICTIONS, {"study_instance_uid": outcome.study_instance_uid})
-    rows = session.execute(
-        select(PREDICTIONS.c.id, PREDICTIONS.c.sop_instance_uid, PREDICTIONS.c.source).where(
-            PREDICTIONS.c.study_instance_uid == study["study_instance_uid"],
-            PREDICTIONS.c.model_version == outcome.model_version,
-        )
-    )
-    gone = sorted(
-        row.id
-        for row in rows
-        if row.source not in instance_at
-        or row.sop_instance_uid not in (None, instance_at[row.source])
-    )
-    for start in range(0, len(gone), 500):
-        session.execute(PREDICTIONS.delete().where(PREDICTIONS.c.id.in_(gone[start : start + 500])))
+    return [(row["source"], row["sop_instance_uid"]) for row in rows]
+
+
+def _study_key(outcome: StudyOutcome) -> str:
+    fitted = fit_to_columns(PREDICTIONS, {"study_instance_uid": outcome.study_instance_uid})
+    return str(fitted["study_instance_uid"])
 
 
 def _study_row(
@@ -369,13 +446,12 @@ def _marker_statement(dialect: str, take: Take) -> Any:
         Take.FORCED: unfinished | since_forced,
         Take.ANY: None,
     }[take]
+    # A final study taken for files it lacks starts a new delivery count: the old one
+    # would have its batch split, as if it had been delivered before.
+    attempts = 1 if take is Take.ANY else func.coalesce(STUDIES.c.attempts, 0) + 1
     return statement.on_conflict_do_update(
         index_elements=["study_instance_uid", "model_version"],
-        set_={
-            "status": excluded.status,
-            "started_at": excluded.started_at,
-            "attempts": func.coalesce(STUDIES.c.attempts, 0) + 1,
-        },
+        set_={"status": excluded.status, "started_at": excluded.started_at, "attempts": attempts},
         where=where,
     ).returning(STUDIES.c.study_instance_uid, STUDIES.c.attempts)
 
@@ -418,24 +494,25 @@ def final_study_uids(session: Session, uids: Sequence[str], model_version: str) 
     return found
 
 
-def studies_missing_files(
-    session: Session, files_by_study: Mapping[str, Iterable[str]], model_version: str
+def files_without_rows(
+    session: Session, files: Mapping[str, str | None], model_version: str
 ) -> set[str]:
-    """The studies among these whose rows for this model miss one of the given files
-    (named as rows name them): screened before the file was there, or from an older
-    message than the one that named it."""
-    sources: dict[str, set[str]] = {}
-    uids = list(files_by_study)
-    for start in range(0, len(uids), 500):
-        query = select(PREDICTIONS.c.study_instance_uid, PREDICTIONS.c.source).where(
-            PREDICTIONS.c.study_instance_uid.in_(uids[start : start + 500]),
+    """The files (named as rows name them) that have no row for this model holding the
+    given SOP Instance UID (None: any row) and a result: new since their study was
+    screened, replaced in place, unreadable when the worker read them, or failed."""
+    found: dict[str, set[str | None]] = {}
+    sources = sorted(files)
+    for start in range(0, len(sources), 500):
+        query = select(
+            PREDICTIONS.c.source, PREDICTIONS.c.sop_instance_uid, PREDICTIONS.c.duplicate_of
+        ).where(
+            PREDICTIONS.c.source.in_(sources[start : start + 500]),
             PREDICTIONS.c.model_version == model_version,
+            PREDICTIONS.c.status != "failed",  # no result: the file is tried again
         )
-        for uid, source in session.execute(query):
-            sources.setdefault(uid, set()).add(source)
-    return {
-        uid for uid, files in files_by_study.items() if not set(files) <= sources.get(uid, set())
-    }
+        for source, uid, copy_of in session.execute(query):
+            found.setdefault(source, set()).update({uid or copy_of, None})
+    return {source for source, uid in files.items() if uid not in found.get(source, set())}
 
 
 def screened_sources(session: Session, sources: Sequence[str], model_version: str) -> set[str]:

@@ -36,8 +36,12 @@ MAX_SOURCE_BYTES = 2000
 @dataclass
 class StudyFiles:
     study_instance_uid: str
-    files: list[str] = field(default_factory=list)
+    instances: dict[str, str] = field(default_factory=dict)  # file -> SOP Instance UID
     accession_number: str | None = None
+
+    @property
+    def files(self) -> list[str]:
+        return list(self.instances)
 
 
 @dataclass
@@ -203,7 +207,7 @@ def _add_instance(found: Discovery, path: str, ds: Dataset) -> None:
     study = found.studies.setdefault(
         header.study_instance_uid, StudyFiles(header.study_instance_uid)
     )
-    study.files.append(path)
+    study.instances[path] = header.sop_instance_uid
     study.accession_number = study.accession_number or header.accession_number
 
 

@@ -28,6 +28,7 @@ from db.repository import (
     Take,
     fail_unfinished,
     failed_studies,
+    files_without_rows,
     final_study_uids,
     mark_failed,
     mark_processing_many,
@@ -37,11 +38,10 @@ from db.repository import (
     save_study,
     screened_sources,
     stale_studies,
-    studies_missing_files,
     study_status_counts,
 )
 from db.session import DatabaseError, autocommit, safe_url
-from worker.discovery import discover, file_name
+from worker.discovery import StudyFiles, discover, file_name
 from worker.errors import UserError
 from worker.imaging.dicom import is_dicom_uid
 from worker.logs import describe_error
@@ -322,23 +322,27 @@ def ingest(
     summary = IngestSummary(files=found.n_files, rejected_files=len(found.rejected))
     summary.studies = len(found.studies)
     progress.on_discovered(len(found.studies))
-    tasks = [
-        StudyTask(
-            uid,
-            tuple(message_paths(study.files, settings.ingest_root)),
-            model_version,
-            root=root_name(settings.ingest_root),
-        )
-        for uid, study in found.studies.items()
-    ]
+    for study in found.studies.values():  # IngestError before any row or message
+        message_paths(study.files, settings.ingest_root)
     with sessions.begin() as session:
         save_rejected_files(session, found.rejected, model_version)
         done = set() if force else final_study_uids(session, list(found.studies), model_version)
-        grown = studies_missing_files(
-            session, {uid: found.studies[uid].files for uid in done}, model_version
+        new_files = files_without_rows(
+            session,
+            {path: uid for s in done for path, uid in found.studies[s].instances.items()},
+            model_version,
         )
+        grown = {s for s in done if new_files & found.studies[s].instances.keys()}
+        for uid in grown:  # only the files it lacks: the study row sums up all of them
+            found.studies[uid].instances = {
+                path: sop for path, sop in found.studies[uid].instances.items() if path in new_files
+            }
         done -= grown
-        tasks = [t for t in tasks if t.study_instance_uid not in done]
+        tasks = [
+            _study_task(uid, study, settings, model_version)
+            for uid, study in found.studies.items()
+            if uid not in done
+        ]
         rows = {
             t.study_instance_uid: {
                 "study_instance_uid": t.study_instance_uid,
@@ -363,6 +367,11 @@ def ingest(
             summary.uids.append(study["study_instance_uid"])
             progress.on_queued(study["study_instance_uid"])
     return summary
+
+
+def _study_task(uid: str, study: StudyFiles, settings: Settings, model_version: str) -> StudyTask:
+    files = tuple(message_paths(study.files, settings.ingest_root))
+    return StudyTask(uid, files, model_version, root=root_name(settings.ingest_root))
 
 
 def save_rejected_files(
@@ -467,7 +476,10 @@ def take_studies(
         session, markers, version, take=Take.FORCED if forced else Take.UNFINISHED
     )
     finished = {uid: files for uid, files in markers.items() if uid not in attempts}
-    grown = studies_missing_files(session, finished, version) if finished else set()
+    lacking = files_without_rows(
+        session, {path: None for files in finished.values() for path in files}, version
+    )
+    grown = {uid for uid, files in finished.items() if lacking.intersection(files)}
     if grown:
         log.info(
             "%d studies screened without files their messages name: screened again", len(grown)

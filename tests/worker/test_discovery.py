@@ -158,7 +158,8 @@ def test_a_folder_whose_files_cannot_be_listed_gets_a_row_instead_of_vanishing(
     found = discover([tmp_path / "export"])
     assert list(found.studies) == [study]
     ((unlisted, code),) = [(r.source, r.reason_code) for r in found.rejected]
-    assert deepest.is_relative_to(unlisted) and code == "unreadable"
+    # past PATH_MAX, so past what the results index too: named cut, with "..."
+    assert str(deepest).startswith(unlisted.removesuffix("...")) and code == "unsupported"
     shutil.rmtree(tmp_path / "export", ignore_errors=True)  # pytest cannot remove it either
 
 

@@ -609,9 +609,10 @@ def test_a_film_added_after_the_study_was_screened_is_queued_by_the_next_ingest(
     assert changing.deliver(first) == "screened"
     changing.add(1)
     (again,) = changing.ingest()
-    assert again.files == tuple(sorted(str(changing.export / f"IM000{n}.dcm") for n in (0, 1)))
+    assert again.files == (str(changing.export / "IM0001.dcm"),), "only the film it lacks"
     assert changing.deliver(again) == "screened"
-    assert changing.study() == ("screened", 2, 2)
+    assert changing.study() == ("screened", 2, 2), "the result sums up both films"
+    assert changing.ingest() == []
 
 
 def test_an_ingest_that_meets_a_screened_film_mid_copy_keeps_its_result(
@@ -645,18 +646,62 @@ def test_a_second_delivery_of_a_forced_message_is_skipped_once_it_is_screened(
     assert changing.deliver(again) == "screened", "a new --force screens it again"
 
 
-def test_a_film_gone_before_the_worker_read_it_leaves_no_row_once_it_is_screened_again(
+def test_a_film_gone_before_the_worker_read_it_keeps_a_row_of_its_study(
     changing: ChangingStudy,
 ) -> None:
-    """Its row had no study (no header to read), so the study's next screening did not
-    find it to remove."""
+    """Its row had no study (no header to read): the study's rows and counts missed it."""
     for n in range(3):
         changing.add(n)
     (first,) = changing.ingest()
     (changing.export / "IM0002.dcm").unlink()
     assert changing.deliver(first) == "screened"
     assert changing.rows()["IM0002.dcm"] == ("rejected", False, ChangingStudy.STUDY)
-    (again,) = changing.ingest(force=True)
-    assert changing.deliver(again) == "screened"
-    assert set(changing.rows()) == {"IM0000.dcm", "IM0001.dcm"}
+    assert changing.study() == ("screened", 3, 2)
+
+
+def test_a_study_split_over_two_exports_keeps_both_results_and_settles(
+    changing: ChangingStudy,
+) -> None:
+    """Late films in the next day's folder: each ingest of one folder re-screened the
+    study with that folder's films only and deleted the other's rows - a covid result
+    flipped to normal and back at every ingest."""
+    day1, day2 = changing.export / "day1", changing.export / "day2"
+    changing.add(0).rename(_in(day1, "IM0000.dcm"))
+    changing.export = day1
+    (first,) = changing.ingest()
+    assert changing.deliver(first) == "screened"
+    changing.export = day2
+    changing.add(1)
+    (late,) = changing.ingest()
+    assert changing.deliver(late) == "screened"
     assert changing.study() == ("screened", 2, 2)
+    for folder in (day1, day2):
+        changing.export = folder
+        assert changing.ingest() == [], "nothing new: no re-screening"
+    assert len(changing.rows()) == 2
+
+
+def test_a_film_replaced_in_place_or_broken_at_the_worker_is_screened_again(
+    changing: ChangingStudy,
+) -> None:
+    """The paths matched, so a new instance at a known path, or a film the worker found
+    half-copied, was never screened."""
+    changing.add(0)
+    whole = changing.add(1).read_bytes()
+    (changing.export / "IM0001.dcm").write_bytes(whole[:300])  # mid-copy at the worker
+    (first,) = changing.ingest()  # its header, at the start of the file, still reads
+    assert changing.deliver(first) == "screened"
+    assert changing.rows()["IM0001.dcm"][:2] == ("rejected", False)
+    (changing.export / "IM0001.dcm").write_bytes(whole)
+    (again,) = changing.ingest()
+    assert changing.deliver(again) == "screened"
+    assert changing.rows()["IM0001.dcm"][:2] == ("screened", True)
+    changing.add(2).rename(changing.export / "IM0000.dcm")  # another film at IM0000.dcm
+    (replaced,) = changing.ingest()
+    assert changing.deliver(replaced) == "screened"
+    assert changing.study() == ("screened", 2, 2)
+
+
+def _in(folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name

@@ -366,12 +366,12 @@ def test_a_file_read_after_it_was_unreadable_keeps_one_row(
         assert rows(database_url, query) == [expected]
 
 
-def test_a_rerun_over_a_changed_export_keeps_rows_of_the_files_screened_now(
+def test_a_film_replaced_in_the_export_loses_its_old_row_and_one_removed_keeps_its_own(
     database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
 ) -> None:
-    """A film deleted from a study, or replaced by another instance at the same path, left
-    its old row beside the new ones: more rows than the study's n_instances. A study the
-    second run does not see (last night's export) keeps its rows."""
+    """A film replaced by another instance at the same path left its old row beside the
+    new one. A film no longer in the export (exports are removed once read) keeps its
+    row and still counts in its study; so does a study the run does not see."""
     pngs = sorted((cxr_dir / "test" / "normal").glob("*.png"))[:4]
     study, other = "1.2.826.0.1.3680043.10.3.1", "1.2.826.0.1.3680043.10.3.2"
     export, earlier = tmp_path / "export", tmp_path / "earlier"
@@ -380,23 +380,38 @@ def test_a_rerun_over_a_changed_export_keeps_rows_of_the_files_screened_now(
     write(base_dataset(png_pixels(pngs[3]), study_uid=other), earlier / "d.dcm")
     settings = settings_for(database_url, model_dir)
     run([export, earlier], settings)
+    removed = dcmread(export / "a.dcm").SOPInstanceUID
 
     (export / "a.dcm").unlink()
     write(base_dataset(png_pixels(pngs[3]), study_uid=study), export / "b.dcm")
     run([export], settings)
-    query = (
-        "SELECT study_instance_uid, count(*), count(DISTINCT sop_instance_uid) "
-        "FROM predictions GROUP BY study_instance_uid ORDER BY 1"
-    )
-    assert rows(database_url, query) == [(study, 2, 2), (other, 1, 1)]
-    studies = "SELECT study_instance_uid, n_instances FROM studies ORDER BY 1"
-    assert rows(database_url, studies) == [(study, 2), (other, 1)]
     now = {str(export / n): dcmread(export / n).SOPInstanceUID for n in ("b.dcm", "c.dcm")}
     found = rows(
         database_url,
         f"SELECT source, sop_instance_uid FROM predictions WHERE study_instance_uid = '{study}'",
     )
-    assert dict(found) == now
+    assert dict(found) == {**now, str(export / "a.dcm"): removed}
+    studies = "SELECT study_instance_uid, n_instances, n_screened FROM studies ORDER BY 1"
+    assert rows(database_url, studies) == [(study, 3, 3), (other, 1, 1)]
+
+
+def test_a_study_screened_in_two_exports_keeps_the_result_of_both(
+    database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """A covid film tonight, its study's late normal film in tomorrow's export (tonight's
+    removed by then): the study's result was the late film's alone, normal."""
+    covid = sorted((cxr_dir / "test" / "covid").glob("*.png"))[0]
+    normal = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    study = "1.2.826.0.1.3680043.10.5.1"
+    settings = settings_for(database_url, model_dir)
+    for day, png in (("day1", covid), ("day2", normal)):
+        write(base_dataset(png_pixels(png), study_uid=study), tmp_path / day / "film.dcm")
+        run([tmp_path / day], settings)
+        shutil.rmtree(tmp_path / day)
+    (found,) = rows(
+        database_url, "SELECT n_instances, n_screened, predicted_label, status FROM studies"
+    )
+    assert found == (2, 2, "covid", "screened")
 
 
 def test_a_file_whose_path_the_results_cannot_hold_is_a_rejected_row_not_the_end_of_the_run(
