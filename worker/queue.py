@@ -327,16 +327,7 @@ def ingest(
     with sessions.begin() as session:
         save_rejected_files(session, found.rejected, model_version)
         done = set() if force else final_study_uids(session, list(found.studies), model_version)
-        new_files = files_without_rows(
-            session,
-            {path: uid for s in done for path, uid in found.studies[s].instances.items()},
-            model_version,
-        )
-        grown = {s for s in done if new_files & found.studies[s].instances.keys()}
-        for uid in grown:  # only the files it lacks: the study row sums up all of them
-            found.studies[uid].instances = {
-                path: sop for path, sop in found.studies[uid].instances.items() if path in new_files
-            }
+        grown = keep_new_files(session, {uid: found.studies[uid] for uid in done}, model_version)
         done -= grown
         tasks = [
             _study_task(uid, study, settings, model_version)
@@ -367,6 +358,25 @@ def ingest(
             summary.uids.append(study["study_instance_uid"])
             progress.on_queued(study["study_instance_uid"])
     return summary
+
+
+def keep_new_files(
+    session: Session, finished: dict[str, StudyFiles], model_version: str
+) -> set[str]:
+    """The finished studies with files their rows lack (a late film, a new instance at a
+    known path, a film unreadable when screened), each cut down to those files: the
+    study row sums up the new rows with the earlier ones."""
+    lacking = files_without_rows(
+        session,
+        {path: sop for study in finished.values() for path, sop in study.instances.items()},
+        model_version,
+    )
+    grown = set()
+    for uid, study in finished.items():
+        if new := {path: sop for path, sop in study.instances.items() if path in lacking}:
+            study.instances = new
+            grown.add(uid)
+    return grown
 
 
 def _study_task(uid: str, study: StudyFiles, settings: Settings, model_version: str) -> StudyTask:
