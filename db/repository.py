@@ -93,24 +93,16 @@ def _sum_up_study(session: Session, outcome: StudyOutcome, *, with_files: bool) 
             PREDICTIONS.c.duplicate_of,
             PREDICTIONS.c.status,
             PREDICTIONS.c.covid_probability,
+            PREDICTIONS.c.threshold,
             PREDICTIONS.c.reason,
         ).where(
-            # this screening's files, whatever study their header names, and the study's
-            # earlier ones
-            (PREDICTIONS.c.study_instance_uid == _study_key(outcome))
-            | PREDICTIONS.c.source.in_(sorted(dict(_keys(outcome)))),
+            PREDICTIONS.c.study_instance_uid == _study_key(outcome),
             PREDICTIONS.c.model_version == outcome.model_version,
         )
     ).all()
-    own = {row.sop_instance_uid for row in rows}
-    # A copy of one of the study's own instances is not counted; one of another
-    # study's instance (stored under its path) is.
-    counted = [row for row in rows if row.duplicate_of is None or row.duplicate_of not in own]
-    scores = [
-        r.covid_probability
-        for r in counted
-        if r.status == "screened" and r.covid_probability is not None
-    ]
+    counted = _one_per_instance(rows)
+    screened = [r for r in counted if r.status == "screened" and r.covid_probability is not None]
+    best = max(screened, key=lambda r: r.covid_probability, default=None)
     statuses = [r.status for r in counted]
     status = (
         StudyStatus.SCREENED
@@ -119,7 +111,9 @@ def _sum_up_study(session: Session, outcome: StudyOutcome, *, with_files: bool) 
         if "failed" in statuses
         else StudyStatus.REJECTED
     )
-    probability = max(scores) if scores else None
+    # A failed screening of new files has no threshold: the screened rows' stands.
+    threshold = outcome.threshold if outcome.threshold is not None else best and best.threshold
+    probability = best.covid_probability if best else None
     figures: dict[str, Any] = {
         "status": status.value,
         "n_instances": len(counted),
@@ -127,7 +121,8 @@ def _sum_up_study(session: Session, outcome: StudyOutcome, *, with_files: bool) 
         "n_rejected": statuses.count("rejected"),
         "n_failed": statuses.count("failed"),
         "covid_probability": probability,
-        "predicted_label": _label(probability, outcome.threshold),
+        "threshold": threshold,
+        "predicted_label": _label(probability, threshold),
         "reason": None
         if status is StudyStatus.SCREENED
         else "; ".join(sorted({r.reason for r in counted if r.reason})) or None,
@@ -142,6 +137,15 @@ def _sum_up_study(session: Session, outcome: StudyOutcome, *, with_files: bool) 
         )
         .values(fit_to_columns(STUDIES, figures))
     )
+
+
+def _one_per_instance(rows: Sequence[Any]) -> list[Any]:
+    """One row per SOP Instance UID (a file and its copies, which carry it in
+    duplicate_of), the screened one first, then by path; files without a UID each count."""
+    chosen: dict[str, Any] = {}
+    for row in sorted(rows, key=lambda r: (r.status != "screened", r.source)):
+        chosen.setdefault(row.sop_instance_uid or row.duplicate_of or f"file:{row.source}", row)
+    return list(chosen.values())
 
 
 def _label(probability: float | None, threshold: float | None) -> str | None:
@@ -201,9 +205,9 @@ def save_instances(
 ) -> None:
     """Upsert instance rows: by SOP Instance UID, or by path where there is none.
 
-    ``study_instance_uid``: the study the files were screened as, for the rows of files
-    whose header could not be read then (deleted or broken after ingest), so that the
-    study's later screenings find them.
+    ``study_instance_uid``: the study the files were screened as, which their rows keep
+    (also a file whose header is unreadable now, or names another study after a copy
+    over it), so that the study's result sums up exactly its own rows.
 
     A UID's row belongs to the study that wrote it first. Another study's file with the
     same UID (invalid, but re-identified and merged exports do it) is stored as a copy
@@ -214,7 +218,7 @@ def save_instances(
     without_uid: list[dict[str, Any]] = []
     for result in results:
         row = _prediction_row(result, model_version, threshold, now)
-        row["study_instance_uid"] = row["study_instance_uid"] or study_instance_uid
+        row["study_instance_uid"] = study_instance_uid or row["study_instance_uid"]
         (with_uid if row["sop_instance_uid"] else without_uid).append(row)
     # One lock order for every writer: two PostgreSQL transactions taking the same two
     # UIDs in opposite orders deadlocked.

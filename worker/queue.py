@@ -373,8 +373,12 @@ def keep_new_files(
     )
     grown = set()
     for uid, study in finished.items():
-        if new := {path: sop for path, sop in study.instances.items() if path in lacking}:
-            study.instances = new
+        # with the files that share an instance with a new one (a copy sent again under
+        # another name): screened alone, a copy took the instance's row from the other
+        # file, which then lacked one, and the two were queued in turn for ever
+        sops = {study.instances[path] for path in lacking & study.instances.keys()}
+        if sops:
+            study.instances = {p: sop for p, sop in study.instances.items() if sop in sops}
             grown.add(uid)
     return grown
 

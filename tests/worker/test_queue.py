@@ -43,8 +43,10 @@ from worker.queue import (
     process_study,
     record_failure,
     requeue,
+    save_failure,
     split_batch,
     study_messages,
+    worker_files,
     worker_paths,
 )
 from worker.queue import (
@@ -705,3 +707,37 @@ def test_a_film_replaced_in_place_or_broken_at_the_worker_is_screened_again(
 def _in(folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
+
+
+def test_a_copy_sent_again_under_another_name_is_screened_once_and_settles(
+    changing: ChangingStudy,
+) -> None:
+    """Screened alone, the copy took the instance's row from the first file, which then
+    lacked one: the two names were queued in turn at every ingest."""
+    first_file = changing.add(0)
+    (first,) = changing.ingest()
+    assert changing.deliver(first) == "screened"
+    shutil.copy(first_file, changing.export / "IM0000-resent.dcm")
+    (again,) = changing.ingest()
+    assert len(again.files) == 2, "with the file it is a copy of"
+    assert changing.deliver(again) == "screened"
+    assert changing.ingest() == [] and changing.ingest() == []
+    assert changing.study() == ("screened", 1, 1)
+
+
+def test_new_films_that_fail_leave_the_study_its_earlier_result(
+    changing: ChangingStudy,
+) -> None:
+    """The failed screening has no threshold: the study kept its probability but lost
+    its label and threshold, and left the positive list."""
+    changing.add(0)
+    (first,) = changing.ingest()
+    assert changing.deliver(first) == "screened"
+    (label,) = rows(changing.url, "SELECT predicted_label, threshold FROM studies")
+    changing.add(1)
+    (late,) = changing.ingest()
+    files = worker_files(late, None)
+    version = changing.classifier.model_version
+    save_failure(changing.sessions, late, files, version, "time limit exceeded", changing.settings)
+    assert rows(changing.url, "SELECT predicted_label, threshold FROM studies") == [label]
+    assert changing.study() == ("screened", 2, 1)

@@ -414,6 +414,36 @@ def test_a_study_screened_in_two_exports_keeps_the_result_of_both(
     assert found == (2, 2, "covid", "screened")
 
 
+def test_a_study_counts_its_own_films_only(
+    database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """Another study's covid film once at the same path was summed up into a normal
+    study, and two copies of another study's instance counted as two."""
+    covid = sorted((cxr_dir / "test" / "covid").glob("*.png"))[0]
+    normal = sorted((cxr_dir / "test" / "normal").glob("*.png"))[:2]
+    earlier, later, copies = (
+        "1.2.826.0.1.3680043.10.6.1",
+        "1.2.826.0.1.3680043.10.6.2",
+        "1.2.826.0.1.3680043.10.6.3",
+    )
+    export = tmp_path / "export"
+    write(base_dataset(png_pixels(covid), study_uid=earlier), export / "IM1.dcm")
+    settings = settings_for(database_url, model_dir)
+    run([export], settings)
+    shared_uid = dcmread(export / "IM1.dcm").SOPInstanceUID
+    write(base_dataset(png_pixels(normal[0]), study_uid=later), export / "IM1.dcm")
+    for name in ("c1.dcm", "c2.dcm"):
+        ds = base_dataset(png_pixels(normal[1]), study_uid=copies)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = shared_uid
+        write(ds, export / name)
+    run([export], settings)
+    found = rows(
+        database_url,
+        "SELECT study_instance_uid, n_instances, predicted_label FROM studies ORDER BY 1",
+    )
+    assert found == [(earlier, 1, "covid"), (later, 1, "normal"), (copies, 1, "normal")]
+
+
 def test_a_file_whose_path_the_results_cannot_hold_is_a_rejected_row_not_the_end_of_the_run(
     database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
 ) -> None:
