@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -17,9 +17,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import Prediction, Study, utcnow
-from worker.imaging.enum import Label, StudyStatus
+from worker.imaging.enum import StudyStatus
 from worker.privacy import PatientIdMode, patient_ref
-from worker.screening import DUPLICATE_INSTANCE, InstanceResult, StudyOutcome
+from worker.screening import (
+    DUPLICATE_INSTANCE,
+    InstanceResult,
+    StudyOutcome,
+    label_at,
+    study_status,
+)
 
 PREDICTIONS: Table = Prediction.__table__  # type: ignore[assignment]
 STUDIES: Table = Study.__table__  # type: ignore[assignment]
@@ -104,13 +110,7 @@ def _sum_up_study(session: Session, outcome: StudyOutcome, *, with_files: bool) 
     screened = [r for r in counted if r.status == "screened" and r.covid_probability is not None]
     best = max(screened, key=lambda r: r.covid_probability, default=None)
     statuses = [r.status for r in counted]
-    status = (
-        StudyStatus.SCREENED
-        if "screened" in statuses
-        else StudyStatus.FAILED
-        if "failed" in statuses
-        else StudyStatus.REJECTED
-    )
+    status = study_status(statuses)
     # A failed screening of new files has no threshold: the screened rows' stands.
     threshold = outcome.threshold if outcome.threshold is not None else best and best.threshold
     probability = best.covid_probability if best else None
@@ -122,7 +122,7 @@ def _sum_up_study(session: Session, outcome: StudyOutcome, *, with_files: bool) 
         "n_failed": statuses.count("failed"),
         "covid_probability": probability,
         "threshold": threshold,
-        "predicted_label": _label(probability, threshold),
+        "predicted_label": _value(label_at(probability, threshold)),
         "reason": None
         if status is StudyStatus.SCREENED
         else "; ".join(sorted({r.reason for r in counted if r.reason})) or None,
@@ -146,12 +146,6 @@ def _one_per_instance(rows: Sequence[Any]) -> list[Any]:
     for row in sorted(rows, key=lambda r: (r.status != "screened", r.source)):
         chosen.setdefault(row.sop_instance_uid or row.duplicate_of or f"file:{row.source}", row)
     return list(chosen.values())
-
-
-def _label(probability: float | None, threshold: float | None) -> str | None:
-    if probability is None or threshold is None:
-        return None
-    return (Label.COVID if probability >= threshold else Label.NORMAL).value
 
 
 def _keys(outcome: StudyOutcome) -> list[tuple[str, str | None]]:
@@ -264,15 +258,20 @@ def _copy_of_other_study(row: dict[str, Any]) -> dict[str, Any]:
 def _delete_rows_of(
     session: Session, rows: list[dict[str, Any]], model_version: str, keyed: Any
 ) -> None:
-    sources = sorted({row["source"] for row in rows})
-    for start in range(0, len(sources), 500):
+    for sources in _chunks(sorted({row["source"] for row in rows})):
         session.execute(
             PREDICTIONS.delete().where(
                 keyed,
                 PREDICTIONS.c.model_version == model_version,
-                PREDICTIONS.c.source.in_(sources[start : start + 500]),
+                PREDICTIONS.c.source.in_(sources),
             )
         )
+
+
+def _chunks(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
+    """IN lists of at most ``size`` values (SQLite caps a statement's parameters)."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def study_status_counts(session: Session) -> dict[str, int]:
@@ -486,9 +485,7 @@ FINAL_STATUSES = (StudyStatus.SCREENED.value, StudyStatus.REJECTED.value)
 def final_study_uids(session: Session, uids: Sequence[str], model_version: str) -> set[str]:
     """The studies among ``uids`` that already have a final result for this model."""
     found: set[str] = set()
-    uid_list = list(uids)
-    for start in range(0, len(uid_list), 500):
-        chunk = uid_list[start : start + 500]
+    for chunk in _chunks(list(uids)):
         query = select(Study.study_instance_uid).where(
             Study.study_instance_uid.in_(chunk),
             Study.model_version == model_version,
@@ -505,12 +502,11 @@ def files_without_rows(
     given SOP Instance UID (None: any row) and a result: new since their study was
     screened, replaced in place, unreadable when the worker read them, or failed."""
     found: dict[str, set[str | None]] = {}
-    sources = sorted(files)
-    for start in range(0, len(sources), 500):
+    for sources in _chunks(sorted(files)):
         query = select(
             PREDICTIONS.c.source, PREDICTIONS.c.sop_instance_uid, PREDICTIONS.c.duplicate_of
         ).where(
-            PREDICTIONS.c.source.in_(sources[start : start + 500]),
+            PREDICTIONS.c.source.in_(sources),
             PREDICTIONS.c.model_version == model_version,
             PREDICTIONS.c.status != "failed",  # no result: the file is tried again
         )
@@ -522,9 +518,9 @@ def files_without_rows(
 def screened_sources(session: Session, sources: Sequence[str], model_version: str) -> set[str]:
     """The files among these that have a row keyed by SOP Instance UID for this model."""
     found: set[str] = set()
-    for start in range(0, len(sources), 500):
+    for chunk in _chunks(sources):
         query = select(PREDICTIONS.c.source).where(
-            PREDICTIONS.c.source.in_(sources[start : start + 500]),
+            PREDICTIONS.c.source.in_(chunk),
             PREDICTIONS.c.model_version == model_version,
             PREDICTIONS.c.sop_instance_uid.is_not(None),
         )

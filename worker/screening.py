@@ -108,11 +108,7 @@ class StudyOutcome:
 
     @property
     def status(self) -> StudyStatus:
-        if self.n_screened:
-            return StudyStatus.SCREENED
-        if self.n_failed:
-            return StudyStatus.FAILED
-        return StudyStatus.REJECTED
+        return study_status([r.status for r in self.counted])
 
     @property
     def covid_probability(self) -> float | None:
@@ -126,10 +122,7 @@ class StudyOutcome:
 
     @property
     def predicted_label(self) -> Label | None:
-        probability = self.covid_probability
-        if probability is None or self.threshold is None:
-            return None
-        return Label.COVID if probability >= self.threshold else Label.NORMAL
+        return label_at(self.covid_probability, self.threshold)
 
     @property
     def reason(self) -> str | None:
@@ -137,6 +130,22 @@ class StudyOutcome:
             return None
         reasons = sorted({r.reason for r in self.counted if r.reason})
         return "; ".join(reasons) or None
+
+
+def study_status(statuses: Sequence[str]) -> StudyStatus:
+    """A study's status from its counted files': screened if any file was, else failed
+    if any failed, else rejected."""
+    if Status.SCREENED in statuses:
+        return StudyStatus.SCREENED
+    if Status.FAILED in statuses:
+        return StudyStatus.FAILED
+    return StudyStatus.REJECTED
+
+
+def label_at(probability: float | None, threshold: float | None) -> Label | None:
+    if probability is None or threshold is None:
+        return None
+    return Label.COVID if probability >= threshold else Label.NORMAL
 
 
 def screen_study(

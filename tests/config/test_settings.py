@@ -18,13 +18,17 @@ def fresh_settings() -> Iterator[None]:
     get_settings.cache_clear()
 
 
+def name_settings_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    path = tmp_path / "cxr.env"
+    path.write_text(text)
+    monkeypatch.setenv("CXR_SETTINGS_FILE", str(path))
+
+
 def test_the_settings_file_is_read_when_named_after_import(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_settings: None
 ) -> None:
-    settings_file = tmp_path / "cxr.env"
-    settings_file.write_text("CXR_BATCH_SIZE=3\nCXR_LOG_LEVEL=DEBUG\n")
+    name_settings_file(tmp_path, monkeypatch, "CXR_BATCH_SIZE=3\nCXR_LOG_LEVEL=DEBUG\n")
     monkeypatch.delenv("CXR_BATCH_SIZE", raising=False)
-    monkeypatch.setenv("CXR_SETTINGS_FILE", str(settings_file))
     monkeypatch.setenv("CXR_LOG_LEVEL", "WARNING")  # the environment wins over the file
     settings = get_settings()
     assert (settings.batch_size, settings.log_level) == (3, "WARNING")
@@ -123,10 +127,8 @@ def test_a_settings_file_that_is_missing_or_names_no_setting_is_refused(
 def test_a_settings_file_may_hold_other_programs_variables(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_settings: None
 ) -> None:
-    path = tmp_path / "cxr.env"
-    path.write_text("POSTGRES_PASSWORD=x\ncxr_workers=3\n")
+    name_settings_file(tmp_path, monkeypatch, "POSTGRES_PASSWORD=x\ncxr_workers=3\n")
     monkeypatch.delenv("CXR_WORKERS", raising=False)
-    monkeypatch.setenv("CXR_SETTINGS_FILE", str(path))
     assert get_settings().workers == 3
 
 
