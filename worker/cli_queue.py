@@ -171,13 +171,16 @@ def register(app: typer.Typer) -> None:
         if failed:
             with sessions() as session:
                 rows = failed_studies(session)
-            listing = Table(title=f"failed studies ({len(rows)})")
-            for column in ("study_instance_uid", "model_version", "attempts", "reason"):
+            listing = Table(title=f"studies with failed files ({len(rows)})")
+            columns = ("study_instance_uid", "model_version", "status", "failed files")
+            for column in (*columns, "attempts", "reason"):
                 listing.add_column(column)
             for row in rows:
                 listing.add_row(
                     row.study_instance_uid,
                     escape(row.model_version),
+                    row.status,
+                    f"{row.n_failed} of {row.n_instances}",
                     str(row.attempts),
                     escape(row.reason or ""),
                 )

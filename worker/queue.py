@@ -47,7 +47,13 @@ from worker.imaging.dicom import is_dicom_uid
 from worker.logs import describe_error
 from worker.metrics import metrics
 from worker.model import Classifier, read_card
-from worker.screening import InstanceResult, StudyOutcome, failed_outcome, screen_study
+from worker.screening import (
+    InstanceResult,
+    StudyOutcome,
+    StudyStatus,
+    failed_outcome,
+    screen_study,
+)
 
 log = logging.getLogger(__name__)
 
@@ -789,11 +795,20 @@ def requeue(
             else:
                 done.sent.append(study.study_instance_uid)
                 chosen.append((study, task))
-        rows = [{"study_instance_uid": s.study_instance_uid, "files": s.files} for s, _ in chosen]
-        queue_studies(session, rows, model_version)
+        for final in (False, True):  # a final study with failed files is queued over its result
+            rows = [_queued_row(s) for s, _ in chosen if _is_final(s) is final]
+            queue_studies(session, rows, model_version, force=final)
     for _, task in chosen:
         send(task.message())
     return done
+
+
+def _queued_row(study: Study) -> dict[str, Any]:
+    return {"study_instance_uid": study.study_instance_uid, "files": study.files}
+
+
+def _is_final(study: Study) -> bool:
+    return study.status in (StudyStatus.SCREENED.value, StudyStatus.REJECTED.value)
 
 
 def requeue_task(study: Study, ingest_root: Path | None, model_version: str) -> StudyTask | None:

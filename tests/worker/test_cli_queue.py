@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from sqlalchemy import text
 
 from config.settings import Settings
 from db.repository import mark_processing
@@ -172,3 +173,35 @@ def test_the_worker_refuses_a_database_that_cannot_work_and_waits_for_one_that_i
     # SQLite in a folder that is not there: "unable to open database file", for ever
     with pytest.raises(DatabaseError, match="no folder /nonexistent-dir for the SQLite"):
         check_database("sqlite:////nonexistent-dir/results.db")
+
+
+def test_status_failed_lists_failed_studies_and_screened_ones_with_failed_files(
+    model_dir: Path, sqlite_url: str, dicom_dir: Path
+) -> None:
+    """A study whose new films failed stays `screened` (its earlier result stands): the
+    listing showed only `failed` studies, so nobody saw the films without a result."""
+    from db.repository import mark_failed, queue_studies
+
+    run([dicom_dir / "cxr"], Settings(database_url=sqlite_url, model=model_dir, workers=1))
+    first, second, *_ = (
+        uid for (uid,) in rows(sqlite_url, "SELECT study_instance_uid FROM studies ORDER BY 1")
+    )
+    version = read_card(model_dir).model_version
+    with open_database(sqlite_url).begin() as session:  # screened again, and failed
+        queue_studies(session, [{"study_instance_uid": first, "files": []}], version, force=True)
+        mark_failed(session, first, version, "OperationalError: db down")
+    with open_database(sqlite_url).begin() as session:
+        session.execute(
+            text("UPDATE studies SET n_failed = 1 WHERE study_instance_uid = :uid"), {"uid": second}
+        )
+    done = python_module(
+        "worker", "status", "--failed", env=worker_env(IDLE_BROKER, sqlite_url, model_dir)
+    )
+    assert done.returncode == 0, done.stderr
+    assert "studies with failed files (2)" in done.stdout
+    listed = {
+        line.split("│")[1].strip(): line for line in done.stdout.splitlines() if "│ 1." in line
+    }
+    assert set(listed) == {first, second}
+    assert "failed" in listed[first] and "OperationalError: db down" in listed[first]
+    assert "screened" in listed[second] and "1 of 1" in listed[second]

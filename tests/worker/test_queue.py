@@ -741,3 +741,12 @@ def test_new_films_that_fail_leave_the_study_its_earlier_result(
     save_failure(changing.sessions, late, files, version, "time limit exceeded", changing.settings)
     assert rows(changing.url, "SELECT predicted_label, threshold FROM studies") == [label]
     assert changing.study() == ("screened", 2, 1)
+    again: list[dict[str, Any]] = []
+    assert requeue(changing.settings, again.append, sessions=changing.sessions).sent == [
+        late.study_instance_uid
+    ], "requeue --failed sends the study with a failed file"
+    assert changing.study() == ("queued", 2, 1)
+    (resent,) = (parse_message((), m) for m in again)
+    assert resent.files == late.files
+    assert changing.deliver(resent) == "screened"
+    assert changing.study() == ("screened", 2, 2)
