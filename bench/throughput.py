@@ -23,8 +23,8 @@ timestamps (``started_at``/``finished_at``, in the results table for run and
 distributed). Start-up is reported on its own ("first result": process start to the
 first finished study) and in "wall img/s" (images / whole command time).
 
-    python -m bench.throughput                       # default run (~10 min on 2 cores)
-    python -m bench.throughput --quick               # smoke test, 1 minute
+    python -m bench.throughput                       # default run (~4 min on 2 cores)
+    python -m bench.throughput --quick               # smoke test (~1 min)
     python -m bench.throughput --studies 200 --encodings raw j2k --skip-distributed
 """
 
@@ -65,6 +65,7 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("CXR_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 MAX_PIXELS = 50_000_000
+BUSY_LOAD_PER_CPU = 0.5  # 1-minute load average per usable CPU above which figures are suspect
 
 
 # --------------------------------------------------------------------------- export
@@ -954,7 +955,39 @@ def _say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def machine_load() -> dict[str, Any]:
+    """The machine's load as the run starts, whatever is loading it (a training, another
+    benchmark, a test suite): the 1-minute load average against the usable cores."""
+    from worker.runner import usable_cores
+
+    cpus = usable_cores()
+    load = os.getloadavg()[0]
+    per_cpu = load / cpus
+    return {
+        "cpus": cpus,
+        "host_cpus": os.cpu_count(),
+        "load_1min": round(load, 2),
+        "load_per_cpu": round(per_cpu, 2),
+        "under_load": per_cpu > BUSY_LOAD_PER_CPU,
+    }
+
+
+def describe_machine(machine: dict[str, Any]) -> str:
+    text = (
+        f"{machine['cpus']} usable CPUs ({machine['host_cpus']} on the host), "
+        f"1-minute load {machine['load_1min']:.2f} at start"
+    )
+    if machine["under_load"]:
+        text += (
+            f" - WARNING: BUSY (over {BUSY_LOAD_PER_CPU} per usable CPU): "
+            "figures are taken under load"
+        )
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    from worker.runner import usable_cores
+
     parser = argparse.ArgumentParser(
         prog="python -m bench.throughput",
         description=__doc__,
@@ -964,7 +997,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--input", type=Path, help="an existing export folder instead (one row)")
     parser.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=usable_cores(),
+        help="processes (default: the cores this process may use, taskset/cpuset)",
+    )
     parser.add_argument(
         "--model",
         type=Path,
@@ -1008,10 +1046,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     scratch = workdir / "scratch"
     scratch.mkdir(exist_ok=True)
-    training = subprocess.run(["pgrep", "-f", "training.cli train"], capture_output=True)
-    under_load = training.returncode == 0
-    if under_load:
-        _say("WARNING: a training process is running: figures are taken under load")
+    machine = machine_load()
+    if machine["under_load"]:
+        _say(f"WARNING: the machine is busy: {describe_machine(machine)}")
     started = time.perf_counter()
 
     if args.input:
@@ -1024,7 +1061,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             generate(workdir, raw_n, (side, side), ["raw"], args.workers)
         return
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "under_load": under_load},
+        "machine": machine,
         "model": str(model),
         "workers": args.workers,
         "studies": args.studies,
@@ -1076,10 +1113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     report["startup"] = costs
     total = time.perf_counter() - started
-    print(
-        f"\nbenchmark took {total:.0f} s; machine: {os.cpu_count()} CPUs"
-        + (" (UNDER LOAD: a training process was running)" if under_load else "")
-    )
+    print(f"\nbenchmark took {total:.0f} s; machine: {describe_machine(machine)}")
     target = args.json or workdir / "results.json"
     target.write_text(json.dumps(report, indent=2, default=str))
     print(f"figures written to {target}")

@@ -8,6 +8,9 @@ by ``CXR_SETTINGS_FILE`` (a ``KEY=value`` env file), then the defaults below.
 from __future__ import annotations
 
 import os
+import site
+import sysconfig
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +20,40 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPO_ROOT / "models" / "cxr-compact"
+MODEL_NAME = "cxr-compact"
+# Where a wheel install puts the shipped model, under the environment's data folder
+# (pyproject.toml [tool.setuptools.data-files]).
+INSTALLED_MODELS = Path("share") / "cxr-screen" / "models"
+
+
+def data_roots() -> list[Path]:
+    """The data folders a wheel install may have written to: the environment's (a venv,
+    the system prefix), then the user scheme's (``pip install --user``) when enabled."""
+    roots = [Path(sysconfig.get_path("data"))]
+    if site.ENABLE_USER_SITE:
+        roots.append(Path(sysconfig.get_path("data", sysconfig.get_preferred_scheme("user"))))
+    return roots
+
+
+def find_default_model(repo_root: Path = REPO_ROOT, roots: Sequence[Path] | None = None) -> Path:
+    """The shipped model folder: the repository's ``models/cxr-compact`` when it is there
+    (a checkout, an editable install), else the copy a wheel install put under a data
+    folder (``<prefix>/share/cxr-screen/models/cxr-compact``). When neither is found,
+    the first installed location, so that the error names where the model belongs.
+    Absolute, whatever the current folder."""
+    checkout = repo_root / "models" / MODEL_NAME
+    if checkout.is_dir():
+        return checkout.absolute()
+    installed = [
+        root / INSTALLED_MODELS / MODEL_NAME for root in (data_roots() if roots is None else roots)
+    ]
+    for folder in installed:
+        if (folder / "model_card.json").is_file():
+            return folder.absolute()
+    return (installed[0] if installed else checkout).absolute()
+
+
+DEFAULT_MODEL = find_default_model()
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_HASH_KEY = "change-me"
 LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}  # what logging also accepts

@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -34,16 +37,38 @@ def benchmark(model_dir: Path, batch: int = 16, repeats: int = 30, core: int = 0
     return statistics.median(times)
 
 
-def main() -> None:
-    from config.settings import DEFAULT_MODEL
+def main(argv: Sequence[str] | None = None) -> None:
+    """Errors a person can act on (no model, a bad setting) are one line and exit 2."""
+    from pydantic import ValidationError
+
+    from config.settings import SettingsError, get_settings
+    from worker.cli_common import setting_errors
+    from worker.model import ModelError
 
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model_dir", nargs="?", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument(
+        "model_dir",
+        nargs="?",
+        type=Path,
+        help="model folder (default: the configured model, CXR_MODEL or the shipped one)",
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=30)
-    args = parser.parse_args()
-    ms = benchmark(args.model_dir, args.batch, args.repeats)
+    args = parser.parse_args(argv)
+    try:
+        if args.model_dir is None:  # CXR_MODEL (or the settings file), as the CLI reads it
+            args.model_dir = get_settings().model
+        ms = benchmark(args.model_dir, args.batch, args.repeats)
+    except (ModelError, SettingsError) as exc:
+        _fail(str(exc))
+    except ValidationError as exc:
+        _fail(setting_errors(exc))
     print(f"{args.model_dir}: {ms:.2f} ms per image at batch {args.batch}, 1 core, 1 thread")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

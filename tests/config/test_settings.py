@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from config.settings import Settings, SettingsError, get_settings
+from config.settings import (
+    DEFAULT_MODEL,
+    Settings,
+    SettingsError,
+    data_roots,
+    find_default_model,
+    get_settings,
+)
 
 
 @pytest.fixture()
@@ -161,3 +169,37 @@ def test_values_are_taken_without_surrounding_spaces_and_folders_with_home(
     assert settings.database_url == "sqlite:////tmp/r.db"
     assert settings.workers == 2
     assert settings.model == Path.home() / "models" / "cxr"
+
+
+def shipped_at(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model_card.json").write_text("{}")
+    return folder
+
+
+def test_the_default_model_is_the_repository_folder_in_a_checkout(tmp_path: Path) -> None:
+    checkout = tmp_path / "repo" / "models" / "cxr-compact"
+    checkout.mkdir(parents=True)
+    shipped_at(tmp_path / "venv" / "share" / "cxr-screen" / "models" / "cxr-compact")
+    assert find_default_model(tmp_path / "repo", [tmp_path / "venv"]) == checkout
+
+
+def test_a_wheel_install_finds_the_model_in_its_data_folder(tmp_path: Path) -> None:
+    """Installed from a wheel, the code is in site-packages and the model (data-files) in
+    <prefix>/share/cxr-screen: site-packages/models/cxr-compact is not there."""
+    site_packages = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    site_packages.mkdir(parents=True)
+    user = shipped_at(tmp_path / "home" / "share" / "cxr-screen" / "models" / "cxr-compact")
+    assert find_default_model(site_packages, [tmp_path / "venv", tmp_path / "home"]) == user
+    prefix = shipped_at(tmp_path / "venv" / "share" / "cxr-screen" / "models" / "cxr-compact")
+    assert find_default_model(site_packages, [tmp_path / "venv", tmp_path / "home"]) == prefix
+
+
+def test_without_a_model_the_default_names_the_install_location(tmp_path: Path) -> None:
+    found = find_default_model(tmp_path / "site-packages", [tmp_path / "venv"])
+    assert found == tmp_path / "venv" / "share" / "cxr-screen" / "models" / "cxr-compact"
+
+
+def test_the_default_model_is_absolute_and_the_data_folders_are_this_environments() -> None:
+    assert DEFAULT_MODEL.is_absolute()
+    assert data_roots()[0] == Path(sysconfig.get_path("data"))

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -245,24 +246,16 @@ def test_the_worker_image(services: dict[str, dict[str, Any]]) -> None:
     installs = [shlex.split(line) for line in re.findall(r"pip install ([^\n&]+)", text)]
     assert ["."] in installs, "the worker install: pip install ."
     assert not any("train" in word or "tensorflow" in word for line in installs for word in line)
-    assert re.search(r"^COPY models/ ", text, re.M), "the model is in the image"
+    assert re.search(r"^COPY models/cxr-compact/ models/cxr-compact/", text, re.M), (
+        "the build stage installs the shipped model"
+    )
 
 
 def test_the_image_holds_every_module_the_cli_and_the_worker_import(tmp_path: Path) -> None:
     """The image installs what its build stage copies, nothing else: the console script
     and the Celery app must import from that tree alone (the CLI once imported training
     commands the image did not copy, and no command could start)."""
-    build = dict(stages(dockerfile_instructions(DOCKER / "Dockerfile")))["build"]
-    for keyword, rest in build:
-        words = shlex.split(rest)
-        if keyword == "COPY" and not any(w.startswith("--from") for w in words):
-            for source in words[:-1]:
-                origin = REPO_ROOT / source.rstrip("/")
-                target = tmp_path / source.rstrip("/")
-                if origin.is_dir():
-                    shutil.copytree(origin, target)
-                else:
-                    shutil.copy2(origin, target)
+    build_stage_tree(tmp_path)
     outside = (
         "import sys, worker.cli, worker.celery_app, worker.tasks\n"
         "ours = {'config', 'db', 'worker', 'training'}\n"
@@ -281,6 +274,44 @@ def test_the_image_holds_every_module_the_cli_and_the_worker_import(tmp_path: Pa
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", f"imported from outside the image: {done.stdout}"
+
+
+def build_stage_tree(folder: Path) -> None:
+    """What the Dockerfile's build stage copies, copied into ``folder``."""
+    build = dict(stages(dockerfile_instructions(DOCKER / "Dockerfile")))["build"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for keyword, rest in build:
+        words = shlex.split(rest)
+        if keyword == "COPY" and not any(w.startswith("--from") for w in words):
+            for source in words[:-1]:
+                origin = REPO_ROOT / source.rstrip("/")
+                target = folder / source.rstrip("/")
+                if origin.is_dir():
+                    shutil.copytree(origin, target)
+                else:
+                    shutil.copy2(origin, target)
+
+
+@pytest.mark.slow
+def test_the_wheel_the_image_installs_carries_the_shipped_model(tmp_path: Path) -> None:
+    """A wheel had no model: installed anywhere but in a checkout, every command that
+    needs one failed with "no model card at .../site-packages/models/cxr-compact"."""
+    tree = tmp_path / "src"
+    build_stage_tree(tree)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    done = subprocess.run(
+        [*command, "--quiet", "-w", str(tmp_path / "dist"), str(tree)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("cxr_screen-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n.split("/data/", 1)[1] for n in names if ".data/data/share/" in n}
+    model = "share/cxr-screen/models/cxr-compact"
+    assert shipped == {f"{model}/{f}" for f in ("model_card.json", "model.tflite", "model.keras")}
+    assert "worker/imaging/polarity.json" in names
 
 
 def test_healthchecks_run_commands_that_exist() -> None:
