@@ -238,14 +238,18 @@ def evaluate_command(
         int, typer.Option(min=100, help="Bootstrap resamples for the AUC interval.")
     ] = 2000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Sens/spec at this threshold (default: CXR_THRESHOLD, else the card's)."),
+    ] = None,
 ) -> None:
     """Classification report, AUC with 95% CI, sens/spec at the card threshold, PPV/NPV,
     calibration, ROC/confusion/reliability PNGs and metrics.json."""
     _quiet_tensorflow()
     from training.evaluate import evaluate
 
-    settings = get_settings()
-    model_dir = model or settings.model
+    settings = get_settings().with_overrides(model=model, threshold=threshold)
+    model_dir = settings.model
     # Not inside the model folder: its evaluation/ is the shipped model's evidence.
     out_dir = out or Path("evaluation") / read_card(model_dir).model_version
     metrics = evaluate(
@@ -258,6 +262,7 @@ def evaluate_command(
         use_keras=use_keras,
         write_card=write_card,
         rethreshold=rethreshold,
+        threshold=settings.threshold,
         n_bootstrap=bootstrap,
         seed=seed,
         max_pixels=settings.max_pixels,

@@ -33,7 +33,7 @@ import numpy as np
 
 from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES
-from worker.discovery import tree_files
+from worker.discovery import SKIPPED_NAMES, tree_files
 from worker.imaging.dicom import describe_read_error
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pipeline import (
@@ -120,7 +120,7 @@ def walk_files(folder: Path) -> list[Path]:
     left out, linked folders walked once each; broken symbolic links and folders that
     cannot be listed are included, so they are reported rather than lost."""
     files = tree_files(folder, skip_hidden_files=True)
-    return sorted(p for p in files if _reportable(p))
+    return sorted(p for p in files if p.name not in SKIPPED_NAMES and _reportable(p))
 
 
 def _reportable(path: Path) -> bool:
@@ -172,15 +172,29 @@ def split_dir(data_dir: Path, split: str) -> Path:
 
 
 def list_samples(folder: Path, include: Iterable[str] = tuple(LABELS)) -> list[Sample]:
-    """Sorted (path, label) pairs of one split folder."""
+    """Sorted (path, label) pairs of one split folder; images in mask folders left out."""
     wanted = set(include)
-    samples = [
-        Sample(path, label)
-        for sub, label in label_folders(Path(folder)).items()
-        if label in wanted
-        for path in walk_images(sub)
-    ]
+    samples: list[Sample] = []
+    masks: list[Sample] = []
+    for sub, label in label_folders(Path(folder)).items():
+        if label in wanted:
+            for path in walk_images(sub):
+                (masks if in_mask_folder(path, sub) else samples).append(Sample(path, label))
+    if masks:
+        log.warning(
+            "left out: %d images in mask folders under %s (segmentation masks, not films)",
+            len(masks),
+            folder,
+        )
     return sorted(samples, key=lambda s: (str(s.path), s.label))
+
+
+def in_mask_folder(path: Path, label_folder: Path) -> bool:
+    """Under a folder named for masks ("masks/", "lung masks/", "infection_masks/"): the
+    COVID-19 Radiography Database and COVID-QU-Ex keep them beside "images/" in each
+    label folder, and scored as films they took a 12-film set's AUC from 1.0 to 0.83."""
+    folders = path.relative_to(label_folder).parts[:-1]
+    return any(folder_key(name).endswith(("mask", "masks")) for name in folders)
 
 
 def list_split(data_dir: Path, split: str, include: Iterable[str] = tuple(LABELS)) -> list[Sample]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,11 @@ from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES
 from training.data import (
     Sample,
+    child_folder,
     list_samples,
     load_input,
     load_or_reason,
+    manifest_sha256,
     other_folders,
     split_dir,
 )
@@ -54,6 +56,7 @@ from training.train import (
 )
 from worker.csv_rows import write_csv_row
 from worker.errors import UserError
+from worker.imaging.enum import Status
 from worker.imaging.pipeline import load_gray, model_input
 from worker.model import CARD_FILE, KERAS_FILE, Classifier, read_card
 
@@ -64,6 +67,19 @@ ECE_BINS = 10
 # Of the network input, each side: the film's outer 20 % less the pipeline's 10 % crop.
 AUDIT_BAND = 0.125
 BATCH = 16
+PREDICTION_COLUMNS = ("path", "label", "covid_probability", "predicted_label", "status", "reason")
+# Everything evaluate writes into its folder.
+OUTPUT_FILES = (
+    "metrics.json",
+    "report.txt",
+    "predictions.csv",
+    "roc.png",
+    "confusion_matrix.png",
+    "reliability.png",
+    "audit_examples.png",
+    "gradcam_grid.png",
+    "robustness.png",
+)
 
 
 # ------------------------------------------------------------------ scoring
@@ -563,18 +579,29 @@ def evaluate(
     use_keras: bool = False,
     write_card: bool = False,
     rethreshold: bool = False,
+    threshold: float | None = None,
     n_bootstrap: int = 2000,
     seed: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """With ``rethreshold`` (``DATA_DIR/val/`` only) the card's threshold is chosen again on
     this split's scores with the current rule and stored, with metrics.val, in the card.
+    ``threshold`` replaces the card's (a site's ``CXR_THRESHOLD``) in the figures.
     Files over ``max_pixels`` (the worker's ``CXR_MAX_PIXELS``) are rejected as there."""
+    model_dir, out = Path(model_dir), Path(out)
     if rethreshold:
         check_rethreshold(Path(data_dir), split, write_card)
-    model_dir, out = Path(model_dir), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if threshold is not None and (rethreshold or write_card):
+        raise UserError(
+            "the card keeps figures at its own threshold: drop --threshold (or CXR_THRESHOLD) "
+            "with --write-card or --rethreshold"
+        )
+    if write_card:
+        check_training_data(Path(data_dir), split, model_dir)
     folder = split_dir(data_dir, split)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:  # an earlier run's audit or shifts must not pass for this one's
+        (out / name).unlink(missing_ok=True)
     if ignored := other_folders(folder):
         log.warning(
             "left out: %s under %s (no label folder: normal, covid or pneumonia, or the "
@@ -587,7 +614,8 @@ def evaluate(
         raise FileNotFoundError(f"no normal/ or covid/ images under {folder}")
     pneumonia = list_samples(folder, ("pneumonia",))
     scorer = Scorer(model_dir, use_keras=use_keras)
-    size, threshold = scorer.size, scorer.threshold
+    size = scorer.size
+    threshold = scorer.threshold if threshold is None else threshold
     name = f"{scorer.card.model_version} ({'keras' if use_keras else 'tflite'})"
 
     paths = [s.path for s in samples]
@@ -601,6 +629,14 @@ def evaluate(
         )
     y_all = np.array([s.target for s in samples])
     y, p = y_all[ok], probs[ok]
+    if len(set(y)) < 2:
+        log.warning(
+            "only %s images could be scored under %s: AUC, %s and the predictive values "
+            "need both normal and covid images (n/a below)",
+            CLASS_NAMES[int(y[0])],
+            folder,
+            "specificity" if y[0] else "sensitivity",
+        )
     good = [s for s, k in zip(samples, ok, strict=True) if k]
     readable = [s.path for s in good]
     card_change = None
@@ -619,19 +655,28 @@ def evaluate(
     }
     if card_change is not None:
         metrics["card_threshold"] = card_change
+    pneumonia_probs, pneumonia_rejected = score_files(
+        [s.path for s in pneumonia], scorer, size, max_pixels
+    )
     if pneumonia:
-        pp, _ = score_files([s.path for s in pneumonia], scorer, size, max_pixels)
-        pp = pp[~np.isnan(pp)]
+        pp = pneumonia_probs[~np.isnan(pneumonia_probs)]
         metrics["pneumonia"] = {
             "n": len(pp),
             "flagged_covid": int((pp >= threshold).sum()),
             "mean_probability": float(pp.mean()) if len(pp) else None,
+            "rejected": [{"path": str(pth), "reason": r} for pth, r in pneumonia_rejected],
         }
 
     plot_roc(y, p, m, out / "roc.png", f"ROC - {name}")
     plot_confusion(m, out / "confusion_matrix.png", f"{split} @ {threshold:.3f}")
     plot_reliability(m, out / "reliability.png", f"Reliability - {name}")
-    write_predictions(samples, probs, out / "predictions.csv")
+    write_predictions(
+        [*samples, *pneumonia],
+        np.concatenate([probs, pneumonia_probs]),
+        dict(rejected + pneumonia_rejected),
+        threshold,
+        out / "predictions.csv",
+    )
 
     if shortcut_audit:
         audit: dict[str, Any] = {"full_image_auc": m["auc"]}
@@ -733,6 +778,23 @@ def _store_in_card(model_dir: Path, split: str, metrics: dict[str, Any]) -> None
     card_path.write_text(to_json(card))
 
 
+def check_training_data(data_dir: Path, split: str, model_dir: Path) -> None:
+    """--write-card files the figures as the model's own: only for a split of the data set
+    it was trained on (DATA_DIR/train/ matching the card's training manifest), never for
+    a folder of one's own films, which overwrote the shipped test figures."""
+    card = json.loads((model_dir / CARD_FILE).read_text())
+    train = child_folder(data_dir, "train")
+    trained_on = train is not None and card.get("training_manifest_sha256") == (
+        manifest_sha256(list_samples(train), data_dir)
+    )
+    if child_folder(data_dir, split) is None or not trained_on:
+        raise UserError(
+            f"--write-card stores figures in the model card, for a split of the data the "
+            f"model was trained on: {data_dir} has no {split}/ beside a train/ that matches "
+            "the card's training manifest (evaluate your own folder without --write-card)"
+        )
+
+
 def check_rethreshold(data_dir: Path, split: str, write_card: bool) -> None:
     """--rethreshold needs a real ``DATA_DIR/val/``: ``split_dir`` falls back to DATA_DIR
     itself, so ``DATA/test --split val`` would choose the threshold on the test images."""
@@ -780,12 +842,25 @@ def stale_metrics(metrics: dict[str, Any], threshold: float) -> list[str]:
     )
 
 
-def write_predictions(samples: Sequence[Sample], probs: np.ndarray, path: Path) -> None:
+def write_predictions(
+    samples: Sequence[Sample],
+    probs: np.ndarray,
+    reasons: Mapping[Path, str],
+    threshold: float,
+    path: Path,
+) -> None:
+    """One row per listed file, pneumonia included: the columns of ``predict`` after
+    the folder's label."""
     # backslashreplace: a file name that is not UTF-8 still gives a valid UTF-8 CSV
     with path.open("w", newline="", encoding="utf-8", errors="backslashreplace") as stream:
-        write_csv_row(stream, ("path", "label", "covid_probability"))
+        write_csv_row(stream, PREDICTION_COLUMNS)
         for sample, q in zip(samples, probs, strict=True):
-            write_csv_row(stream, (sample.path, sample.label, f"{q:.6f}"))
+            if sample.path in reasons:
+                row = ("", "", Status.REJECTED.value, reasons[sample.path])
+            else:
+                label = CLASS_NAMES[int(q >= threshold)]
+                row = (f"{q:.6f}", label, Status.SCREENED.value, "")
+            write_csv_row(stream, (sample.path, sample.label, *row))
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -829,7 +904,7 @@ def summary_text(m: dict[str, Any]) -> str:
         pn = m["pneumonia"]
         lines.append(
             f"pneumonia (not in the binary figures): {pn['flagged_covid']} of {pn['n']} "
-            "flagged covid"
+            f"flagged covid, {len(pn['rejected'])} rejected"
         )
     if "shortcut_audit" in m:
         a = m["shortcut_audit"]

@@ -27,7 +27,8 @@ from worker.screening import InstanceResult, rejected
 
 log = logging.getLogger(__name__)
 
-SKIPPED_NAMES = frozenset({".DS_Store", "Thumbs.db"})
+# Files the desktop writes beside images (Finder, Windows Explorer): never a film.
+SKIPPED_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 # PostgreSQL indexes `predictions.source`, and a btree entry holds at most 2,704 bytes: a
 # longer path failed its study's whole transaction. Linux allows 4,096.
 MAX_SOURCE_BYTES = 2000

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from training.data import Sample
 from training.evaluate import (
+    PREDICTION_COLUMNS,
     binary_metrics,
     bootstrap_auc,
     border_only,
@@ -90,12 +92,16 @@ def test_grad_cam_explains_a_model_built_on_a_nested_application(arch: str, size
 
 
 def test_evaluate_audits_the_shipped_model_and_records_them_in_a_card_copy(
-    model_copy: Path, test_sample: Callable[[int], Path], tmp_path: Path
+    model_copy: Path, test_sample: Callable[[int], Path], cxr_dir: Path, tmp_path: Path
 ) -> None:
     """Shortcut audit and acquisition shifts on a seeded test sample, written to a copy of
     the shipped card: hiding the lungs must cost far more than any acquisition shift."""
+    data = tmp_path / "data"  # the sample as test/ beside the training images
+    data.mkdir()
+    test_sample(30).rename(data / "test")
+    (data / "train").symlink_to(cxr_dir / "train")
     m = evaluate(
-        test_sample(30),
+        data,
         model_copy,
         tmp_path / "eval",
         shortcut_audit=True,
@@ -114,6 +120,24 @@ def test_evaluate_audits_the_shipped_model_and_records_them_in_a_card_copy(
     card = json.loads((model_copy / "model_card.json").read_text())
     assert set(card["metrics"]["test"]["robustness_auc"]) == set(SHIFTS)
     assert "acquisition shifts" in m["text"]
+
+
+def test_write_card_is_refused_for_data_the_model_was_not_trained_on(
+    model_copy: Path, test_sample: Callable[[int], Path], tmp_path: Path
+) -> None:
+    """A site's own folder evaluated with the README's command replaced the shipped test
+    figures in the card, and left the earlier run's audit PNGs beside the new figures."""
+    card = (model_copy / "model_card.json").read_text()
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "gradcam_grid.png").write_bytes(b"an earlier run's")
+    own = test_sample(3)
+    with pytest.raises(UserError, match="--write-card stores figures in the model card"):
+        evaluate(own, model_copy, out, write_card=True, n_bootstrap=100)
+    assert (model_copy / "model_card.json").read_text() == card
+    evaluate(own, model_copy, out, n_bootstrap=100)
+    assert not (out / "gradcam_grid.png").exists()
+    assert (model_copy / "model_card.json").read_text() == card
 
 
 def _sample_folder(root: Path, cxr_dir: Path, split: str, per_label: dict[str, int]) -> Path:
@@ -136,8 +160,11 @@ def test_unreadable_files_and_odd_names_are_reported_not_fatal(
     assert (tmp_path / "eval" / "audit_examples.png").is_file()
     text = (tmp_path / "eval" / "predictions.csv").read_text(encoding="utf-8")
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert len(rows) == 8 and all(set(r) == {"path", "label", "covid_probability"} for r in rows)
+    assert len(rows) == 8 and all(list(r) == list(PREDICTION_COLUMNS) for r in rows)
     assert 'a,b "c"\\udcff.png' in {Path(r["path"]).name for r in rows}
+    corrupt = next(r for r in rows if r["path"].endswith("000_corrupt.png"))
+    assert corrupt["status"] == "rejected" and corrupt["reason"].startswith("unreadable")
+    assert corrupt["covid_probability"] == "" and corrupt["predicted_label"] == ""
 
 
 def test_predictions_csv_gives_one_row_per_file_whatever_its_name(
@@ -145,19 +172,23 @@ def test_predictions_csv_gives_one_row_per_file_whatever_its_name(
 ) -> None:
     samples = [Sample(tmp_path / "covid" / name, "covid") for name in csv_awkward_names]
     probs = np.linspace(0.1, 0.9, len(samples))
-    write_predictions(samples, probs, tmp_path / "predictions.csv")
+    write_predictions(samples, probs, {}, 0.5, tmp_path / "predictions.csv")
     with (tmp_path / "predictions.csv").open(newline="", encoding="utf-8") as stream:
         rows = list(csv.reader(stream))
-    assert rows[0] == ["path", "label", "covid_probability"]
+    assert rows[0] == list(PREDICTION_COLUMNS)
     assert rows[1:] == [
-        [str(s.path), "covid", f"{q:.6f}"] for s, q in zip(samples, probs, strict=True)
+        [str(s.path), "covid", f"{q:.6f}", "covid" if q >= 0.5 else "normal", "screened", ""]
+        for s, q in zip(samples, probs, strict=True)
     ]
 
 
 def test_a_split_with_one_class_gives_a_report(
-    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """With a warning: exit 0 and "AUC n/a" were easy to miss under a class folder whose
+    name was not understood."""
     data = _sample_folder(tmp_path / "data", cxr_dir, "test", {"covid": 4})
+    caplog.set_level("WARNING", logger="training.evaluate")
     m = evaluate(
         data,
         shipped_model,
@@ -171,6 +202,7 @@ def test_a_split_with_one_class_gives_a_report(
         (tmp_path / "eval" / "metrics.json").read_text(), parse_constant=pytest.fail
     )  # JSON has no NaN: undefined figures are null
     assert saved["auc"] is None and saved["specificity"] is None
+    assert "only covid images could be scored under" in caplog.text
 
 
 def test_label_folders_as_other_data_sets_name_them_are_read(
@@ -189,6 +221,54 @@ def test_label_folders_as_other_data_sets_name_them_are_read(
     assert (m["n"], m["n_normal"], m["n_covid"]) == (6, 3, 3)
     assert m["pneumonia"]["n"] == 2
     assert "left out: scanner exports/ under" in caplog.text
+
+
+def test_pneumonia_files_have_rows_and_a_broken_one_is_counted_rejected(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """A broken pneumonia file vanished from the counts, and no pneumonia file had a row
+    in predictions.csv."""
+    data = _sample_folder(tmp_path / "data", cxr_dir, "test", {"normal": 2, "covid": 2})
+    _sample_folder(data / "pneumonia", cxr_dir, "test", {"pneumonia": 2})
+    (data / "pneumonia" / "pneumonia" / "broken.png").write_bytes(b"not a png")
+    m = evaluate(data, shipped_model, tmp_path / "eval", n_bootstrap=100)
+    assert m["pneumonia"]["n"] == 2
+    assert [Path(r["path"]).name for r in m["pneumonia"]["rejected"]] == ["broken.png"]
+    assert "pneumonia (not in the binary figures): " in m["text"] and "1 rejected" in m["text"]
+    with (tmp_path / "eval" / "predictions.csv").open(newline="") as stream:
+        rows = [r for r in csv.DictReader(stream) if r["label"] == "pneumonia"]
+    assert sorted(r["status"] for r in rows) == ["rejected", "screened", "screened"]
+
+
+def test_mask_folders_beside_the_films_are_left_out(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The COVID-19 Radiography Database keeps ``COVID/images/`` beside ``COVID/masks/``:
+    the masks were scored as films (a 12-film set's AUC fell from 1.0 to 0.83)."""
+    data = tmp_path / "data"
+    for label in ("normal", "covid"):
+        _sample_folder(data / label.upper() / "images", cxr_dir, "test", {label: 3})
+        masks = data / label.upper() / "masks"
+        masks.mkdir(parents=True)
+        for film in (data / label.upper() / "images" / label).iterdir():
+            mask = np.zeros((64, 64), np.uint8)
+            mask[10:50, 8:28] = mask[10:50, 36:56] = 255
+            Image.fromarray(mask).save(masks / film.name)
+    with caplog.at_level("WARNING", logger="training.data"):
+        m = evaluate(data, shipped_model, tmp_path / "eval", n_bootstrap=100)
+    assert (m["n"], m["rejected"]) == (6, [])
+    assert "left out: 6 images in mask folders under" in caplog.text
+
+
+def test_a_site_threshold_sets_the_operating_point_but_never_the_card(
+    model_copy: Path, test_sample: Callable[[int], Path], tmp_path: Path
+) -> None:
+    """CXR_THRESHOLD set the label predict gave but not the figures evaluate reported."""
+    data = test_sample(3)
+    m = evaluate(data, model_copy, tmp_path / "eval", threshold=0.999, n_bootstrap=100)
+    assert m["threshold"] == 0.999 and "at threshold 0.9990" in m["text"]
+    with pytest.raises(UserError, match="drop --threshold"):
+        evaluate(data, model_copy, tmp_path / "e2", threshold=0.5, write_card=True)
 
 
 def test_a_split_where_every_file_is_rejected_is_a_user_error(

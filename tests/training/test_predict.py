@@ -91,6 +91,8 @@ def test_folders_are_walked_recursively(
     Image.open(sample_png).save(nested / "x.png")
     (tmp_path / "a" / "readme.txt").write_text("hello")
     (tmp_path / "a" / ".hidden").write_text("skip me")
+    for desktop_file in ("Thumbs.db", "desktop.ini"):  # Windows Explorer's, never a film
+        (nested / desktop_file).write_text("skip me")
     (tmp_path / "a" / "moved.png").symlink_to(tmp_path / "gone.png")
     rows = {Path(r["path"]).name: r for r in _rows([tmp_path / "a"], shipped_model)}
     assert sorted(rows) == ["moved.png", "readme.txt", "x.png"]

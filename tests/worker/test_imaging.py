@@ -28,6 +28,7 @@ from worker.discovery import discover
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pipeline import (
+    check_not_two_tone,
     load_gray,
     load_picture,
     model_input,
@@ -751,3 +752,20 @@ def test_an_inverted_picture_is_turned_back_and_an_upright_one_left_alone(
     upright = load_picture(sample_png)
     np.testing.assert_allclose(load_picture(tmp_path / "inverted.png"), upright, atol=1e-6)
     np.testing.assert_allclose(upright, film / 255.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_segmentation_mask_is_not_scored_as_a_film(suffix: str, tmp_path: Path) -> None:
+    """Data sets keep lung masks beside the films; scored, a mask got a probability."""
+    mask = np.zeros((256, 256), np.uint8)
+    mask[40:200, 30:110] = mask[40:200, 146:226] = 255
+    Image.fromarray(mask).save(tmp_path / f"mask{suffix}")
+    with pytest.raises(RejectedInput, match="two-tone picture") as caught:
+        load_gray(tmp_path / f"mask{suffix}")
+    assert caught.value.code is RejectCode.NOT_CHEST
+
+
+def test_a_film_in_a_wide_black_frame_is_not_taken_for_a_mask(sample_png: Path) -> None:
+    film = png_pixels(sample_png)
+    framed = np.pad(film, ((film.shape[0],) * 2, (film.shape[1],) * 2))  # 8/9 of it black
+    check_not_two_tone(framed.astype(np.float32) / 255)
