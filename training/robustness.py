@@ -34,6 +34,17 @@ def wider_field(gray: np.ndarray, scale: float = 0.8) -> np.ndarray:
     return out
 
 
+def noisy_frame(gray: np.ndarray, aspect: float = 4 / 3, sigma: float = 6 / 255) -> np.ndarray:
+    """Padded to ``aspect`` (width / height) with a dark surround carrying noise of
+    ``sigma``: a scanned or photographed film, or a screenshot of one."""
+    rows, cols = gray.shape
+    pad = max(round((rows * aspect - cols) / 2), cols // 8)
+    noise = np.random.default_rng(0).normal(0.02, sigma, (rows, cols + 2 * pad))
+    out = np.clip(noise, 0.0, 1.0).astype(np.float32)
+    out[:, pad : pad + cols] = gray
+    return out
+
+
 def tighter_field(gray: np.ndarray, keep: float = 0.85) -> np.ndarray:
     """Tighter collimation: only the central ``keep`` of each side."""
     rows, cols = gray.shape
@@ -94,6 +105,7 @@ def smoothed(gray: np.ndarray, radius: float) -> np.ndarray:
 
 SHIFTS: dict[str, tuple[GrayTransform, str]] = {
     "wider_field": (wider_field, "film shrunk to 80% inside a black frame"),
+    "noisy_frame": (noisy_frame, "padded to 4:3 with a dark surround, noise of 6 grey levels"),
     "tighter_field": (tighter_field, "central 85% of each side only"),
     "portrait_film": (portrait_film, "10% of the width cut on each side"),
     "landscape_film": (landscape_film, "10% of the height cut at top and bottom"),

@@ -9,6 +9,7 @@ from training.robustness import (
     SHIFTS,
     jpeg_compressed,
     landscape_film,
+    noisy_frame,
     portrait_film,
     sharpened,
     smoothed,
@@ -45,6 +46,10 @@ def test_framing_shifts_keep_or_cut_the_expected_part(gray: np.ndarray) -> None:
     assert tighter_field(gray).shape == (102, 84)
     np.testing.assert_array_equal(portrait_film(gray), gray[:, 10:90])
     np.testing.assert_array_equal(landscape_film(gray), gray[12:108])
+    framed = noisy_frame(gray)
+    assert framed.shape == (120, 160)
+    np.testing.assert_array_equal(framed[:, 30:130], gray)
+    assert 0.01 < float(framed[:, :30].std()) < 0.04
 
 
 def test_jpeg_copy_is_close_but_lossy(gray: np.ndarray) -> None:

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless
+from scipy.ndimage import uniform_filter1d
 from skimage.exposure import equalize_hist
 from skimage.transform import resize
 
@@ -53,11 +54,12 @@ from worker.imaging.polarity import looks_inverted
 # Versions model_input, the step from a display grey image to the network input. Fixes
 # that bring a DICOM file to the display its PNG export shows (LUTs, padding, orientation)
 # leave it alone: the PNG training inputs do not change.
-PREPROCESSING_VERSION = "3"  # 3: wide uniform bands trimmed before the border crop
+PREPROCESSING_VERSION = "4"  # 3: wide uniform bands trimmed before the crop; 4: noisy ones too
 WORKING_SIDE = 512
 BORDER_FRACTION = 0.10
 BAND_FRACTION = 0.05  # a uniform band at least this share of its side is not the film
 BAND_TOLERANCE = 0.02  # grey standard deviation within a band's lines
+BAND_SMOOTHING = 9  # pixels along a line averaged before its spread is measured
 TWO_TONE_SHARE = 0.95  # of a picture's pixels on two grey levels: not a film
 DEEP_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
 PICTURE_SUFFIXES = frozenset(
@@ -100,8 +102,15 @@ def trim_uniform_bands(image: np.ndarray) -> np.ndarray:
 
 
 def _band(image: np.ndarray, side: int) -> int:
-    """How many leading rows are nearly uniform and alike, if that is a wide band."""
-    means, spreads = image.mean(axis=1), image.std(axis=1)
+    """How many leading rows are nearly uniform and alike, if that is a wide band.
+
+    A row's spread is measured after a short moving average along it: the noisy surround
+    of a scanned or photographed film (a few grey levels of noise) is not structure, and
+    padding a film to 16:9 with it took the validation specificity from 0.95 to 0.19.
+    """
+    head = image[: max(side // 2, 1)]  # a band past the middle is not trimmed anyway
+    means = head.mean(axis=1)
+    spreads = uniform_filter1d(head, BAND_SMOOTHING, axis=1, mode="nearest").std(axis=1)
     alike = (spreads <= BAND_TOLERANCE) & (np.abs(means - means[0]) <= 2 * BAND_TOLERANCE)
     width = len(alike) if alike.all() else int(np.argmin(alike))
     return width if width >= BAND_FRACTION * side else 0
