@@ -17,7 +17,7 @@ import io
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from skimage.filters import gaussian, unsharp_mask
 from skimage.transform import resize, rotate
 
@@ -43,6 +43,17 @@ def noisy_frame(gray: np.ndarray, aspect: float = 4 / 3, sigma: float = 6 / 255)
     out = np.clip(noise, 0.0, 1.0).astype(np.float32)
     out[:, pad : pad + cols] = gray
     return out
+
+
+def burnt_in_text(gray: np.ndarray, text: str = "DCHA.") -> np.ndarray:
+    """White text a twentieth of the film high, a fifth of the way in from the top left:
+    inside the field the border crop keeps, where a marker such as the covid hospital's
+    "DCHA." (cropped away when it sits at the edge, as in this data) sometimes lands."""
+    rows, cols = gray.shape
+    picture = Image.fromarray(np.round(np.clip(gray, 0, 1) * 255).astype(np.uint8))
+    font = ImageFont.load_default(size=max(8, rows // 20))
+    ImageDraw.Draw(picture).text((cols // 5, rows // 5), text, fill=255, font=font)
+    return np.asarray(picture, dtype=np.float32) / 255.0
 
 
 def tighter_field(gray: np.ndarray, keep: float = 0.85) -> np.ndarray:
@@ -107,6 +118,7 @@ SHIFTS: dict[str, tuple[GrayTransform, str]] = {
     "wider_field": (wider_field, "film shrunk to 80% inside a black frame"),
     "noisy_frame": (noisy_frame, "padded to 4:3 with a dark surround, noise of 6 grey levels"),
     "tighter_field": (tighter_field, "central 85% of each side only"),
+    "text_inside": (burnt_in_text, 'white "DCHA." burnt in inside the cropped field'),
     "portrait_film": (portrait_film, "10% of the width cut on each side"),
     "landscape_film": (landscape_film, "10% of the height cut at top and bottom"),
     "low_resolution": (low_resolution, "down to 100 px and back up"),

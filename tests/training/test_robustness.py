@@ -7,6 +7,7 @@ import pytest
 
 from training.robustness import (
     SHIFTS,
+    burnt_in_text,
     jpeg_compressed,
     landscape_film,
     noisy_frame,
@@ -46,6 +47,9 @@ def test_framing_shifts_keep_or_cut_the_expected_part(gray: np.ndarray) -> None:
     assert tighter_field(gray).shape == (102, 84)
     np.testing.assert_array_equal(portrait_film(gray), gray[:, 10:90])
     np.testing.assert_array_equal(landscape_film(gray), gray[12:108])
+    marked = burnt_in_text(gray)
+    changed = np.argwhere(np.abs(marked - gray) > 0.02)
+    assert changed.size and changed.min(axis=0).tolist() >= [24, 20], "inside the 20 % band"
     framed = noisy_frame(gray)
     assert framed.shape == (120, 160)
     np.testing.assert_array_equal(framed[:, 30:130], gray)
