@@ -144,6 +144,15 @@ def train_command(
             "(detector processing varies between hospitals); 0 = off.",
         ),
     ] = 0.0,
+    text_augmentation: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of training images given burnt-in marker text (L/R, PORTABLE, a "
+            "date) anywhere in the input; 0 = off.",
+        ),
+    ] = 0.0,
 ) -> None:
     """Fit on DATA_DIR/train, early-stop and pick the threshold on DATA_DIR/val, export."""
     _quiet_tensorflow()
@@ -175,7 +184,9 @@ def train_command(
         max_val=max_val,
         precision=precision,
         max_pixels=get_settings().max_pixels,
-        augmentation=Augmentation(unsharp_prob=processing_augmentation),
+        augmentation=Augmentation(
+            unsharp_prob=processing_augmentation, text_prob=text_augmentation
+        ),
     )
     card = train(cfg)
     val = card["metrics"]["val"]

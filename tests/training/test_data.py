@@ -12,6 +12,7 @@ import pytest
 from training.data import (
     LABELS,
     Sample,
+    StatelessDraws,
     class_weights,
     counts,
     list_split,
@@ -293,6 +294,25 @@ def test_augmentation_depends_only_on_the_batch_seed() -> None:
     other = augment(x, tf.constant(8, tf.int64)).numpy()
     assert not np.allclose(first, other, atol=1e-3)
     assert not np.allclose(first[0], first[1], atol=1e-3)  # one draw per image
+
+
+def test_text_augmentation_burns_white_marker_text_into_the_chosen_images() -> None:
+    import tensorflow as tf
+
+    from training.data import TEXT_MASKS, Augmentation, burn_in_text, render_text_masks
+
+    masks = render_text_masks(64)
+    assert masks.shape == (TEXT_MASKS, 64, 64, 1)
+    np.testing.assert_array_equal(masks, render_text_masks(64))
+    inked = (masks > 0.5).mean(axis=(1, 2, 3))
+    assert inked.min() > 0 and inked.max() < 0.2, "one word each, never the whole input"
+    x = tf.fill((8, 64, 64, 1), 0.3)
+    marked = burn_in_text(x, StatelessDraws(tf.constant(3, tf.int64)), 1.0, masks).numpy()
+    assert all(0.6 < image.max() <= 1.0 for image in marked), "anti-aliased text, near white"
+    assert np.all(marked >= 0.3 - 1e-6)
+    kept = burn_in_text(x, StatelessDraws(tf.constant(3, tf.int64)), 0.0, masks).numpy()
+    np.testing.assert_array_equal(kept, x.numpy())
+    assert Augmentation().text_prob == 0.0, "opt-in, as the shipped model was trained"
 
 
 def test_an_epochs_augmentation_depends_only_on_the_seed_and_the_epoch(cxr_dir: Path) -> None:
