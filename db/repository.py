@@ -675,8 +675,12 @@ def fail_unfinished(session: Session, uids: Sequence[str], model_version: str, r
 
 def failed_studies(session: Session, model_version: str | None = None) -> list[Study]:
     """Studies recorded ``failed``, and those screened or rejected with files that failed
-    (new films whose screening failed after the study's first result), oldest first."""
-    query = select(Study).where((Study.status == StudyStatus.FAILED.value) | (Study.n_failed > 0))
+    (new films whose screening failed after the study's first result), oldest first; not
+    a study queued or taken since (its counts are the last result's until it finishes)."""
+    final = Study.status.in_([StudyStatus.SCREENED.value, StudyStatus.REJECTED.value])
+    query = select(Study).where(
+        (Study.status == StudyStatus.FAILED.value) | (final & (Study.n_failed > 0))
+    )
     if model_version is not None:
         query = query.where(Study.model_version == model_version)
     return list(session.scalars(query.order_by(Study.finished_at, Study.id)))

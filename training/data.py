@@ -65,6 +65,10 @@ LABEL_FOLDERS = {
     "bacterialpneumonia": "pneumonia",
     "lungopacity": "pneumonia",
 }
+# Folders of segmentation masks, compared as folder_key does ("Lung Masks", "lung_masks").
+MASK_FOLDERS = frozenset(
+    {"mask", "masks", "lungmask", "lungmasks", "infectionmask", "infectionmasks"}
+)
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ""})
 PNEUMONIA_POLICY = (
     "excluded: pneumonia/ images (all web-published ieee8023/Figure1 figures) are not used "
@@ -194,7 +198,7 @@ def in_mask_folder(path: Path, label_folder: Path) -> bool:
     COVID-19 Radiography Database and COVID-QU-Ex keep them beside "images/" in each
     label folder, and scored as films they took a 12-film set's AUC from 1.0 to 0.83."""
     folders = path.relative_to(label_folder).parts[:-1]
-    return any(folder_key(name).endswith(("mask", "masks")) for name in folders)
+    return any(folder_key(name) in MASK_FOLDERS for name in folders)
 
 
 def list_split(data_dir: Path, split: str, include: Iterable[str] = tuple(LABELS)) -> list[Sample]:
@@ -542,13 +546,15 @@ MARKER_WORDS = ("L", "R", "DCHA.", "IZDA.", "PORTABLE", "AP", "PA", "SUPINE", "E
 def render_text_masks(size: int, seed: int = 0) -> np.ndarray:
     """(TEXT_MASKS, S, S, 1) float32 masks of one marker word each, 4-12 % of the side
     high, anywhere in the input; the same bank for every run."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
+
+    from training.robustness import marker_font
 
     rng = np.random.default_rng(seed)
     masks = np.zeros((TEXT_MASKS, size, size, 1), np.float32)
     for mask in masks:
         canvas = Image.new("L", (size, size), 0)
-        font = ImageFont.load_default(size=max(6, round(size * rng.uniform(0.04, 0.12))))
+        font = marker_font(max(6, round(size * rng.uniform(0.04, 0.12))))
         x, y = (int(v) for v in rng.integers(0, int(size * 0.8), 2))
         ImageDraw.Draw(canvas).text((x, y), str(rng.choice(MARKER_WORDS)), fill=255, font=font)
         mask[..., 0] = np.asarray(canvas, np.float32) / 255.0

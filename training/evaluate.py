@@ -600,8 +600,6 @@ def evaluate(
         check_training_data(Path(data_dir), split, model_dir)
     folder = split_dir(data_dir, split)
     out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:  # an earlier run's audit or shifts must not pass for this one's
-        (out / name).unlink(missing_ok=True)
     if ignored := other_folders(folder):
         log.warning(
             "left out: %s under %s (no label folder: normal, covid or pneumonia, or the "
@@ -667,6 +665,8 @@ def evaluate(
             "rejected": [{"path": str(pth), "reason": r} for pth, r in pneumonia_rejected],
         }
 
+    for output in OUTPUT_FILES:  # an earlier run's audit or shifts must not pass for this one's
+        (out / output).unlink(missing_ok=True)
     plot_roc(y, p, m, out / "roc.png", f"ROC - {name}")
     plot_confusion(m, out / "confusion_matrix.png", f"{split} @ {threshold:.3f}")
     plot_reliability(m, out / "reliability.png", f"Reliability - {name}")

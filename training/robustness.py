@@ -51,9 +51,18 @@ def burnt_in_text(gray: np.ndarray, text: str = "DCHA.") -> np.ndarray:
     "DCHA." (cropped away when it sits at the edge, as in this data) sometimes lands."""
     rows, cols = gray.shape
     picture = Image.fromarray(np.round(np.clip(gray, 0, 1) * 255).astype(np.uint8))
-    font = ImageFont.load_default(size=max(8, rows // 20))
+    font = marker_font(max(8, rows // 20))
     ImageDraw.Draw(picture).text((cols // 5, rows // 5), text, fill=255, font=font)
     return np.asarray(picture, dtype=np.float32) / 255.0
+
+
+def marker_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's own font at ``size`` pixels; its small bitmap font where Pillow was built
+    without FreeType."""
+    try:
+        return ImageFont.load_default(size=size)
+    except ImportError:
+        return ImageFont.load_default()
 
 
 def tighter_field(gray: np.ndarray, keep: float = 0.85) -> np.ndarray:

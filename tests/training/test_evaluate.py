@@ -135,6 +135,11 @@ def test_write_card_is_refused_for_data_the_model_was_not_trained_on(
     with pytest.raises(UserError, match="--write-card stores figures in the model card"):
         evaluate(own, model_copy, out, write_card=True, n_bootstrap=100)
     assert (model_copy / "model_card.json").read_text() == card
+    for label in ("normal", "covid"):
+        (tmp_path / "empty" / label).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError):  # a run that fails leaves the last run's files
+        evaluate(tmp_path / "empty", model_copy, out, n_bootstrap=100)
+    assert (out / "gradcam_grid.png").exists()
     evaluate(own, model_copy, out, n_bootstrap=100)
     assert not (out / "gradcam_grid.png").exists()
     assert (model_copy / "model_card.json").read_text() == card
@@ -250,13 +255,14 @@ def test_mask_folders_beside_the_films_are_left_out(
         _sample_folder(data / label.upper() / "images", cxr_dir, "test", {label: 3})
         masks = data / label.upper() / "masks"
         masks.mkdir(parents=True)
+        _sample_folder(data / label.upper() / "no-mask", cxr_dir, "test", {label: 1})
         for film in (data / label.upper() / "images" / label).iterdir():
             mask = np.zeros((64, 64), np.uint8)
             mask[10:50, 8:28] = mask[10:50, 36:56] = 255
             Image.fromarray(mask).save(masks / film.name)
     with caplog.at_level("WARNING", logger="training.data"):
         m = evaluate(data, shipped_model, tmp_path / "eval", n_bootstrap=100)
-    assert (m["n"], m["rejected"]) == (6, [])
+    assert (m["n"], m["rejected"]) == (8, []), "a folder named no-mask/ holds films"
     assert "left out: 6 images in mask folders under" in caplog.text
 
 

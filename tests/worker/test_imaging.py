@@ -776,13 +776,27 @@ def test_an_inverted_picture_is_turned_back_and_an_upright_one_left_alone(
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
 def test_a_segmentation_mask_is_not_scored_as_a_film(suffix: str, tmp_path: Path) -> None:
-    """Data sets keep lung masks beside the films; scored, a mask got a probability."""
-    mask = np.zeros((256, 256), np.uint8)
-    mask[40:200, 30:110] = mask[40:200, 146:226] = 255
-    Image.fromarray(mask).save(tmp_path / f"mask{suffix}")
+    """Data sets keep lung masks beside the films; scored, a mask got a probability. As a
+    JPEG (ringing around the lungs' curved edges) it had slipped past a count of exact
+    values."""
+    rows, cols = np.mgrid[0:128, 0:128]
+    lungs = ((rows - 64) / 48) ** 2 + ((np.abs(cols - 64) - 30) / 18) ** 2 < 1
+    Image.fromarray((lungs * 255).astype(np.uint8)).save(tmp_path / f"mask{suffix}", quality=75)
     with pytest.raises(RejectedInput, match="two-tone picture") as caught:
         load_gray(tmp_path / f"mask{suffix}")
     assert caught.value.code is RejectCode.NOT_CHEST
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_a_float_picture_with_a_value_that_is_not_finite_is_rejected(
+    bad: float, sample_png: Path, tmp_path: Path
+) -> None:
+    """An inf pixel was clipped to white and the picture scored."""
+    values = png_pixels(sample_png).astype(np.float32)
+    values[5, 5] = bad
+    Image.fromarray(values, mode="F").save(tmp_path / "film.tif")
+    with pytest.raises(RejectedInput, match="not finite"):
+        load_picture(tmp_path / "film.tif")
 
 
 def test_a_film_in_a_wide_black_frame_is_not_taken_for_a_mask(sample_png: Path) -> None:
@@ -791,14 +805,16 @@ def test_a_film_in_a_wide_black_frame_is_not_taken_for_a_mask(sample_png: Path) 
     check_not_two_tone(framed.astype(np.float32) / 255)
 
 
+@pytest.mark.parametrize("marker_rows", [12, 120])
 def test_a_marker_at_the_top_of_a_16_bit_picture_does_not_squeeze_the_film(
-    sample_png: Path, tmp_path: Path
+    marker_rows: int, sample_png: Path, tmp_path: Path
 ) -> None:
     """Scaled by its maximum, a 16-bit export of 12-bit anatomy with a letter burnt in at
-    65535 kept the film in a sixteenth of the range: val sensitivity 0.915 against 0.970."""
+    65535 kept the film in a sixteenth of the range: val sensitivity 0.915 against 0.970;
+    a label box of 1 % of the picture or more still did under a plain percentile window."""
     film = png_pixels(sample_png)
     marker = np.zeros(film.shape, bool)
-    marker[40:52, 60:66] = True  # about 0.1 % of the picture, inside the cropped field
+    marker[40 : 40 + marker_rows, 60:66] = True  # 0.1 or 1 % of the picture, in the field
     deep = np.where(marker, 65535, film.astype(np.uint16) * 16).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")
     Image.fromarray(np.where(marker, 255, film).astype(np.uint8)).save(tmp_path / "eight.png")

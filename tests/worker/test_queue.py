@@ -746,6 +746,9 @@ def test_new_films_that_fail_leave_the_study_its_earlier_result(
         late.study_instance_uid
     ], "requeue --failed sends the study with a failed file"
     assert changing.study() == ("queued", 2, 1)
+    assert requeue(changing.settings, again.append, sessions=changing.sessions).sent == [], (
+        "queued again, it is no longer a failed study: each requeue sent it once more"
+    )
     (resent,) = (parse_message((), m) for m in again)
     assert resent.files == late.files
     assert changing.deliver(resent) == "screened"
