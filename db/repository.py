@@ -677,9 +677,9 @@ def failed_studies(session: Session, model_version: str | None = None) -> list[S
     """Studies recorded ``failed``, and those screened or rejected with files that failed
     (new films whose screening failed after the study's first result), oldest first; not
     a study queued or taken since (its counts are the last result's until it finishes)."""
-    final = Study.status.in_([StudyStatus.SCREENED.value, StudyStatus.REJECTED.value])
     query = select(Study).where(
-        (Study.status == StudyStatus.FAILED.value) | (final & (Study.n_failed > 0))
+        (Study.status == StudyStatus.FAILED.value)
+        | (Study.status.in_(FINAL_STATUSES) & (Study.n_failed > 0))
     )
     if model_version is not None:
         query = query.where(Study.model_version == model_version)

@@ -47,6 +47,7 @@ from training.data import (
     other_folders,
     split_dir,
 )
+from training.predict import COLUMNS
 from training.robustness import SHIFTS, GrayTransform
 from training.train import (
     DEFAULT_TARGET_SENSITIVITY,
@@ -67,7 +68,7 @@ ECE_BINS = 10
 # Of the network input, each side: the film's outer 20 % less the pipeline's 10 % crop.
 AUDIT_BAND = 0.125
 BATCH = 16
-PREDICTION_COLUMNS = ("path", "label", "covid_probability", "predicted_label", "status", "reason")
+PREDICTION_COLUMNS = ("path", "label", *COLUMNS[1:])  # predict's, with the folder's label
 # Everything evaluate writes into its folder.
 OUTPUT_FILES = (
     "metrics.json",

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from config.settings import Settings
 from db.models import Study, utcnow
 from db.repository import (
+    FINAL_STATUSES,
     Take,
     fail_unfinished,
     failed_studies,
@@ -47,13 +48,7 @@ from worker.imaging.dicom import is_dicom_uid
 from worker.logs import describe_error
 from worker.metrics import metrics
 from worker.model import Classifier, read_card
-from worker.screening import (
-    InstanceResult,
-    StudyOutcome,
-    StudyStatus,
-    failed_outcome,
-    screen_study,
-)
+from worker.screening import InstanceResult, StudyOutcome, failed_outcome, screen_study
 
 log = logging.getLogger(__name__)
 
@@ -808,7 +803,7 @@ def _queued_row(study: Study) -> dict[str, Any]:
 
 
 def _is_final(study: Study) -> bool:
-    return study.status in (StudyStatus.SCREENED.value, StudyStatus.REJECTED.value)
+    return study.status in FINAL_STATUSES
 
 
 def requeue_task(study: Study, ingest_root: Path | None, model_version: str) -> StudyTask | None:
