@@ -47,7 +47,6 @@ from worker.imaging.pipeline import (
 log = logging.getLogger(__name__)
 
 LABELS = {"normal": 0, "covid": 1}
-EXTRA_LABELS = ("pneumonia",)
 # Label folders as other data sets name them (compared without case, spaces or
 # punctuation: "COVID-19", "Viral Pneumonia", "Lung_Opacity"). Other findings join the
 # pneumonia group, which evaluate reports apart from the binary figures.
