@@ -590,84 +590,47 @@ def evaluate(
     ``threshold`` replaces the card's (a site's ``CXR_THRESHOLD``) in the figures.
     Files over ``max_pixels`` (the worker's ``CXR_MAX_PIXELS``) are rejected as there."""
     model_dir, out = Path(model_dir), Path(out)
-    if rethreshold:
-        check_rethreshold(Path(data_dir), split, write_card)
-    if threshold is not None and (rethreshold or write_card):
-        raise UserError(
-            "the card keeps figures at its own threshold: drop --threshold (or CXR_THRESHOLD) "
-            "with --write-card or --rethreshold"
-        )
-    if write_card:
-        check_training_data(Path(data_dir), split, model_dir)
+    check_options(Path(data_dir), split, model_dir, write_card, rethreshold, threshold)
     folder = split_dir(data_dir, split)
     out.mkdir(parents=True, exist_ok=True)
-    if ignored := other_folders(folder):
-        log.warning(
-            "left out: %s under %s (no label folder: normal, covid or pneumonia, or the "
-            "names other data sets use for them)",
-            ", ".join(f"{name}/" for name in ignored),
-            folder,
-        )
+    warn_left_out(folder)
     samples = list_samples(folder, ("normal", "covid"))
     if not samples:
         raise FileNotFoundError(f"no normal/ or covid/ images under {folder}")
     pneumonia = list_samples(folder, ("pneumonia",))
     scorer = Scorer(model_dir, use_keras=use_keras)
-    size = scorer.size
+    scored_with = "keras" if use_keras else "tflite"
     threshold = scorer.threshold if threshold is None else threshold
-    name = f"{scorer.card.model_version} ({'keras' if use_keras else 'tflite'})"
 
-    paths = [s.path for s in samples]
-    probs, rejected = score_files(paths, scorer, size, max_pixels)
-    ok = ~np.isnan(probs)
-    if not ok.any():
-        path, reason = rejected[0]
-        raise UserError(
-            f"none of the {len(samples)} normal/covid images under {folder} could be scored "
-            f"(first: {path}: {reason})"
-        )
-    y_all = np.array([s.target for s in samples])
-    y, p = y_all[ok], probs[ok]
-    if len(set(y)) < 2:
-        log.warning(
-            "only %s images could be scored under %s: AUC, %s and the predictive values "
-            "need both normal and covid images (n/a below)",
-            CLASS_NAMES[int(y[0])],
-            folder,
-            "specificity" if y[0] else "sensitivity",
-        )
+    probs, rejected = score_files([s.path for s in samples], scorer, scorer.size, max_pixels)
+    ok = scored(samples, probs, rejected, folder)
+    y, p = np.array([s.target for s in samples])[ok], probs[ok]
     good = [s for s, k in zip(samples, ok, strict=True) if k]
-    readable = [s.path for s in good]
     card_change = None
     if rethreshold:
-        card_change = store_threshold(model_dir, y, p, "keras" if use_keras else "tflite")
+        card_change = store_threshold(model_dir, y, p, scored_with)
         threshold = card_change["threshold"]
     m = binary_metrics(y, p, threshold, n_bootstrap, seed)
     metrics: dict[str, Any] = {
         "model": scorer.card.model_version,
         "model_dir": str(model_dir),
-        "scored_with": "keras" if use_keras else "tflite",
+        "scored_with": scored_with,
         "data": str(folder),
         "task": "binary normal vs covid; pneumonia reported separately",
         **m,
-        "rejected": [{"path": str(pth), "reason": r} for pth, r in rejected],
+        "rejected": rejected_rows(rejected),
     }
     if card_change is not None:
         metrics["card_threshold"] = card_change
     pneumonia_probs, pneumonia_rejected = score_files(
-        [s.path for s in pneumonia], scorer, size, max_pixels
+        [s.path for s in pneumonia], scorer, scorer.size, max_pixels
     )
     if pneumonia:
-        pp = pneumonia_probs[~np.isnan(pneumonia_probs)]
-        metrics["pneumonia"] = {
-            "n": len(pp),
-            "flagged_covid": int((pp >= threshold).sum()),
-            "mean_probability": float(pp.mean()) if len(pp) else None,
-            "rejected": [{"path": str(pth), "reason": r} for pth, r in pneumonia_rejected],
-        }
+        metrics["pneumonia"] = pneumonia_summary(pneumonia_probs, pneumonia_rejected, threshold)
 
     for output in OUTPUT_FILES:  # an earlier run's audit or shifts must not pass for this one's
         (out / output).unlink(missing_ok=True)
+    name = f"{scorer.card.model_version} ({scored_with})"
     plot_roc(y, p, m, out / "roc.png", f"ROC - {name}")
     plot_confusion(m, out / "confusion_matrix.png", f"{split} @ {threshold:.3f}")
     plot_reliability(m, out / "reliability.png", f"Reliability - {name}")
@@ -678,38 +641,14 @@ def evaluate(
         threshold,
         out / "predictions.csv",
     )
-
     if shortcut_audit:
-        audit: dict[str, Any] = {"full_image_auc": m["auc"]}
-        audit.update(
-            score_altered(
-                AUDITS, readable, y, scorer, size, threshold, max_pixels=max_pixels, on_input=True
-            )
+        metrics["shortcut_audit"] = run_shortcut_audit(
+            scorer, model_dir, good, y, p, m["auc"], threshold, out, max_pixels, seed
         )
-        audit["examples_png"] = "audit_examples.png"
-        plot_audit_examples(good, size, out / "audit_examples.png", max_pixels)
-        model_k = scorer.keras_model
-        if model_k is None and (model_dir / KERAS_FILE).is_file():
-            model_k = load_keras(model_dir)
-        if model_k is not None:
-            audit["gradcam_groups"] = gradcam_grid(
-                model_k,
-                good,
-                y,
-                p,
-                threshold,
-                size,
-                out / "gradcam_grid.png",
-                max_pixels=max_pixels,
-                seed=seed,
-            )
-            audit["gradcam_png"] = "gradcam_grid.png"
-        else:
-            audit["gradcam_png"] = None
-        metrics["shortcut_audit"] = audit
-
     if robustness:
-        shifts = score_altered(SHIFTS, readable, y, scorer, size, threshold, max_pixels=max_pixels)
+        shifts = score_altered(
+            SHIFTS, [s.path for s in good], y, scorer, scorer.size, threshold, max_pixels=max_pixels
+        )
         metrics["robustness"] = {"shifts": shifts, "png": "robustness.png"}
         plot_robustness(m, shifts, out / "robustness.png")
 
@@ -719,6 +658,130 @@ def evaluate(
     if write_card:
         _store_in_card(model_dir, split, metrics)
     return metrics
+
+
+def check_options(
+    data_dir: Path,
+    split: str,
+    model_dir: Path,
+    write_card: bool,
+    rethreshold: bool,
+    threshold: float | None,
+) -> None:
+    """Refuse, before anything is scored or written, what would store wrong figures."""
+    if rethreshold:
+        check_rethreshold(data_dir, split, write_card)
+    if threshold is not None and (rethreshold or write_card):
+        raise UserError(
+            "the card keeps figures at its own threshold: drop --threshold (or CXR_THRESHOLD) "
+            "with --write-card or --rethreshold"
+        )
+    if write_card:
+        check_training_data(data_dir, split, model_dir)
+
+
+def warn_left_out(folder: Path) -> None:
+    if ignored := other_folders(folder):
+        log.warning(
+            "left out: %s under %s (no label folder: normal, covid or pneumonia, or the "
+            "names other data sets use for them)",
+            ", ".join(f"{name}/" for name in ignored),
+            folder,
+        )
+
+
+def scored(
+    samples: Sequence[Sample],
+    probs: np.ndarray,
+    rejected: list[tuple[Path, str]],
+    folder: Path,
+) -> np.ndarray:
+    """Which samples have a score; none is an error, one class only a warning."""
+    ok = ~np.isnan(probs)
+    if not ok.any():
+        path, reason = rejected[0]
+        raise UserError(
+            f"none of the {len(samples)} normal/covid images under {folder} could be scored "
+            f"(first: {path}: {reason})"
+        )
+    targets = {s.target for s, k in zip(samples, ok, strict=True) if k}
+    if len(targets) < 2:
+        (target,) = targets
+        log.warning(
+            "only %s images could be scored under %s: AUC, %s and the predictive values "
+            "need both normal and covid images (n/a below)",
+            CLASS_NAMES[target],
+            folder,
+            "specificity" if target else "sensitivity",
+        )
+    return ok
+
+
+def rejected_rows(rejected: list[tuple[Path, str]]) -> list[dict[str, str]]:
+    return [{"path": str(path), "reason": reason} for path, reason in rejected]
+
+
+def pneumonia_summary(
+    probs: np.ndarray, rejected: list[tuple[Path, str]], threshold: float
+) -> dict[str, Any]:
+    """Pneumonia films are outside the binary task: how many the threshold flags."""
+    scored_probs = probs[~np.isnan(probs)]
+    return {
+        "n": len(scored_probs),
+        "flagged_covid": int((scored_probs >= threshold).sum()),
+        "mean_probability": float(scored_probs.mean()) if len(scored_probs) else None,
+        "rejected": rejected_rows(rejected),
+    }
+
+
+def run_shortcut_audit(
+    scorer: Scorer,
+    model_dir: Path,
+    good: Sequence[Sample],
+    y: np.ndarray,
+    p: np.ndarray,
+    full_auc: float | None,
+    threshold: float,
+    out: Path,
+    max_pixels: int,
+    seed: int,
+) -> dict[str, Any]:
+    """AUC with parts of the network input hidden, their pictures, and Grad-CAM where a
+    Keras model is at hand."""
+    audit: dict[str, Any] = {"full_image_auc": full_auc}
+    audit.update(
+        score_altered(
+            AUDITS,
+            [s.path for s in good],
+            y,
+            scorer,
+            scorer.size,
+            threshold,
+            max_pixels=max_pixels,
+            on_input=True,
+        )
+    )
+    audit["examples_png"] = "audit_examples.png"
+    plot_audit_examples(good, scorer.size, out / "audit_examples.png", max_pixels)
+    model_k = scorer.keras_model
+    if model_k is None and (model_dir / KERAS_FILE).is_file():
+        model_k = load_keras(model_dir)
+    if model_k is None:
+        audit["gradcam_png"] = None
+        return audit
+    audit["gradcam_groups"] = gradcam_grid(
+        model_k,
+        good,
+        y,
+        p,
+        threshold,
+        scorer.size,
+        out / "gradcam_grid.png",
+        max_pixels=max_pixels,
+        seed=seed,
+    )
+    audit["gradcam_png"] = "gradcam_grid.png"
+    return audit
 
 
 def plot_audit_examples(samples: Sequence[Sample], size: int, path: Path, max_pixels: int) -> None:
