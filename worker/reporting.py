@@ -17,6 +17,7 @@ import html
 import io
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -659,15 +660,18 @@ def write_text(content: str, out: Path | None) -> None:
         sys.stdout.write(content)
         sys.stdout.flush()
         return
+    if names_a_stream(out):
+        try:
+            with out.open("a", encoding="utf-8", newline="") as stream:
+                stream.write(content)
+        except OSError as exc:
+            raise UserError(f"cannot write {out}: {exc.strerror}") from exc
+        return
     target = out.resolve()
     if not target.parent.is_dir():
         raise FileNotFoundError(f"no such folder for --out: {target.parent}")
     if target.is_dir():
         raise IsADirectoryError(f"--out names a folder, not a file: {out}")
-    if target.exists() and not target.is_file():
-        with target.open("w", encoding="utf-8", newline="") as stream:
-            stream.write(content)
-        return
     try:
         handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     except OSError as exc:  # named after the file asked for, not the temporary one
@@ -680,6 +684,24 @@ def write_text(content: str, out: Path | None) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+DESCRIPTOR_NAME = re.compile(r"/dev/(stdout|stderr|fd/\d+)|/proc/[^/]+/fd/\d+")
+
+
+def names_a_stream(out: Path) -> bool:
+    """A device, a pipe or a file descriptor's name (``/dev/stdout``, ``/dev/fd/63``).
+
+    Opened by that name, not resolved: ``/dev/stdout`` on a pipe resolves to
+    ``/proc/<pid>/fd/pipe:[N]``, which cannot be opened, and after ``>> log`` to the log
+    itself, which a replace would have emptied; appending keeps what stdout held."""
+    if DESCRIPTOR_NAME.fullmatch(str(out.absolute())):
+        return True
+    try:
+        mode = out.stat().st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _file_mode(target: Path) -> int:

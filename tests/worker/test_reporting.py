@@ -485,6 +485,44 @@ def test_out_keeps_permissions_and_links(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.csv", "private.csv"]
 
 
+@pytest.mark.parametrize("command", ["report", "export"])
+def test_out_dev_stdout_writes_to_a_pipe_and_appends_to_a_log(
+    filled: str, tmp_path: Path, command: str
+) -> None:
+    """On a pipe ``-o /dev/stdout`` failed ("No such file or directory"), and after
+    ``>> log`` it replaced the log with the export."""
+    args = [sys.executable, "-m", "worker", command, "-f", "csv", "-o", "/dev/stdout"]
+    args += ["--since", "2024-03-01", "--until", "2024-03-02", "--database-url", filled]
+    args += list(M1) if command == "report" else []
+    piped = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    header = piped.stdout.splitlines()[0]
+    assert header.startswith("study_instance_uid," if command == "export" else "day,"), header
+    log = tmp_path / "nightly.log"
+    log.write_text("earlier night\n")
+    with log.open("a") as stdout:
+        appended = subprocess.run(args, stdout=stdout, stderr=subprocess.PIPE, timeout=120)
+    assert appended.returncode == 0, appended.stderr
+    assert log.read_text() == "earlier night\n" + piped.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "stream"),
+    [
+        ("/dev/stdout", True),
+        ("/dev/fd/63", True),
+        ("/proc/self/fd/1", True),
+        ("/dev/null", True),
+        ("/proc/r.csv", False),
+        ("/dev/shm/r.csv", False),
+        ("/dev/stdout.csv", False),
+    ],
+)
+def test_only_descriptors_and_devices_are_written_in_place(name: str, stream: bool) -> None:
+    """A report in /dev/shm is a file: replaced whole, not appended to."""
+    assert reporting.names_a_stream(Path(name)) is stream
+
+
 def test_out_path_is_printed_as_given(filled: str, tmp_path: Path) -> None:
     """A folder named "[old] reports" vanished from the message; "[/]" raised MarkupError."""
     folder = tmp_path / "[old] reports" / "a[/]b"
