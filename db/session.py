@@ -39,6 +39,12 @@ def make_engine(url: str) -> Engine:
                 f"{safe_url(url)} is an in-memory database, which keeps no results: "
                 "name a file (sqlite:///path/to/results.db)"
             )
+        if engine.url.query.get("uri") is not None:
+            # the lock and the private file are made beside the path, which a URI is not
+            raise DatabaseError(
+                f"{safe_url(url)}: SQLite URI filenames (uri=true) are not supported: "
+                "name a file (sqlite:///path/to/results.db)"
+            )
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 

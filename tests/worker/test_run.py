@@ -233,6 +233,18 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
         # `sqlite:///$DBFILE` with DBFILE unset: screened in memory, reported, thrown away
         (["run", ".", "--database-url", "sqlite:///"], {}, "sqlite:/// is an in-memory database"),
         (["status", "--database-url", "sqlite://"], {}, "sqlite:// is an in-memory database"),
+        # a URI filename: in memory it screened and kept nothing (exit 0), on a file it
+        # failed on a lock file named "file:/path.lock"
+        (
+            ["run", ".", "--database-url", "sqlite:///file:mem1?mode=memory&uri=true"],
+            {},
+            "SQLite URI filenames (uri=true) are not supported",
+        ),
+        (
+            ["run", ".", "--database-url", "sqlite:///file:/tmp/results.db?uri=true"],
+            {},
+            "name a file (sqlite:///path/to/results.db)",
+        ),
         # a second line pointed at SQLAlchemy's error pages
         (
             ["run", ".", "--database-url", "postgresql+psycopg://postgres@127.0.0.1/no_such_db"],
