@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from alembic import command
 from alembic.config import Config
@@ -181,6 +182,7 @@ def safe_url(url: str) -> str:
 
         parsed = make_url(url)
         secrets = [key for key in parsed.query if "password" in key.lower()]
-        return parsed.difference_update_query(secrets).render_as_string(hide_password=True)
+        rendered = parsed.difference_update_query(secrets).render_as_string(hide_password=True)
+        return unquote(rendered)  # the path as typed: "a:b.db", not "a%3Ab.db"
     except Exception:
         return "<unparseable URL>"

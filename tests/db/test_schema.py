@@ -272,6 +272,7 @@ def test_messages_name_the_database_without_its_password() -> None:
     assert safe_url(url) == "postgresql+psycopg://cxr:***@db:5432/cxr?sslmode=require"
     assert safe_url("postgresql+psycopg://db/cxr?sslpassword=k3y") == "postgresql+psycopg://db/cxr"
     assert safe_url("postgresql+psycopg://db:notaport/cxr") == "<unparseable URL>"
+    assert safe_url("sqlite:////data/sp ace/a:b.db") == "sqlite:////data/sp ace/a:b.db"
 
 
 def test_a_new_sqlite_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
