@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Annotated
 
 import typer
@@ -20,6 +21,7 @@ from worker.cli_common import (
     existing_paths,
     progress_bars,
     settings_from,
+    show_error,
     user_errors,
 )
 from worker.cli_queue import register as register_queue
@@ -112,7 +114,27 @@ def db_upgrade(database_url: DatabaseUrl = None) -> None:
 
 
 def main() -> None:
-    app()
+    """``cxr-screen``. A usage error (an unknown option, a bad date, a missing argument) is
+    one line on stderr with exit status 2, as every other error is, where Typer prints a
+    box of usage lines into the cron mail or the log."""
+    try:
+        status = app(standalone_mode=False)
+    except typer.TyperException as exc:  # Click's errors, as Typer carries them
+        # Typer has printed the help already (its own test of the class, by name)
+        if type(exc).__name__ != "NoArgsIsHelpError":
+            show_error(usage_error(exc))
+        sys.exit(exc.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        show_error("aborted")
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def usage_error(exc: typer.TyperException) -> str:
+    context = getattr(exc, "ctx", None)
+    if context is None:
+        return exc.format_message()
+    return f"{exc.format_message()} (see {context.command_path} --help)"
 
 
 register_queue(app)

@@ -65,9 +65,13 @@ TRAINING_MODULES = frozenset({"tensorflow", "keras", "sklearn", "matplotlib"})
 
 
 def fail(message: str) -> NoReturn:
+    show_error(message)
+    raise typer.Exit(2)
+
+
+def show_error(message: str) -> None:
     # Values are escaped: a path or a reason may hold "[...]", which rich reads as markup.
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def setting_errors(exc: ValidationError) -> str:

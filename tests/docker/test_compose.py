@@ -342,7 +342,7 @@ def test_named_commands_exist(services: dict[str, dict[str, Any]], source: str) 
                 commands.append(command_words(_exec_form(rest)))
     assert commands
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["cxr-screen"] == "worker.cli:app"
+    assert scripts["cxr-screen"] == "worker.cli:main"
     for words in commands:
         if words[0] == "cxr-screen":
             assert cli_has(words[1:]), f"`{' '.join(words)}`: no such cxr-screen command"
