@@ -79,6 +79,7 @@ class Settings(BaseSettings):
         None,
         gt=0,
         lt=1,
+        allow_inf_nan=False,
         description="Operating threshold; default: the one in the model card.",
     )
     ingest_root: Path | None = Field(

@@ -84,6 +84,16 @@ def test_a_value_that_cannot_work_is_refused_from_the_environment_and_the_comman
         Settings().with_overrides(**setting)
 
 
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf"])
+def test_a_threshold_that_is_not_a_number_is_called_so(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was refused as "Input should be less than 1"."""
+    monkeypatch.setenv("CXR_THRESHOLD", value)
+    with pytest.raises(ValidationError, match="Input should be a finite number"):
+        Settings()
+
+
 @pytest.mark.parametrize(
     ("mode", "key", "warning"),
     [
