@@ -15,6 +15,10 @@ DEFAULT_KEY_WARNING = (
     "references from patient IDs. Set a secret, and keep it (a new key changes the "
     "patient_ref of studies screened from then on; earlier rows keep theirs)."
 )
+EMPTY_KEY_WARNING = (
+    "CXR_HASH_KEY is empty (an unset variable?): anyone with this code can recompute "
+    "patient references from patient IDs. Set a secret, and keep it."
+)
 MIN_KEY_LENGTH = 16
 SHORT_KEY_WARNING = (
     "CXR_HASH_KEY has {n} characters: a short key can be guessed, and with it every "
@@ -29,7 +33,7 @@ def privacy_warning(settings: Settings) -> str | None:
     if settings.patient_id_mode == "clear":
         return CLEAR_WARNING
     if settings.hash_key_is_default:
-        return DEFAULT_KEY_WARNING
+        return EMPTY_KEY_WARNING if settings.hash_key == "" else DEFAULT_KEY_WARNING
     if settings.patient_id_mode == "hash" and len(settings.hash_key) < MIN_KEY_LENGTH:
         return SHORT_KEY_WARNING.format(n=len(settings.hash_key))
     return None

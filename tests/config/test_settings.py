@@ -98,6 +98,7 @@ def test_a_threshold_that_is_not_a_number_is_called_so(
     ("mode", "key", "warning"),
     [
         ("hash", "change-me", "CXR_HASH_KEY is the published default"),
+        ("hash", "", "CXR_HASH_KEY is empty (an unset variable?)"),
         ("hash", "x", "CXR_HASH_KEY has 1 characters: a short key can be guessed"),
         ("hash", "changeme", "CXR_HASH_KEY has 8 characters"),
         ("clear", "0" * 64, "CXR_PATIENT_ID_MODE=clear: patient IDs are stored in clear"),
