@@ -94,8 +94,10 @@ def test_predict_with_a_folder_that_is_no_model_writes_nothing_but_the_error(
 
 
 def test_train_rejects_unknown_architecture(cxr_dir: Path, tmp_path: Path) -> None:
+    """Any failure passed: without the check it was a KeyError traceback, exit 1."""
     result = runner.invoke(app, ["train", str(cxr_dir), "--arch", "resnet", "--out", str(tmp_path)])
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
+    assert "--arch" in result.output and "choose one of compact" in result.output
 
 
 def test_train_needs_train_and_val_folders(cxr_dir: Path, tmp_path: Path) -> None:
