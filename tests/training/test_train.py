@@ -86,7 +86,6 @@ def test_subsample_is_seeded_and_stratified(cxr_dir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
 def test_the_same_seed_gives_the_same_training_history(cxr_dir: Path, tmp_path: Path) -> None:
     """Two tiny runs: every epoch's figures repeat, not only the first ones."""
     from training.train import TrainConfig, train
@@ -110,7 +109,6 @@ def test_the_same_seed_gives_the_same_training_history(cxr_dir: Path, tmp_path: 
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
 def test_short_training_run_beats_chance(
     cxr_dir: Path, test_sample: Callable[[int], Path], tmp_path: Path
 ) -> None:
@@ -187,7 +185,6 @@ def tiny_data_set(cxr_dir: Path, root: Path, per_class: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
 def test_unreadable_first_val_files_do_not_lose_the_run_or_mix_two_models(
     cxr_dir: Path, shipped_model: Path, tmp_path: Path
 ) -> None:
@@ -208,7 +205,6 @@ def test_unreadable_first_val_files_do_not_lose_the_run_or_mix_two_models(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
 def test_the_card_records_the_training_and_validation_subsets(
     cxr_dir: Path, tmp_path: Path
 ) -> None:
