@@ -49,8 +49,7 @@ def dicom_files(shared_data: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def shipped_model() -> Path:
     path = REPO_ROOT / "models" / "cxr-compact"
-    if not (path / "model_card.json").is_file():
-        pytest.skip(f"no shipped model at {path}")
+    assert (path / "model_card.json").is_file(), f"the shipped model is missing at {path}"
     return path
 
 
