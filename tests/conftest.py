@@ -55,6 +55,19 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'results.db'}"
 
 
+SERVICE_FIXTURES = frozenset({"postgres_url", "broker"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``services`` follows the fixtures: a test that reaches the real PostgreSQL or Redis
+    is marked whether or not its author remembered (29 were not)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("database_url") == "postgresql"
+        if on_postgres or SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+
+
 @pytest.fixture()
 def postgres_url() -> Iterator[str]:
     """A fresh schema-less database on the real PostgreSQL, dropped afterwards."""
