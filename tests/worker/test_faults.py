@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,19 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 def status_counts(url: str) -> dict[str, int]:
     return dict(rows(url, "SELECT status, count(*) FROM studies GROUP BY status"))
+
+
+def poll_rows(url: str, query: str, enough: Callable[[list[Any]], bool], what: str) -> list[Any]:
+    """The rows of the first poll that has enough of them, not of a second query that
+    may come after the study or batch has moved on."""
+    seen: list[list[Any]] = [[]]
+
+    def check() -> bool:
+        seen.append(rows(url, query))
+        return enough(seen[-1])
+
+    wait_for(check, 120, what, 0.05)
+    return seen[-1]
 
 
 def all_final(url: str, n: int) -> bool:
@@ -152,8 +166,7 @@ def test_fault1_sigkill_worker_while_screening(
     second: Worker | None = None
     processing = "SELECT study_instance_uid FROM studies WHERE status = 'processing'"
     try:
-        wait_for(lambda: rows(postgres_url, processing), 120, "a study in progress", 0.05)
-        (victim,) = rows(postgres_url, processing)[0]
+        ((victim,), *_) = poll_rows(postgres_url, processing, bool, "a study in progress")
         children = first.children()
         assert children, "no pool process found"
         os.kill(children[0], signal.SIGKILL)
@@ -279,7 +292,9 @@ def test_fault4_ingest_twice_and_duplicate_delivery(
     n, per = 4, 2
     make_studies(tmp_path / "export", cxr_dir, n, per)
     env = worker_env(broker, postgres_url, model_dir)
+    queue = redis.Redis.from_url(broker)
     ingest(tmp_path / "export", env)
+    per_ingest = queue.llen(QUEUE)
     second = ingest(tmp_path / "export", env)  # still queued: sent again, harmless
     uid, files = rows(postgres_url, "SELECT study_instance_uid, files FROM studies LIMIT 1")[0]
     message = {"study_instance_uid": uid, "files": files, "model_version": "dev-0.0.1"}
@@ -287,19 +302,20 @@ def test_fault4_ingest_twice_and_duplicate_delivery(
     forced = {**message, "force": True}
     for body in (message, message, forced, forced):
         send_raw(broker, kwargs=body)
+    sent = queue.llen(QUEUE)
     worker = Worker(env, tmp_path / "worker.log")
+
+    def every_task_done(tasks: int) -> bool:
+        # an empty queue is not enough: prefetched duplicates are still to run
+        return worker.log().count(" succeeded in ") >= tasks and all_final(postgres_url, n)
+
     try:
-        wait_for(lambda: redis.Redis.from_url(broker).llen(QUEUE) == 0, 120, "an empty queue")
-        wait_for(lambda: all_final(postgres_url, n) and "succeeded" in worker.log(), 120, "results")
-        time.sleep(2)
+        wait_for(lambda: every_task_done(sent), 120, f"{sent} tasks")
         ids = rows(postgres_url, "SELECT id, source FROM predictions ORDER BY id")
         third = ingest(tmp_path / "export", env)  # all final now: nothing sent
         assert "queued 0 studies" in third, third
         ingest(tmp_path / "export", env, "--force")  # re-screens into the same rows
-        wait_for(lambda: redis.Redis.from_url(broker).llen(QUEUE) == 0, 120, "an empty queue")
-        wait_for(lambda: all_final(postgres_url, n), 120, "results after --force")
-        time.sleep(2)
-        wait_for(lambda: all_final(postgres_url, n), 120, "results after --force")
+        wait_for(lambda: every_task_done(sent + per_ingest), 120, "the forced tasks")
         log = worker.log()
         skipped = log.count(": 'skipped'")
         print(
@@ -454,8 +470,8 @@ def test_fault7_batch_killed_midway_is_split_and_finished(
     worker = Worker(env, tmp_path / "worker.log")
     processing = "SELECT study_instance_uid FROM studies WHERE status = 'processing'"
     try:
-        wait_for(lambda: len(rows(postgres_url, processing)) == 2, 120, "a batch in progress", 0.05)
-        batch = {uid for (uid,) in rows(postgres_url, processing)}
+        two = poll_rows(postgres_url, processing, lambda r: len(r) == 2, "a batch in progress")
+        batch = {uid for (uid,) in two}
         os.kill(worker.children()[0], signal.SIGKILL)
         waited = wait_for(lambda: all_final(postgres_url, n), 180, "every study to finish")
         attempts = dict(rows(postgres_url, "SELECT study_instance_uid, attempts FROM studies"))
@@ -486,8 +502,16 @@ def test_fault8_postgres_down_longer_than_the_retries_loses_no_study(
         print(f"\nfault 8: {ingest(tmp_path / 'export', env).strip()}")
         database.stop()
         with Worker(env, tmp_path / "worker.log") as worker:
-            time.sleep(20)  # the first retry waits 1 to 2 s, and there is only one
-            kept = worker.log().count("database still unavailable")
+            started = time.monotonic()
+
+            def given_up() -> int:
+                return worker.log().count("database still unavailable")
+
+            # every message past its one retry (1-2 s) at least once, however slow the
+            # worker's start, then the rest of 20 s for the backoff to show
+            wait_for(lambda: given_up() >= n, 120, "each study's retries used up")
+            time.sleep(max(0.0, 20 - (time.monotonic() - started)))
+            kept = given_up()
             database.start()
             waited = wait_for(lambda: all_final(url, n), 120, "every study to finish")
             print(

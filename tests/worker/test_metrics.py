@@ -29,9 +29,13 @@ def scrape(port: int) -> str:
         return str(response.read().decode())
 
 
+def samples(text: str, name: str) -> list[float]:
+    """The values of a metric's samples whose line starts with ``name``."""
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]
+
+
 def sample(text: str, name: str) -> float:
-    """The sum of a metric's samples whose line starts with ``name``."""
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)]
+    values = samples(text, name)
     assert values, f"{name} not in the scrape"
     return sum(values)
 
@@ -62,13 +66,16 @@ def test_worker_serves_metrics_and_json_logs_without_patient_data(
     try:
         wait_for(lambda: port_open(port), 60, "the metrics port")
         wait_for(lambda: all_final(postgres_url, n), 120, "every study")
+        # counted just after the commit that made the study final
+        screened = 'cxr_studies_total{outcome="screened"}'
+        wait_for(lambda: sum(samples(scrape(port), screened)) >= n, 30, "the last study counted")
         text = scrape(port)
         print(f"metrics: {n} studies; scrape of {len(text)} bytes")
     finally:
         worker.stop()
         client.flushdb()
         client.close()
-    assert sample(text, 'cxr_studies_total{outcome="screened"}') == n
+    assert sample(text, screened) == n
     assert sample(text, 'cxr_images_total{outcome="screened"}') >= n
     for histogram in (
         "cxr_decode_seconds_count",
