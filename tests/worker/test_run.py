@@ -16,7 +16,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import create_engine, text
 
-from config.settings import Settings
+from config.settings import REPO_ROOT, Settings
 from db.session import open_database
 from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.sql import rows
@@ -652,3 +652,16 @@ def test_a_run_saves_through_a_database_connection_that_was_cut(
     sessions.kw["bind"].dispose()
     assert results.summary.studies == 2
     assert rows(postgres_url, "SELECT count(*) FROM studies") == [(2,)]
+
+
+def test_db_upgrade_creates_the_schema_once_and_then_changes_nothing(database_url: str) -> None:
+    """The compose file's `migrate` service, which the workers wait for, runs it."""
+    for _ in range(2):
+        done = cli("db", "upgrade", "--database-url", database_url)
+        assert done.returncode == 0, done.stderr
+        assert "is at the latest schema" in " ".join(done.stderr.split())
+    head = sorted((REPO_ROOT / "db" / "migrations" / "versions").glob("0*.py"))[-1]
+    assert rows(database_url, "SELECT version_num FROM alembic_version") == [(head.name[:4],)]
+    assert rows(database_url, "SELECT count(*) FROM studies") == [(0,)]
+    for view in ("daily_summary", "positive_studies"):
+        assert rows(database_url, f"SELECT count(*) FROM {view}") == [(0,)]
