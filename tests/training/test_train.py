@@ -13,6 +13,7 @@ import pytest
 
 from training.train import (
     INPUT_CACHE_DIR,
+    TimeBudget,
     cpu_has_bf16,
     resolve_precision,
     subsample,
@@ -237,3 +238,19 @@ def test_a_split_with_no_readable_image_is_one_clear_error(cxr_dir: Path, tmp_pa
         png.write_bytes(b"\x89PNG broken")
     with pytest.raises(UserError, match=r"train/ needs readable normal/ and covid/ images"):
         train(TrainConfig(data_dir=data, out=tmp_path / "model", image_size=SIZE, verbose=0))
+
+
+def test_time_budget_stops_before_an_epoch_would_end_past_it() -> None:
+    import keras
+
+    x, y = np.zeros((8, 4), np.float32), np.zeros((8, 1), np.float32)
+
+    def fit(seconds: float) -> tuple[int, int | None]:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+        budget = TimeBudget(seconds)
+        history = model.fit(x, y, epochs=5, verbose=0, callbacks=[budget])
+        return len(history.history["loss"]), budget.stopped_epoch
+
+    assert fit(0.0) == (1, 1)  # the first epoch's time alone is past it
+    assert fit(3600.0) == (5, None)
