@@ -237,3 +237,21 @@ def test_train_checks_its_options_before_reading_any_image(
     assert result.exit_code == 2, result.output
     assert option in result.output and message in result.output
     assert not out.exists()  # nothing decoded into its input cache
+
+
+def test_ensemble_command_writes_a_model_the_worker_reads(
+    shipped_model: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    from tests.training.test_ensemble import small_data_dir
+
+    data = small_data_dir(cxr_dir, tmp_path / "data", per_label=10)
+    out = tmp_path / "pair"
+    members = [str(shipped_model), str(shipped_model)]
+    args = ["ensemble", *members, "--data", str(data), "--out", str(out), "--version", "2.0.0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: val AUC" in result.output
+    card = read_card(out)
+    assert card.model_version == f"{read_card(shipped_model).name}-2.0.0"
+    too_long = runner.invoke(app, [*args[:-1], "9" * 80])
+    assert too_long.exit_code == 2 and "longer than" in too_long.output
