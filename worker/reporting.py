@@ -19,11 +19,12 @@ import json
 import os
 import re
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sqlalchemy import Date, Engine, Float, Integer, String, column, func, select, table, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -654,12 +655,15 @@ def write_text(content: str, out: Path | None) -> None:
 
     The file keeps the mode of the one it replaces, or gets the umask's; a link is
     followed, and a device or pipe (``/dev/stdout``) is written in place."""
-    if out is None:
-        import sys
+    own = sys.stdout if out is None else own_stream(out)
+    if own is not None:
+        own.write(content)
+        own.flush()
+    elif out is not None:
+        write_file(content, out)
 
-        sys.stdout.write(content)
-        sys.stdout.flush()
-        return
+
+def write_file(content: str, out: Path) -> None:
     if names_a_stream(out):
         try:
             with out.open("a", encoding="utf-8", newline="") as stream:
@@ -702,6 +706,26 @@ def names_a_stream(out: Path) -> bool:
     except OSError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def own_stream(out: Path) -> TextIO | None:
+    """This process's stdout or stderr when ``out`` names it (``/dev/stdout``,
+    ``/dev/fd/2``): written through the open descriptor, whose position the shell's
+    ``> log 2>&1`` shares; a second opening of the file wrote over the report's start."""
+    if not names_a_stream(out):
+        return None
+    try:
+        named = out.stat()
+    except OSError:
+        return None
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            mine = os.fstat(stream.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):
+            continue
+        if (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino):
+            return stream
+    return None
 
 
 def _file_mode(target: Path) -> int:

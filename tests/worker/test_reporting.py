@@ -514,6 +514,17 @@ def test_out_dev_stdout_writes_to_a_pipe_and_appends_to_a_log(
         appended = subprocess.run(args, stdout=stdout, stderr=subprocess.PIPE, timeout=120)
     assert appended.returncode == 0, appended.stderr
     assert log.read_text() == "earlier night\n" + piped.stdout
+    # `> both.log 2>&1`, and /dev/stderr sent to a file: opened a second time, the file's
+    # own position wrote the report over by the status line (or the line over the report)
+    both = tmp_path / "both.log"
+    with both.open("w") as stream:
+        shared = subprocess.run(args, stdout=stream, stderr=stream, timeout=120)
+    assert shared.returncode == 0 and piped.stdout in both.read_text(), both.read_text()
+    errors = tmp_path / "stderr.log"
+    with errors.open("w") as stream:
+        to_stderr = [*args[:7], "/dev/stderr", *args[8:]]
+        done = subprocess.run(to_stderr, stdout=subprocess.PIPE, stderr=stream, timeout=120)
+    assert done.returncode == 0 and errors.read_text().startswith(piped.stdout), errors.read_text()
 
 
 @pytest.mark.parametrize(
