@@ -43,7 +43,7 @@ def make_engine(url: str) -> Engine:
         if engine.url.query.get("uri") is not None:
             # the lock and the private file are made beside the path, which a URI is not
             raise DatabaseError(
-                f"{safe_url(url)}: SQLite URI filenames (uri=true) are not supported: "
+                f"{safe_url(url)}: SQLite URI filenames (the uri parameter) are not supported: "
                 "name a file (sqlite:///path/to/results.db)"
             )
         event.listen(engine, "connect", _sqlite_pragmas)

@@ -134,7 +134,7 @@ def usage_error(exc: typer.TyperException) -> str:
     context = getattr(exc, "ctx", None)
     if context is None:
         return exc.format_message()
-    return f"{exc.format_message()} (see {context.command_path} --help)"
+    return f"{exc.format_message().rstrip('.')} (see {context.command_path} --help)"
 
 
 register_queue(app)

@@ -395,7 +395,7 @@ def test_a_report_covers_one_model_version_of_several(filled: str) -> None:
         (["report", "--database-url", "nosuchdb://x"], 2, "invalid database URL"),
         # usage errors were Typer's box of usage lines
         (["report", "--since", "2024-13-01"], 2, "Invalid value for '--since'"),
-        (["export"], 2, "Missing option '--since'. (see python -m worker export --help)"),
+        (["export"], 2, "Missing option '--since' (see python -m worker export --help)"),
         (
             ["report", "--database-url", "postgresql+psycopg://nobody@127.0.0.1:1/none"],
             2,

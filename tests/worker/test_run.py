@@ -240,7 +240,7 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
         (
             ["run", ".", "--database-url", "sqlite:///file:mem1?mode=memory&uri=true"],
             {},
-            "SQLite URI filenames (uri=true) are not supported",
+            "SQLite URI filenames (the uri parameter) are not supported",
         ),
         (
             ["run", ".", "--database-url", "sqlite:///file:/tmp/results.db?uri=true"],
