@@ -253,5 +253,7 @@ def test_ensemble_command_writes_a_model_the_worker_reads(
     assert f"wrote {out}: val AUC" in result.output
     card = read_card(out)
     assert card.model_version == f"{read_card(shipped_model).name}-2.0.0"
-    too_long = runner.invoke(app, [*args[:-1], "9" * 80])
+    elsewhere = tmp_path / "long"
+    too_long = runner.invoke(app, [*args[:-3], str(elsewhere), "--version", "9" * 80])
     assert too_long.exit_code == 2 and "longer than" in too_long.output
+    assert not elsewhere.exists(), "refused before any work"
