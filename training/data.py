@@ -33,7 +33,7 @@ import numpy as np
 
 from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES
-from worker.discovery import SKIPPED_NAMES, tree_files
+from worker.discovery import tree_files
 from worker.imaging.dicom import describe_read_error
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pipeline import (
@@ -123,7 +123,7 @@ def walk_files(folder: Path) -> list[Path]:
     left out, linked folders walked once each; broken symbolic links and folders that
     cannot be listed are included, so they are reported rather than lost."""
     files = tree_files(folder, skip_hidden_files=True)
-    return sorted(p for p in files if p.name not in SKIPPED_NAMES and _reportable(p))
+    return sorted(p for p in files if _reportable(p))
 
 
 def _reportable(path: Path) -> bool:

@@ -64,7 +64,7 @@ def walk(paths: Iterable[str | Path], seen: set[str] | None = None) -> Iterator[
     for path in paths:
         root = Path(path)
         if root.is_file():
-            candidates: Iterable[Path] = [root]
+            candidates: Iterable[Path] = [] if root.name in SKIPPED_NAMES else [root]
         elif root.is_dir():
             candidates = sorted(tree_files(root))
         else:
@@ -72,7 +72,7 @@ def walk(paths: Iterable[str | Path], seen: set[str] | None = None) -> Iterator[
             continue
         for candidate in candidates:
             key = str(candidate.resolve())
-            if key not in seen and candidate.name not in SKIPPED_NAMES:
+            if key not in seen:
                 seen.add(key)
                 yield file_name(candidate)
 
@@ -94,11 +94,12 @@ def file_name(path: str | Path) -> str:
 
 
 def tree_files(folder: Path, *, skip_hidden_files: bool = False) -> Iterator[Path]:
-    """Every entry under ``folder`` that is not a folder (files, links, pipes...), and
-    each folder that cannot be listed, so that it is reported instead of skipped; hidden
-    folders left out. Links to folders are followed, but each real folder is walked
-    once, under the first name met in sorted order (so a link loop ends), and never a
-    link to a folder that holds ``folder`` (``..``, ``/``): that walks all around it."""
+    """Every entry under ``folder`` that is not a folder (files, links, pipes...) nor a
+    desktop file (SKIPPED_NAMES), and each folder that cannot be listed, so that it is
+    reported instead of skipped; hidden folders left out. Links to folders are followed,
+    but each real folder is walked once, under the first name met in sorted order (so a
+    link loop ends), and never a link to a folder that holds ``folder`` (``..``, ``/``):
+    that walks all around it."""
     unlisted: list[Path] = []
     top, walked = folder.resolve(), {_identity(folder)}
     tree = os.walk(folder, followlinks=True, onerror=lambda e: unlisted.append(Path(e.filename)))
@@ -108,7 +109,11 @@ def tree_files(folder: Path, *, skip_hidden_files: bool = False) -> Iterator[Pat
             for name in sorted(folders)
             if not name.startswith(".") and _first_visit(Path(root, name), walked, top)
         ]
-        yield from (Path(root, n) for n in files if not (skip_hidden_files and n.startswith(".")))
+        yield from (
+            Path(root, n)
+            for n in files
+            if n not in SKIPPED_NAMES and not (skip_hidden_files and n.startswith("."))
+        )
         yield from unlisted
         unlisted.clear()
     yield from unlisted

@@ -15,7 +15,7 @@ from pydicom.fileset import FileSet
 from pydicom.uid import generate_uid
 
 from tests.dicom_factory import base_dataset, png_pixels, write
-from worker.discovery import discover
+from worker.discovery import discover, walk
 from worker.imaging.dicom import check_regular_file
 from worker.imaging.errors import RejectedInput
 
@@ -203,3 +203,12 @@ def test_dot_dot_after_a_link_keeps_the_path_as_given(pixels: np.ndarray, tmp_pa
     found = discover([tmp_path / "export" / "link" / ".."])
     assert found.studies[study].files == [str(tmp_path / "export" / "link" / ".." / "a.dcm")]
     assert not found.rejected
+
+
+def test_desktop_files_are_not_films_in_a_folder_or_named_alone(tmp_path: Path) -> None:
+    for name in ("0001.dcm", "Thumbs.db", "desktop.ini", ".DS_Store"):
+        (tmp_path / "export" / "sub").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "export" / "sub" / name).write_bytes(b"x")
+    export = tmp_path / "export"
+    assert list(walk([export])) == [str(export / "sub" / "0001.dcm")]
+    assert list(walk([export / "sub" / "Thumbs.db"])) == []
