@@ -47,7 +47,7 @@ from training.data import (
     other_folders,
     split_dir,
 )
-from training.predict import COLUMNS
+from training.predict import COLUMNS, rejected_file, screened_file
 from training.robustness import SHIFTS, GrayTransform
 from training.train import (
     DEFAULT_TARGET_SENSITIVITY,
@@ -57,7 +57,6 @@ from training.train import (
 )
 from worker.csv_rows import write_csv_row
 from worker.errors import UserError
-from worker.imaging.enum import Status
 from worker.imaging.pipeline import load_gray, model_input
 from worker.model import CARD_FILE, KERAS_FILE, Classifier, read_card
 
@@ -920,11 +919,10 @@ def write_predictions(
         write_csv_row(stream, PREDICTION_COLUMNS)
         for sample, q in zip(samples, probs, strict=True):
             if sample.path in reasons:
-                row = ("", "", Status.REJECTED.value, reasons[sample.path])
+                prediction = rejected_file(sample.path, reasons[sample.path])
             else:
-                label = CLASS_NAMES[int(q >= threshold)]
-                row = (f"{q:.6f}", label, Status.SCREENED.value, "")
-            write_csv_row(stream, (sample.path, sample.label, *row))
+                prediction = screened_file(sample.path, float(q), threshold)
+            write_csv_row(stream, (sample.path, sample.label, *prediction.row()[1:]))
 
 
 def _num(value: float | None, digits: int = 4) -> str:

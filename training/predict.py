@@ -64,8 +64,13 @@ def _is(path: Path, resolved: Path) -> bool:
         return False
 
 
-def _reject(path: Path, reason: str) -> Prediction:
+def rejected_file(path: Path, reason: str) -> Prediction:
     return Prediction(path, None, "", Status.REJECTED.value, reason)
+
+
+def screened_file(path: Path, prob: float, threshold: float) -> Prediction:
+    label = CLASS_NAMES[1] if prob >= threshold else CLASS_NAMES[0]
+    return Prediction(path, prob, label, Status.SCREENED.value, "")
 
 
 def predict_paths(
@@ -93,11 +98,9 @@ def _predictions(
         probs = iter(classifier.predict(np.stack(ready)) if ready else [])
         for path, x, reason in pending:
             if x is None:
-                yield _reject(path, reason)
-                continue
-            prob = float(next(probs))
-            label = CLASS_NAMES[1] if prob >= classifier.threshold else CLASS_NAMES[0]
-            yield Prediction(path, prob, label, Status.SCREENED.value, "")
+                yield rejected_file(path, reason)
+            else:
+                yield screened_file(path, float(next(probs)), classifier.threshold)
         pending.clear()
 
     for path in files:
