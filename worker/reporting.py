@@ -30,11 +30,14 @@ from sqlalchemy import Date, Engine, Float, Integer, String, column, func, selec
 from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import Prediction, Study
+from db.repository import FINAL_STATUSES
 from db.session import DatabaseError, first_line, make_engine, safe_url, upgrade
 from worker.csv_rows import write_csv_row
 from worker.errors import UserError
+from worker.imaging.enum import StudyStatus
 
-FINAL_STATUSES = ("screened", "rejected", "failed")
+# Finished, whatever the outcome: the final results, and failed (which a requeue retries).
+FINISHED_STATUSES = (*FINAL_STATUSES, StudyStatus.FAILED.value)
 HISTOGRAM_BINS = 20
 
 DAILY_SUMMARY = table(
@@ -284,7 +287,7 @@ def _finished_studies(
     """Turnaround seconds, study probabilities and thresholds of the studies finished."""
     query = select(
         Study.status, Study.covid_probability, Study.threshold, Study.queued_at, Study.finished_at
-    ).where(Study.status.in_(FINAL_STATUSES), Study.finished_at.is_not(None))
+    ).where(Study.status.in_(FINISHED_STATUSES), Study.finished_at.is_not(None))
     query = _in_period(query, Study.finished_at, period)
     if model_version:
         query = query.where(Study.model_version == model_version)
@@ -332,7 +335,7 @@ def _in_period(query: Any, timestamp: Any, period: Period) -> Any:
 def export_rows(engine: Engine, period: Period) -> Iterator[dict[str, Any]]:
     """One dict per study finished in the period, oldest first, values as text-ready."""
     query = select(*(getattr(Study, name) for name in EXPORT_COLUMNS)).where(
-        Study.status.in_(FINAL_STATUSES), Study.finished_at.is_not(None)
+        Study.status.in_(FINISHED_STATUSES), Study.finished_at.is_not(None)
     )
     query = _in_period(query, Study.finished_at, period).order_by(
         Study.finished_at, Study.study_instance_uid, Study.model_version
