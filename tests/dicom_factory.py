@@ -87,7 +87,7 @@ def variants(png: Path) -> dict[str, Dataset]:
     ds.WindowCenter, ds.WindowWidth = 2040.5, 4081
     out["signed_12bit_rescale_window"] = ds
 
-    # MONOCHROME1, 12-bit, no window: min-max stretched and inverted.
+    # MONOCHROME1, 12-bit, no window: auto-windowed (percentiles) and inverted.
     out["mono1_12bit_nowindow"] = base_dataset(
         4095 - p8.astype(np.uint16) * 16, bits=12, photometric="MONOCHROME1"
     )

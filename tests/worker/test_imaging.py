@@ -822,3 +822,23 @@ def test_a_marker_at_the_top_of_a_16_bit_picture_does_not_squeeze_the_film(
         model_input(load_gray(tmp_path / n), 160) for n in ("deep.png", "eight.png")
     )
     assert float(np.abs(deep_input - eight_input).mean()) < 0.01
+
+
+@pytest.mark.parametrize("outliers", ["hot pixels", "label"])
+def test_a_deep_dicom_film_without_a_window_is_not_squeezed_by_values_at_full_scale(
+    outliers: str, sample_png: Path, tmp_path: Path
+) -> None:
+    """Min-max stretched, a 16-bit film of 12-bit anatomy without a window was squeezed
+    into a sixteenth of the range by a few values at 65535: ten hot pixels took the
+    validation specificity from 0.951 to 0.816. It shows as its 8-bit export would."""
+    film = png_pixels(sample_png)
+    at_full_scale = np.zeros(film.shape, bool)
+    if outliers == "hot pixels":
+        at_full_scale.flat[np.random.default_rng(0).choice(film.size, 10, replace=False)] = True
+    else:
+        at_full_scale[40:52, 60:66] = True
+    stored = np.where(at_full_scale, 65535, film.astype(np.uint16) * 16)
+    path = write(base_dataset(stored, bits=16), tmp_path / "deep.dcm")
+    eight = np.where(at_full_scale, 255, film).astype(np.float32) / 255
+    deep_input = model_input(read_dicom_image(path, MAX_PIXELS).gray, SIZE)
+    assert float(np.abs(deep_input - model_input(eight, SIZE)).mean()) < 0.01

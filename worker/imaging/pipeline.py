@@ -44,6 +44,7 @@ from worker.imaging.dicom import (
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pixels import (
+    auto_window,
     block_reduce_mean,
     check_not_blank,
     display_gray,
@@ -62,7 +63,6 @@ BAND_TOLERANCE = 0.02  # grey standard deviation within a band's lines
 BAND_SMOOTHING = 9  # pixels along a line averaged before its spread is measured
 TWO_TONE_SHARE = 0.95  # of a picture's pixels on two grey tones: not a film
 TWO_TONE_SPREAD = 4  # grey levels either side of a tone that count as that tone
-DEEP_GREY_RANGE = (0.5, 99.5)  # percentiles a deep grey picture shows black and white
 DEEP_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
 PICTURE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
@@ -289,28 +289,6 @@ def picture_gray(img: Image.Image) -> np.ndarray:
         black = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(black, img.convert("RGBA"))
     return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
-
-
-def auto_window(values: np.ndarray) -> np.ndarray:
-    """Grey in [0, 1] from a deep picture, which has no window to say how to show it: its
-    0.5th percentile black, its 99.5th white (from every 4th pixel), as a viewer's auto
-    window does, leaving out the values at the very top and bottom: a label box or text
-    burnt in at 65535, padding at 0, whatever their size. Scaled by the maximum, a marker
-    over 12-bit anatomy squeezed the film into a sixteenth of the range (val AUC 0.974 and
-    sensitivity 0.915 against 0.985 and 0.910 for the same films and marker in 8 bits;
-    0.985 and 0.920 now). A picture with values that are not finite is returned as it is,
-    for the blank check to reject."""
-    if not np.isfinite(values).all():
-        return values
-    sample = values[::4, ::4]
-    inner = sample[(sample > sample.min()) & (sample < sample.max())]
-    sample = inner if inner.size >= sample.size // 2 else sample
-    low, high = (float(v) for v in np.percentile(sample, DEEP_GREY_RANGE))
-    if high <= low:  # mostly one value: the whole range, or a blank picture
-        low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros_like(values)
-    return np.clip((values - low) / (high - low), 0.0, 1.0)
 
 
 def is_picture(path: str | Path) -> bool:
