@@ -66,7 +66,7 @@ def display_gray(ds: Dataset, stored: np.ndarray, working_side: int) -> np.ndarr
     )
     has_lut = modality_lut is not None or voi_lut is not None
     stored = padding_to_black(ds, stored, modality_lut, voi_lut)
-    values = stored if has_lut else block_reduce_mean(stored, working_side)
+    values = stored if has_lut else block_reduce_mean(clip_to_window(ds, stored), working_side)
     rescaled = modality_lut is not None or "RescaleSlope" in ds
     gray = voi_to_unit(ds, modality_values(ds, values, modality_lut), voi_lut, rescaled=rescaled)
     if has_lut:
@@ -142,10 +142,7 @@ def modality_values(ds: Dataset, values: np.ndarray, lut: LookupTable | None) ->
     """
     if lut is not None:
         return lut.lookup(values)
-    slope = _first_number(ds, "RescaleSlope")
-    intercept = _first_number(ds, "RescaleIntercept")
-    slope = 1.0 if slope is None else slope
-    intercept = 0.0 if intercept is None else intercept
+    slope, intercept = _rescale(ds)
     if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
         raise RejectedInput(
             RejectCode.UNSUPPORTED, f"rescale slope {slope} / intercept {intercept} unusable"
@@ -170,24 +167,69 @@ def voi_to_unit(
         top = max(2**voi_lut.bits - 1, int(voi_lut.entries.max()))
         unit = voi_lut.lookup(values).astype(np.float32) * np.float32(1.0 / top)
         return np.clip(unit, 0.0, 1.0, out=unit)
-    center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
-    if center is not None and width is not None and width > 0:
-        function = str(header_value(ds, "VOILUTFunction", "LINEAR")).strip().upper()
-        return window(values, center, width, function)
+    first = first_window(ds)
+    if first is not None:
+        return window(values, *first)
     return _stretch(ds, values, rescaled=rescaled)
+
+
+def first_window(ds: Dataset) -> tuple[float, float, str] | None:
+    """Center, width and VOI LUT function of the first window, or None without one."""
+    center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
+    if center is None or width is None or width <= 0:
+        return None
+    return center, width, str(header_value(ds, "VOILUTFunction", "LINEAR")).strip().upper()
 
 
 def window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
     """DICOM PS3.3 C.11.2.1.2 window functions, output in [0, 1]."""
     if function == "SIGMOID":
         return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
-    if function == "LINEAR_EXACT":
-        unit = (values - center) / width + 0.5
-    else:
-        if width < 1:
-            raise RejectedInput(RejectCode.UNSUPPORTED, f"window width {width} below 1")
-        unit = (values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5
+    black, white = linear_window_span(center, width, function)
+    unit = (values - black) / (white - black)
     return np.clip(unit, 0.0, 1.0).astype(np.float32)
+
+
+def linear_window_span(center: float, width: float, function: str) -> tuple[float, float]:
+    """The values a linear window shows black and white; it is linear between them."""
+    if function == "LINEAR_EXACT":
+        return center - width / 2, center + width / 2
+    if width < 1:
+        raise RejectedInput(RejectCode.UNSUPPORTED, f"window width {width} below 1")
+    half = max(width - 1.0, 1.0) / 2
+    return center - 0.5 - half, center - 0.5 + half
+
+
+def clip_to_window(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """Stored integers clipped to the span a linear window shows in grey, so that the
+    box-filter shrink before the window averages the grey a viewer shows: inside the span
+    rescale and window are linear, so averaging there and then windowing is windowing and
+    then averaging. Unclipped, a block across the window's edge mixed values shown black
+    or white with grey ones: a real 12-bit film, uncompressed, under a window that
+    clipped 31 % of it scored 0.77 instead of its full-resolution rendering's 0.95."""
+    first = first_window(ds)
+    if first is None or first[2] == "SIGMOID" or stored.dtype.kind not in "iu":
+        return stored
+    slope, intercept = _rescale(ds)
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+        return stored  # modality_values rejects the file
+    span = [(end - intercept) / slope for end in linear_window_span(*first)]
+    least, most = _stored_range(ds, stored.dtype)
+    low, high = max(math.floor(min(span)), least), min(math.ceil(max(span)), most)
+    if (low, high) == (least, most) or low > high:
+        return stored  # all of BitsStored's values in grey, or none (a blank display)
+    return np.clip(stored, low, high)
+
+
+def _stored_range(ds: Dataset, dtype: np.dtype) -> tuple[int, int]:
+    """The least and greatest value BitsStored holds, within what ``dtype`` holds."""
+    limits = np.iinfo(dtype)
+    bits = int(header_value(ds, "BitsStored", 0) or 0)
+    if not 0 < bits < limits.bits:
+        return int(limits.min), int(limits.max)
+    if limits.min < 0:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
 
 
 @dataclass(frozen=True)
@@ -273,6 +315,13 @@ def _stored_number(ds: Dataset, keyword: str) -> float | None:
     if value is not None and signed and value >= 2 ** (cell - 1):
         return value - 2**cell
     return value
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    """Rescale slope and intercept; absent or empty elements take their defaults 1 and 0."""
+    slope = _first_number(ds, "RescaleSlope")
+    intercept = _first_number(ds, "RescaleIntercept")
+    return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
 
 
 def _first_number(ds: Dataset, keyword: str) -> float | None:
