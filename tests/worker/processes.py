@@ -38,6 +38,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: fl
         time.sleep(every)
 
 
+def free_port() -> int:
+    """A port nothing listens on now: a server of our own on a fixed one could meet
+    another already there, and the test would talk to that one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

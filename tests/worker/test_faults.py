@@ -24,7 +24,7 @@ from pydicom.uid import JPEG2000Lossless
 from config.settings import REPO_ROOT, Settings
 from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.sql import rows, scalar
-from tests.worker.processes import PrivatePostgres, PrivateRedis, Worker, wait_for
+from tests.worker.processes import PrivatePostgres, PrivateRedis, Worker, free_port, wait_for
 from tests.worker.test_imaging import EXPECTED_CODE
 from worker.celery_app import QUEUE, SCREEN_TASK, make_app
 
@@ -226,7 +226,7 @@ def test_fault2_redis_restart_loses_nothing(
     n, per = 6, 3
     make_studies(tmp_path / "export", cxr_dir, n, per, large=True)
     (tmp_path / "redis").mkdir()
-    server = PrivateRedis(tmp_path / "redis", 6390)
+    server = PrivateRedis(tmp_path / "redis", free_port())
     server.start()
     env = worker_env(server.url, postgres_url, model_dir, visibility_timeout=10)
     try:
@@ -257,7 +257,7 @@ def test_fault3_postgres_down_for_20s(
 ) -> None:
     n, per = 6, 3
     make_studies(tmp_path / "export", cxr_dir, n, per, large=True)
-    with PrivatePostgres(5440) as database:
+    with PrivatePostgres(free_port()) as database:
         url = database.url
         env = worker_env(broker, url, model_dir)
         print(f"\nfault 3: {ingest(tmp_path / 'export', env).strip()}")
@@ -496,7 +496,7 @@ def test_fault8_postgres_down_longer_than_the_retries_loses_no_study(
 ) -> None:
     n = 4
     make_studies(tmp_path / "export", cxr_dir, n, 1)
-    with PrivatePostgres(5441) as database:
+    with PrivatePostgres(free_port()) as database:
         url = database.url
         env = worker_env(broker, url, model_dir, task_max_retries=1)  # about 2 s of retries
         print(f"\nfault 8: {ingest(tmp_path / 'export', env).strip()}")

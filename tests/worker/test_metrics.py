@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -14,14 +13,8 @@ import pytest
 import redis
 
 from tests.conftest import REDIS_URL
-from tests.worker.processes import Worker, port_open, wait_for
+from tests.worker.processes import Worker, free_port, port_open, wait_for
 from tests.worker.test_faults import all_final, ingest, worker_env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> str:
