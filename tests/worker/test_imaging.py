@@ -552,6 +552,31 @@ def test_chest_named_in_other_languages_passes_the_gate(
     assert read_dicom_image(write(ds, tmp_path / "x.dcm"), MAX_PIXELS).gray.size
 
 
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("WindowWidth", b"NaN  "),
+        ("WindowWidth", b"inf  "),
+        ("WindowCenter", b"-inf "),
+        ("WindowWidth", b"1e999"),
+    ],
+)
+def test_a_window_that_is_not_a_finite_number_counts_as_absent(
+    keyword: str, value: bytes, sample_png: Path, tmp_path: Path
+) -> None:
+    """The window clip turned such a header into a ValueError, which the worker records as
+    a crash (status failed) rather than a film it can read."""
+    stored = np.kron(png_pixels(sample_png), np.ones((5, 5), np.int32)).astype(np.uint16) * 16
+    without = write(base_dataset(stored, bits=12), tmp_path / "without.dcm")
+    ds = base_dataset(stored, bits=12)
+    ds.WindowCenter, ds.WindowWidth = "22222", "12345"
+    path = write(ds, tmp_path / "bad.dcm")
+    placeholder = b"12345" if keyword == "WindowWidth" else b"22222"
+    path.write_bytes(path.read_bytes().replace(placeholder, value))
+    gray = read_dicom_image(path, MAX_PIXELS).gray
+    assert np.array_equal(gray, read_dicom_image(without, MAX_PIXELS).gray)
+
+
 @pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT"])
 @pytest.mark.parametrize("slope", [1, -2])
 def test_a_large_film_under_a_narrow_window_reads_as_rendered_at_full_resolution(

@@ -174,9 +174,12 @@ def voi_to_unit(
 
 
 def first_window(ds: Dataset) -> tuple[float, float, str] | None:
-    """Center, width and VOI LUT function of the first window, or None without one."""
+    """Center, width and VOI LUT function of the first window, or None without one or
+    with one that cannot be applied (a width not above 0, a NaN or an infinity)."""
     center, width = _first_number(ds, "WindowCenter"), _first_number(ds, "WindowWidth")
-    if center is None or width is None or width <= 0:
+    if center is None or width is None:
+        return None
+    if not (math.isfinite(center) and math.isfinite(width) and width > 0):
         return None
     return center, width, str(header_value(ds, "VOILUTFunction", "LINEAR")).strip().upper()
 
@@ -204,7 +207,8 @@ def clip_to_window(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     """Stored integers clipped to the span a linear window shows in grey, so that the
     box-filter shrink before the window averages the grey a viewer shows: inside the span
     rescale and window are linear, so averaging there and then windowing is windowing and
-    then averaging. Unclipped, a block across the window's edge mixed values shown black
+    then averaging (to within one stored value at the edges, the clip's bounds being whole
+    stored values). Unclipped, a block across the window's edge mixed values shown black
     or white with grey ones: a real 12-bit film, uncompressed, under a window that
     clipped 31 % of it scored 0.77 instead of its full-resolution rendering's 0.95."""
     first = first_window(ds)
