@@ -577,6 +577,17 @@ def test_a_window_that_is_not_a_finite_number_counts_as_absent(
     assert np.array_equal(gray, read_dicom_image(without, MAX_PIXELS).gray)
 
 
+def test_an_identity_rescale_leaves_8_bit_data_as_stored(sample_png: Path, tmp_path: Path) -> None:
+    """Every DX film carries RescaleSlope 1 and RescaleIntercept 0 (type 1 in the DX image
+    module); with them an 8-bit film without a window was stretched like deeper data."""
+    plain = write(base_dataset(png_pixels(sample_png)), tmp_path / "plain.dcm")
+    ds = base_dataset(png_pixels(sample_png))
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    rescaled = write(ds, tmp_path / "rescaled.dcm")
+    gray = read_dicom_image(rescaled, MAX_PIXELS).gray
+    assert np.array_equal(gray, read_dicom_image(plain, MAX_PIXELS).gray)
+
+
 @pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT"])
 @pytest.mark.parametrize("slope", [1, -2])
 def test_a_large_film_under_a_narrow_window_reads_as_rendered_at_full_resolution(
