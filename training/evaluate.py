@@ -240,16 +240,23 @@ def bootstrap_auc(
     seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile 95% interval of the ROC AUC over ``n`` seeded case resamples."""
+    lo, hi = np.percentile(bootstrap_aucs(y, p, n, seed), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def bootstrap_aucs(y: np.ndarray, p: np.ndarray, n: int, seed: int) -> list[float]:
+    """The ROC AUCs of ``n`` seeded case resamples. A resample of one class has none and
+    is drawn again: skipped instead, a site folder of 1 covid and 20 normal films had its
+    interval from 1,288 resamples where the report said 2,000."""
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(seed)
-    aucs = []
-    for _ in range(n):
+    aucs: list[float] = []
+    while len(aucs) < n:
         idx = rng.integers(0, len(y), len(y))
         if y[idx].min() != y[idx].max():
-            aucs.append(roc_auc_score(y[idx], p[idx]))
-    lo, hi = np.percentile(aucs, [2.5, 97.5])
-    return float(lo), float(hi)
+            aucs.append(float(roc_auc_score(y[idx], p[idx])))
+    return aucs
 
 
 def predictive_values(sens: float, spec: float, prevalence: float) -> dict[str, float]:

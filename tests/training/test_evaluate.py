@@ -16,6 +16,7 @@ from training.evaluate import (
     PREDICTION_COLUMNS,
     binary_metrics,
     bootstrap_auc,
+    bootstrap_aucs,
     border_only,
     calibration,
     centre_only,
@@ -57,6 +58,14 @@ def test_binary_metrics_counts_and_interval() -> None:
     assert [pv["prevalence"] for pv in m["predictive_values"]] == [0.01, 0.05, 0.2]
     assert "covid" in m["classification_report_text"]
     assert bootstrap_auc(y, p, 200, 1) == bootstrap_auc(y, p, 200, 1)
+
+
+def test_the_interval_rests_on_as_many_resamples_as_reported() -> None:
+    """Resamples without a covid film were skipped, so a small site folder's interval
+    came from about two thirds of the resamples the report named."""
+    y = np.array([1] + [0] * 20)
+    p = np.linspace(0, 1, len(y))
+    assert len(bootstrap_aucs(y, p, 300, 0)) == 300
 
 
 def test_audit_masks_fill_parts_of_the_network_input_with_its_mean() -> None:
