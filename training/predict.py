@@ -10,6 +10,7 @@ the run.
 from __future__ import annotations
 
 import io
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def expand(paths: Iterable[Path], output: Path | None = None) -> Iterator[Path]:
 
 def _is(path: Path, resolved: Path) -> bool:
     try:
-        return path.resolve() == resolved
+        return Path(os.path.realpath(path)) == resolved  # Path.resolve raises on a link loop
     except OSError:  # longer than PATH_MAX: not the file being written
         return False
 

@@ -71,7 +71,7 @@ def walk(paths: Iterable[str | Path], seen: set[str] | None = None) -> Iterator[
             log.warning("no such file or folder: %s", root)
             continue
         for candidate in candidates:
-            key = str(candidate.resolve())
+            key = os.path.realpath(candidate)  # Path.resolve raises on a link loop (3.11)
             if key not in seen:
                 seen.add(key)
                 yield file_name(candidate)
@@ -199,8 +199,8 @@ def _add_dicomdir(
         rejected(path, RejectCode.UNREADABLE, "DICOMDIR media directory, not an image")
     )
     for target in referenced:
-        if str(target.resolve()) not in seen:
-            seen.add(str(target.resolve()))
+        if os.path.realpath(target) not in seen:
+            seen.add(os.path.realpath(target))
             queue.append(file_name(target))
 
 

@@ -114,6 +114,22 @@ def test_linked_study_folders_are_walked_once_and_a_link_loop_ends(
     assert found.n_files == 2
 
 
+def test_a_loop_of_file_links_is_rejected_and_the_rest_is_found(
+    pixels: np.ndarray, tmp_path: Path
+) -> None:
+    """``a -> b -> a``: Path.resolve raised RuntimeError (Python 3.11), which ended the
+    run with a traceback and no row for any file of the export."""
+    study = generate_uid()
+    export = tmp_path / "export"
+    write(instance(pixels, study, 1), export / "1.dcm")
+    (export / "a").symlink_to("b")
+    (export / "b").symlink_to("a")
+    found = discover([export])
+    assert list(found.studies) == [study] and found.n_files == 3
+    rejected = sorted((Path(r.source).name, r.reason_code) for r in found.rejected)
+    assert rejected == [("a", "unreadable"), ("b", "unreadable")]
+
+
 def test_a_link_to_a_folder_around_the_export_is_not_followed(
     pixels: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
