@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     JPEG2000,
@@ -609,6 +610,42 @@ def test_a_large_film_under_a_narrow_window_reads_as_rendered_at_full_resolution
     gray = read_dicom_image(write(ds, tmp_path / "film.dcm"), MAX_PIXELS).gray
     assert gray.shape == rendered.shape
     assert float(np.abs(gray - rendered).max()) < 1e-3
+
+
+def float_film(values: np.ndarray) -> Dataset:
+    """A film of 32-bit float pixels (FloatPixelData)."""
+    ds = base_dataset(np.zeros(values.shape, np.uint8))
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = values.astype("<f4").tobytes()
+    return ds
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("keyword", ["VOILUTSequence", "ModalityLUTSequence"])
+def test_values_that_are_not_finite_before_a_lut_are_rejected_not_a_crash(
+    keyword: str, bad: float, sample_png: Path, tmp_path: Path
+) -> None:
+    """A NaN was cast to LUT index -2**31: an IndexError, recorded as a crash (failed);
+    an inf was clipped to the table's end and the film screened. Without a LUT both were
+    rejected as not finite."""
+    values = png_pixels(sample_png).astype(np.float32) * 16
+    values[0, 0] = bad
+    ds = float_film(values)
+    setattr(ds, keyword, [lut_item(4096, 0, 16, np.arange(4096))])
+    with pytest.raises(RejectedInput, match="not finite") as caught:
+        read_dicom_image(write(ds, tmp_path / "film.dcm"), MAX_PIXELS)
+    assert caught.value.code is RejectCode.UNREADABLE
+
+
+def test_a_rescale_slope_past_float32_is_unusable(sample_png: Path, tmp_path: Path) -> None:
+    """1e39 is finite as a Python float but inf in the float32 rescale, and 0 x inf a NaN
+    that reached the VOI LUT's index: a crash instead of a rejection."""
+    ds = base_dataset(png_pixels(sample_png).astype(np.uint16) * 16, bits=12)
+    ds.RescaleSlope, ds.RescaleIntercept = "1e39", 0
+    ds.VOILUTSequence = [lut_item(4096, 0, 8, np.arange(4096) // 16)]
+    with pytest.raises(RejectedInput, match=r"rescale slope 1e\+39 / intercept 0\.0 unusable"):
+        read_dicom_image(write(ds, tmp_path / "film.dcm"), MAX_PIXELS)
 
 
 def test_pixel_padding_shows_black_not_white(sample_png: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
 
 BLANK_RANGE = 1.0 / 1024  # below one grey level of an 8-bit display
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 DEEP_GREY_RANGE = (0.5, 99.5)  # percentiles deep grey without a window shows black and white
 
 
@@ -129,10 +130,14 @@ def is_inverted(ds: Dataset) -> bool:
 
 
 def check_not_blank(gray: np.ndarray, where: str = " after the window or LUT") -> None:
-    if not np.isfinite(gray).all():
-        raise RejectedInput(RejectCode.UNREADABLE, "pixel values are not finite (NaN or inf)")
+    check_finite(gray)
     if float(gray.max()) - float(gray.min()) < BLANK_RANGE:
         raise RejectedInput(RejectCode.UNREADABLE, f"image is blank (one grey level{where})")
+
+
+def check_finite(values: np.ndarray) -> None:
+    if not np.isfinite(values).all():
+        raise RejectedInput(RejectCode.UNREADABLE, "pixel values are not finite (NaN or inf)")
 
 
 def modality_values(ds: Dataset, values: np.ndarray, lut: LookupTable | None) -> np.ndarray:
@@ -143,7 +148,7 @@ def modality_values(ds: Dataset, values: np.ndarray, lut: LookupTable | None) ->
     if lut is not None:
         return lut.lookup(values)
     slope, intercept = _rescale(ds)
-    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+    if not _usable_rescale(slope, intercept):
         raise RejectedInput(
             RejectCode.UNSUPPORTED, f"rescale slope {slope} / intercept {intercept} unusable"
         )
@@ -215,7 +220,7 @@ def clip_to_window(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     if first is None or first[2] == "SIGMOID" or stored.dtype.kind not in "iu":
         return stored
     slope, intercept = _rescale(ds)
-    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+    if not _usable_rescale(slope, intercept):
         return stored  # modality_values rejects the file
     span = [(end - intercept) / slope for end in linear_window_span(*first)]
     least, most = _stored_range(ds, stored.dtype)
@@ -254,6 +259,7 @@ class LookupTable:
             index = values.astype(np.int32)
             np.clip(index, low, high, out=index)
         else:  # clipped before the cast, which would wrap values past int32
+            check_finite(values)  # a NaN would be cast to index -2**31
             rounded = np.rint(values)
             index = np.clip(rounded, low, high, out=rounded).astype(np.int32)
         index -= np.int32(low)
@@ -326,6 +332,14 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     slope = _first_number(ds, "RescaleSlope")
     intercept = _first_number(ds, "RescaleIntercept")
     return (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+
+
+def _usable_rescale(slope: float, intercept: float) -> bool:
+    """A slope that is not 0, and both within float32, the type the rescale is computed
+    in: a slope of 1e39 became inf there, and 0 x inf a NaN that reached a LUT's index."""
+    return slope != 0 and all(
+        math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in (slope, intercept)
+    )
 
 
 def _first_number(ds: Dataset, keyword: str) -> float | None:
