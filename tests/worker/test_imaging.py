@@ -319,6 +319,21 @@ def test_compressed_stream_bigger_than_the_header_is_rejected_before_decoding(
     assert caught.value.code == RejectCode.UNREADABLE
 
 
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless])
+def test_a_stream_deeper_than_the_bits_allocated_is_rejected(
+    syntax: UID, sample_png: Path, tmp_path: Path
+) -> None:
+    """A 12-bit stream under a header of 8 bits allocated was screened from its low 8
+    bits: wrapped noise, scored as a normal film."""
+    ds = base_dataset(png_pixels(sample_png).astype(np.uint16) * 16, bits=12)
+    ds.compress(syntax)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    claim = "compressed frame has 12-bit samples but the header says 8 bits allocated"
+    with pytest.raises(RejectedInput, match=claim) as caught:
+        read_dicom_image(write(ds, tmp_path / "deeper.dcm"), MAX_PIXELS)
+    assert caught.value.code == RejectCode.UNREADABLE
+
+
 def _exif_turned(upright: np.ndarray, path: Path) -> None:
     """Stored a quarter turn anticlockwise, with EXIF Orientation 6 (turn clockwise to view)."""
     exif = Image.Exif()

@@ -426,6 +426,13 @@ def check_encoded_size(ds: Dataset, rows: int, cols: int) -> None:
             f"compressed frame has {shape.components} components but the header says "
             "1 sample per pixel",
         )
+    allocated = int(ds.get("BitsAllocated") or 0)
+    if shape.precision > allocated:  # its low bits alone would be screened: noise
+        raise RejectedInput(
+            RejectCode.UNREADABLE,
+            f"compressed frame has {shape.precision}-bit samples but the header says "
+            f"{allocated} bits allocated",
+        )
     # A stream that codes the whole cell holds the retired layout as it is.
     if shape.precision > int(ds.get("BitsStored") or 0) and (message := retired_layout(ds)):
         raise RejectedInput(RejectCode.UNSUPPORTED, message)
