@@ -899,6 +899,20 @@ def test_a_segmentation_mask_is_not_scored_as_a_film(suffix: str, tmp_path: Path
     assert caught.value.code is RejectCode.NOT_CHEST
 
 
+@pytest.mark.parametrize("bits", [8, 1])
+def test_a_segmentation_mask_in_a_chest_dicom_header_is_not_scored(
+    bits: int, tmp_path: Path
+) -> None:
+    """The same mask as a PNG was rejected; in a CR chest header it was scored."""
+    rows, cols = np.mgrid[0:256, 0:256]
+    lungs = ((rows - 128) / 96) ** 2 + ((np.abs(cols - 128) - 60) / 36) ** 2 < 1
+    ds = base_dataset((lungs * (2**bits - 1)).astype(np.uint8))
+    ds.BitsStored, ds.HighBit = bits, bits - 1
+    with pytest.raises(RejectedInput, match="two-tone picture") as caught:
+        read_dicom_image(write(ds, tmp_path / "mask.dcm"), MAX_PIXELS)
+    assert caught.value.code is RejectCode.NOT_CHEST
+
+
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
 def test_a_float_picture_with_a_value_that_is_not_finite_is_rejected(
     bad: float, sample_png: Path, tmp_path: Path

@@ -147,6 +147,7 @@ def read_dicom_image(path: str | Path, max_pixels: int) -> DicomImage:
         if stored is None:
             stored = decode_fastest(ds)
         gray = display_gray(ds, stored, WORKING_SIDE)
+        check_not_two_tone(gray)  # a mask in a DICOM header is no more a film than a PNG
         gray = reorient(gray, display_orientation(ds))
     except RejectedInput as exc:
         exc.header = header
