@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
@@ -923,6 +923,23 @@ def test_a_float_picture_with_a_value_that_is_not_finite_is_rejected(
     Image.fromarray(values, mode="F").save(tmp_path / "film.tif")
     with pytest.raises(RejectedInput, match="not finite"):
         load_picture(tmp_path / "film.tif")
+
+
+@pytest.mark.parametrize(("stored", "surround"), [("upright", 255), ("inverted", 0)])
+def test_a_wide_surround_does_not_decide_the_polarity(
+    stored: str, surround: int, sample_png: Path, tmp_path: Path
+) -> None:
+    """Judged with its 16:9 surround, a film in a white one was turned to white lungs, and
+    an inverted film in a black one was scored inverted."""
+    film = Image.open(sample_png).convert("L")
+    if stored == "inverted":
+        film = ImageOps.invert(film)
+    framed = Image.new("L", (film.height * 16 // 9, film.height), surround)
+    framed.paste(film, ((framed.width - film.width) // 2, 0))
+    framed.save(tmp_path / "framed.png")
+    shown = model_input(load_picture(tmp_path / "framed.png"), SIZE)
+    upright = model_input(load_picture(sample_png), SIZE)
+    assert float(np.abs(shown - upright).mean()) < 0.01
 
 
 def test_a_film_in_a_wide_black_frame_is_not_taken_for_a_mask(sample_png: Path) -> None:

@@ -89,6 +89,13 @@ def model_input(gray: np.ndarray, size: int) -> np.ndarray:
     return equalised.astype(np.float32)[..., np.newaxis]
 
 
+def polarity_view(gray: np.ndarray) -> np.ndarray:
+    """What the polarity check judges: the film without its uniform bands. Judged with
+    them, a wide white surround (a 16:9 frame) had upright films turned to white lungs and
+    an inverted film in a black one left as it was."""
+    return trim_uniform_bands(block_reduce_mean(gray, WORKING_SIDE))
+
+
 def trim_uniform_bands(image: np.ndarray) -> np.ndarray:
     """The image without uniform bands along its edges that are at least BAND_FRACTION
     of the side: padding to a 4:3 or square frame, a scanner's or a photograph's dark
@@ -245,7 +252,7 @@ def load_picture(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
             check_dimensions(img.height, img.width, max_pixels)
             gray = picture_gray(ImageOps.exif_transpose(img))
         check_not_blank(gray, where="")
-        if looks_inverted(gray):  # a picture has no header to say so, as DICOM does
+        if looks_inverted(polarity_view(gray)):  # a picture has no header to say, as DICOM has
             gray = 1.0 - gray
     except Image.DecompressionBombError as exc:
         raise RejectedInput(
