@@ -217,6 +217,7 @@ def save_instances(
     # One lock order for every writer: two PostgreSQL transactions taking the same two
     # UIDs in opposite orders deadlocked.
     with_uid.sort(key=lambda row: row["sop_instance_uid"])
+    _keep_earlier_paths_as_copies(session, with_uid, model_version)
     with_uid, taken = _upsert_own_uids(session, with_uid)
     without_uid += [_copy_of_other_study(row) for row in taken]
     _upsert(session, PREDICTIONS, without_uid, ["source", "model_version"], where=NO_UID)
@@ -226,6 +227,44 @@ def save_instances(
     _delete_rows_of(
         session, without_uid, model_version, PREDICTIONS.c.sop_instance_uid.is_not(None)
     )
+
+
+def _keep_earlier_paths_as_copies(
+    session: Session, rows: list[dict[str, Any]], model_version: str
+) -> None:
+    """A file of the same study that held a UID's row at another path, not screened now,
+    keeps a row: as a copy keyed by its path, with its own outcome. The UID's row moves
+    to the file screened now; before, the other file was left without a row (a folder
+    of copies screened on its own, or a second delivery of part of a study)."""
+    if not rows:
+        return
+    now_at = {row["sop_instance_uid"]: row for row in rows}
+    sources = {row["source"] for row in rows}
+    copies = []
+    for uids in _chunks(sorted(now_at)):
+        held = session.execute(
+            select(PREDICTIONS).where(
+                PREDICTIONS.c.sop_instance_uid.in_(uids),
+                PREDICTIONS.c.model_version == model_version,
+            )
+        ).mappings()
+        for old in held:
+            study = now_at[old["sop_instance_uid"]]["study_instance_uid"]
+            if old["source"] not in sources and old["study_instance_uid"] == study:
+                copies.append(_copy_screened_since(dict(old)))
+    _upsert(session, PREDICTIONS, copies, ["source", "model_version"], where=NO_UID)
+
+
+def _copy_screened_since(row: dict[str, Any]) -> dict[str, Any]:
+    note = "same SOP Instance UID as a file of the study screened since; not counted"
+    del row["id"]
+    return {
+        **row,
+        "sop_instance_uid": None,
+        "duplicate_of": row["sop_instance_uid"],
+        "reason_code": row["reason_code"] or DUPLICATE_INSTANCE,
+        "reason": f"{row['reason']}; {note}" if row["reason"] else note,
+    }
 
 
 def _upsert_own_uids(

@@ -534,6 +534,25 @@ def test_a_copy_of_an_instance_in_its_study_counts_once_and_its_reason_names_no_
     assert rows(sqlite_url, "SELECT n_instances, n_screened FROM studies") == [(1, 1)]
 
 
+def test_a_folder_of_copies_screened_alone_leaves_the_first_files_a_row(
+    database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """The UID's row moved to the copy's path and the original file, still in its export,
+    was left without a row; screened the other way round, the copies lost theirs."""
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    ds = base_dataset(png_pixels(png))
+    original, copy = tmp_path / "export" / "1.dcm", tmp_path / "resent" / "copy.dcm"
+    write(ds, original), write(ds, copy)
+    settings = settings_for(database_url, model_dir)
+    query = "SELECT source, sop_instance_uid, duplicate_of FROM predictions ORDER BY 1"
+    for folders in ([original.parent, copy.parent], [copy.parent], [original.parent]):
+        run(folders, settings)
+        found = {Path(r[0]).name: r[1:] for r in rows(database_url, query)}
+        assert sorted(found) == ["1.dcm", "copy.dcm"], folders
+        assert set(found.values()) == {(None, ds.SOPInstanceUID), (ds.SOPInstanceUID, None)}
+        assert rows(database_url, "SELECT n_instances, n_screened FROM studies") == [(1, 1)]
+
+
 def test_the_summary_counts_files_rejected_before_any_study_and_warns_of_an_empty_folder(
     sqlite_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
 ) -> None:
