@@ -178,7 +178,9 @@ def test_fault1_sigkill_worker_while_screening(
             f"fault 1: SIGKILLed pool process {children[0]} while it screened {victim}; "
             f"the worker replaced it and the study was delivered again after {again:.1f} s"
         )
-        wait_for(lambda: rows(postgres_url, processing), 120, "a study in progress", 0.05)
+        # Killed at once: the redelivered study is in progress now, and often the last one
+        # (it went back to the end of the queue). Waiting for a study in progress after it
+        # failed on a fast machine, where that study had finished by the next poll.
         first.kill()
         # read after the kill: what the dead worker left in progress, and its attempts
         in_flight = dict(
