@@ -30,6 +30,8 @@ from worker.screening import (
 PREDICTIONS: Table = Prediction.__table__  # type: ignore[assignment]
 STUDIES: Table = Study.__table__  # type: ignore[assignment]
 NO_UID = text("sop_instance_uid IS NULL")
+OF_ANOTHER_STUDY = "same SOP Instance UID as a file of another study; stored under its path"
+SCREENED_SINCE = "same SOP Instance UID as a file of the study screened since; not counted"
 
 
 def save_study(
@@ -219,7 +221,7 @@ def save_instances(
     with_uid.sort(key=lambda row: row["sop_instance_uid"])
     _keep_earlier_paths_as_copies(session, with_uid, model_version)
     with_uid, taken = _upsert_own_uids(session, with_uid)
-    without_uid += [_copy_of_other_study(row) for row in taken]
+    without_uid += [_as_copy(row, OF_ANOTHER_STUDY) for row in taken]
     _upsert(session, PREDICTIONS, without_uid, ["source", "model_version"], where=NO_UID)
     # A file keyed the other way before (unreadable then, its UID read now, or the
     # reverse) keeps one row: the one just written.
@@ -251,20 +253,8 @@ def _keep_earlier_paths_as_copies(
         for old in held:
             study = now_at[old["sop_instance_uid"]]["study_instance_uid"]
             if old["source"] not in sources and old["study_instance_uid"] == study:
-                copies.append(_copy_screened_since(dict(old)))
+                copies.append(_as_copy(dict(old), SCREENED_SINCE))
     _upsert(session, PREDICTIONS, copies, ["source", "model_version"], where=NO_UID)
-
-
-def _copy_screened_since(row: dict[str, Any]) -> dict[str, Any]:
-    note = "same SOP Instance UID as a file of the study screened since; not counted"
-    del row["id"]
-    return {
-        **row,
-        "sop_instance_uid": None,
-        "duplicate_of": row["sop_instance_uid"],
-        "reason_code": row["reason_code"] or DUPLICATE_INSTANCE,
-        "reason": f"{row['reason']}; {note}" if row["reason"] else note,
-    }
 
 
 def _upsert_own_uids(
@@ -283,10 +273,10 @@ def _upsert_own_uids(
     )
 
 
-def _copy_of_other_study(row: dict[str, Any]) -> dict[str, Any]:
-    note = "same SOP Instance UID as a file of another study; stored under its path"
+def _as_copy(row: dict[str, Any], note: str) -> dict[str, Any]:
+    """The row keyed by its path, as a copy of its SOP Instance UID."""
     return {
-        **row,
+        **{k: v for k, v in row.items() if k != "id"},
         "sop_instance_uid": None,
         "duplicate_of": row["sop_instance_uid"],
         "reason_code": row["reason_code"] or DUPLICATE_INSTANCE,
