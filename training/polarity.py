@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from training.data import LABELS, list_split
-from worker.imaging.pipeline import is_picture, picture_gray, polarity_view
+from worker.imaging.pipeline import is_picture, picture_gray, trimmed_film
 from worker.imaging.polarity import INVERTED_PROBABILITY, WEIGHTS, polarity_features
 
 
@@ -28,7 +28,7 @@ def examples(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     for sample in list_split(data_dir, split, include=(*LABELS, "pneumonia")):
         if is_picture(sample.path):
             with Image.open(sample.path) as img:
-                view = polarity_view(picture_gray(ImageOps.exif_transpose(img)))
+                view = trimmed_film(picture_gray(ImageOps.exif_transpose(img)))
             features += [polarity_features(view), polarity_features(1.0 - view)]
             labels += [0, 1]
     return np.array(features), np.array(labels)

@@ -82,17 +82,16 @@ class DicomImage:
 
 def model_input(gray: np.ndarray, size: int) -> np.ndarray:
     """Grey image in [0, 1] (any size) -> (size, size, 1) float32 network input."""
-    small = block_reduce_mean(gray, WORKING_SIDE)
-    core = crop_border(trim_uniform_bands(small), BORDER_FRACTION)
+    core = crop_border(trimmed_film(gray), BORDER_FRACTION)
     resized = resize(core, (size, size), order=1, anti_aliasing=True, preserve_range=True)
     equalised = equalize_hist(resized, nbins=256)
     return equalised.astype(np.float32)[..., np.newaxis]
 
 
-def polarity_view(gray: np.ndarray) -> np.ndarray:
-    """What the polarity check judges: the film without its uniform bands. Judged with
-    them, a wide white surround (a 16:9 frame) had upright films turned to white lungs and
-    an inverted film in a black one left as it was."""
+def trimmed_film(gray: np.ndarray) -> np.ndarray:
+    """The film at working size without its uniform edge bands: what the network input is
+    cut from, and what the polarity check judges (judged with its bands, a film in a wide
+    white surround was turned to white lungs, an inverted one in a black one was not)."""
     return trim_uniform_bands(block_reduce_mean(gray, WORKING_SIDE))
 
 
@@ -252,7 +251,7 @@ def load_picture(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.n
             check_dimensions(img.height, img.width, max_pixels)
             gray = picture_gray(ImageOps.exif_transpose(img))
         check_not_blank(gray, where="")
-        if looks_inverted(polarity_view(gray)):  # a picture has no header to say, as DICOM has
+        if looks_inverted(trimmed_film(gray)):  # a picture has no header to say so
             gray = 1.0 - gray
     except Image.DecompressionBombError as exc:
         raise RejectedInput(
