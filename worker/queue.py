@@ -156,13 +156,16 @@ def parse_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyTask:
     unknown = set(kwargs) - MESSAGE_KEYS
     if unknown:
         raise MalformedTask(f"unknown fields {sorted(unknown)}")
+    # The reasons name fields and positions, never values: a malformed UID field can
+    # hold a patient's name, and export paths often do.
     uid = kwargs.get("study_instance_uid")
     if not is_dicom_uid(uid):
-        raise MalformedTask(f"study_instance_uid is not a DICOM UID: {str(uid)[:80]!r}")
+        raise MalformedTask(
+            "study_instance_uid is not a DICOM UID (digits and dots, at most 64 characters)"
+        )
     files = kwargs.get("files")
     if not isinstance(files, list) or not files:
         raise MalformedTask("files must be a non-empty list of paths")
-    # The reasons name the position, not the path: export paths often hold patient names.
     for index, path in enumerate(files):
         if not isinstance(path, str) or not path or "\x00" in path:
             raise MalformedTask(f"files[{index}] is not a file path")
@@ -221,7 +224,10 @@ def parse_batch_message(args: Sequence[Any], kwargs: dict[str, Any]) -> StudyBat
         unknown = set(study) - BATCH_STUDY_KEYS
         if unknown:
             raise MalformedTask(f"studies[{index}] has unknown fields {sorted(unknown)}")
-        tasks.append(parse_message((), {**study, **shared}))
+        try:
+            tasks.append(parse_message((), {**study, **shared}))
+        except MalformedTask as exc:
+            raise MalformedTask(f"studies[{index}]: {exc}") from None
     if len({t.study_instance_uid for t in tasks}) != len(tasks):
         raise MalformedTask("a study appears twice in one message")
     return StudyBatch(tuple(tasks))

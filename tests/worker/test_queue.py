@@ -71,6 +71,8 @@ def test_celery_is_configured_for_at_least_once_delivery() -> None:
     ("change", "message"),
     [
         ({"study_instance_uid": "x; DROP"}, "not a DICOM UID"),
+        # The reason names the field, not its value: a misfiled patient name, say.
+        ({"study_instance_uid": "DOE^JANE"}, r"^study_instance_uid is not a DICOM UID \(digits"),
         ({"study_instance_uid": "1.2.3\n"}, "not a DICOM UID"),
         ({"study_instance_uid": "1." * 32 + "1"}, "not a DICOM UID"),
         ({"files": []}, "non-empty list"),
@@ -125,7 +127,10 @@ BATCH = {
         ({"studies": []}, "non-empty list"),
         ({"studies": [{"study_instance_uid": "1.2", "files": ["x"], "pixels": 1}]}, "unknown"),
         ({"studies": ["1.2"]}, r"^studies\[0\] must be"),
-        ({"studies": [{"study_instance_uid": "1.2; DROP", "files": ["x"]}]}, "not a DICOM UID"),
+        (
+            {"studies": [{"study_instance_uid": "1.2", "files": ["x"]}, {"files": ["x"]}]},
+            r"^studies\[1\]: study_instance_uid is not a DICOM UID \(digits and dots",
+        ),
         ({"studies": [{"study_instance_uid": "1.2", "files": ["x"]}] * 2}, "appears twice"),
         ({"model_version": ""}, "model_version"),
         ({"queue": "other"}, "unknown fields"),

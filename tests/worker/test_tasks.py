@@ -118,9 +118,10 @@ def test_queued_studies_a_refused_message_names_are_failed_with_the_reason(
         rows(postgres_url, "SELECT study_instance_uid, status || ': ' || reason FROM studies")
     )
     assert found == {
-        lettered: "failed: malformed task message: study_instance_uid is not a DICOM UID: "
-        f"{lettered!r}",
-        batched: "failed: malformed task message: files must be a non-empty list of paths",
+        lettered: "failed: malformed task message: study_instance_uid is not a DICOM UID "
+        "(digits and dots, at most 64 characters)",
+        batched: "failed: malformed task message: studies[1]: files must be a non-empty list "
+        "of paths",
         mixed: "failed: malformed task message: expected keyword arguments only, got 1 positional",
     }
 
