@@ -245,7 +245,7 @@ def referenced_files(ds: Dataset, base: Path) -> list[Path]:
         target = base / relative
         if relative.is_absolute() or ".." in relative.parts:
             outside += 1
-        elif target.is_file():
+        elif _is_file(target):
             files.append(target)
         else:
             missing += 1
@@ -254,3 +254,12 @@ def referenced_files(ds: Dataset, base: Path) -> list[Path]:
     if outside:
         log.warning("a DICOMDIR references %d files outside its folder; not read", outside)
     return files
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False also where the name cannot exist (too long for the file
+    system: the OSError, path and all, became the DICOMDIR's reason)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False

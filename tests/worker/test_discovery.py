@@ -83,13 +83,22 @@ def test_a_dicomdir_reference_outside_its_folder_is_not_followed(
 def test_missing_files_a_dicomdir_references_are_logged_and_skipped(
     pixels: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Also a name too long for the file system: its OSError, path and all, was the
+    DICOMDIR's reason, and none of the files it references was read."""
     study = generate_uid()
-    dicomdir = media(tmp_path / "media", [instance(pixels, study, 1), instance(pixels, study, 2)])
-    next((tmp_path / "media").glob("PT*/ST*/SE*/IM*")).unlink()
+    datasets = [instance(pixels, study, n) for n in (1, 2, 3)]
+    dicomdir = media(tmp_path / "DOE^JANE", datasets)
+    next((tmp_path / "DOE^JANE").glob("PT*/ST*/SE*/IM*")).unlink()
+    ds = dcmread(dicomdir)
+    images = [r for r in ds.DirectoryRecordSequence if r.DirectoryRecordType == "IMAGE"]
+    images[-1].ReferencedFileID = ["A" * 300, "IM000000"]
+    ds.save_as(dicomdir)
     with caplog.at_level(logging.WARNING):
         found = discover([dicomdir])
     assert len(found.studies[study].files) == 1
-    assert "a DICOMDIR references 1 files that are not there" in caplog.text
+    assert [r.reason_code for r in found.rejected] == ["unreadable"]  # the DICOMDIR itself
+    assert "DOE^JANE" not in found.rejected[0].reason
+    assert "a DICOMDIR references 2 files that are not there" in caplog.text
 
 
 def test_linked_study_folders_are_walked_once_and_a_link_loop_ends(

@@ -562,7 +562,7 @@ def malformed(exc: Exception) -> RejectedInput:
     """The rejection for an element that cannot be parsed (an unknown VR, a bad value)."""
     return RejectedInput(
         RejectCode.UNREADABLE,
-        f"malformed header element ({type(exc).__name__}: {shown(str(exc), 120)})",
+        f"malformed header element ({describe_read_error(exc)})",
     )
 
 
