@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -705,10 +706,11 @@ def scored(
     """Which samples have a score; none is an error, one class only a warning."""
     ok = ~np.isnan(probs)
     if not ok.any():
-        path, reason = rejected[0]
+        # Reasons, not paths: the folders below the one given can name patients.
+        reasons = Counter(reason for _, reason in rejected).most_common(3)
         raise UserError(
             f"none of the {len(samples)} normal/covid images under {folder} could be scored "
-            f"(first: {path}: {reason})"
+            f"({'; '.join(f'{n} x {reason}' for reason, n in reasons)})"
         )
     targets = {s.target for s, k in zip(samples, ok, strict=True) if k}
     if len(targets) < 2:

@@ -289,11 +289,14 @@ def test_a_site_threshold_sets_the_operating_point_but_never_the_card(
 def test_a_split_where_every_file_is_rejected_is_a_user_error(
     shipped_model: Path, tmp_path: Path
 ) -> None:
+    """The message counts the reasons and names no file below the folder given: those
+    folders can name patients (it quoted the first file's path)."""
     for label in ("normal", "covid"):
-        (tmp_path / "data" / label).mkdir(parents=True)
-        (tmp_path / "data" / label / "x.png").write_bytes(b"")
-    with pytest.raises(UserError, match="none of the 2 normal/covid images"):
+        (tmp_path / "data" / label / "DOE^JANE").mkdir(parents=True)
+        (tmp_path / "data" / label / "DOE^JANE" / "x.png").write_bytes(b"")
+    with pytest.raises(UserError, match="none of the 2 normal/covid images") as refused:
         evaluate(tmp_path / "data", shipped_model, tmp_path / "eval", n_bootstrap=100)
+    assert "(2 x unreadable: " in str(refused.value) and "DOE^JANE" not in str(refused.value)
 
 
 def test_rethreshold_stores_the_validation_threshold_in_the_card(
