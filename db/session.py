@@ -12,6 +12,8 @@ from urllib.parse import unquote
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -119,19 +121,55 @@ def first_line(exc: BaseException) -> str:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision``; safe to call from many processes."""
+    """Bring the schema to ``revision``; safe to call from many processes. A database
+    already there is only read: the upgrade takes SQLite's write lock, and every command
+    waited for (and after 30 s failed on) a transaction another program held open."""
     try:
+        if _exists(engine) and is_at(engine, revision):
+            return
         with sqlite_upgrade_lock(engine), engine.connect() as connection:
             # The migrations run on this connection; the URL never goes through Alembic's
             # configparser, which reads the "%" of a percent-encoded path as interpolation.
-            config = Config()
-            config.set_main_option("script_location", str(MIGRATIONS))
+            config = migrations_config()
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
             connection.commit()
+    except DatabaseError:
+        raise
     except Exception as exc:
         where = safe_url(str(engine.url))
         raise DatabaseError(f"cannot upgrade database {where}: {first_line(exc)}") from exc
+
+
+def migrations_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The database's schema revision, None where it has no schema; a plain read."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def is_at(engine: Engine, revision: str) -> bool:
+    """Whether the schema is at ``revision`` already. DatabaseError for a schema a newer
+    cxr-screen wrote ("Can't locate revision" told nobody what to do)."""
+    current = schema_revision(engine)
+    scripts = ScriptDirectory.from_config(migrations_config())
+    if current is not None and current not in {s.revision for s in scripts.walk_revisions()}:
+        raise DatabaseError(
+            f"the schema of {safe_url(str(engine.url))} is at revision {current}, which "
+            f"this cxr-screen does not know (its newest is {scripts.get_current_head()}): "
+            "a newer cxr-screen wrote it; upgrade this one"
+        )
+    return current == scripts.as_revision_number(revision)
+
+
+def _exists(engine: Engine) -> bool:
+    """False for a SQLite file not made yet: it is made under the upgrade lock."""
+    return engine.dialect.name != "sqlite" or Path(engine.url.database or "").is_file()
 
 
 @contextmanager

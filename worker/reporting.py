@@ -31,7 +31,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import Prediction, Study
 from db.repository import FINAL_STATUSES
-from db.session import DatabaseError, first_line, make_engine, safe_url, upgrade
+from db.session import (
+    DatabaseError,
+    first_line,
+    make_engine,
+    safe_url,
+    schema_revision,
+    upgrade,
+)
 from worker.csv_rows import write_csv_row
 from worker.errors import UserError
 from worker.imaging.enum import StudyStatus
@@ -158,7 +165,8 @@ def open_results(url: str) -> Engine:
     """An engine on an existing results database, upgraded so the views exist.
 
     Unlike ``run``, reading never creates a database: a SQLite path that does not exist
-    is an error, not a new empty file.
+    is an error, not a new empty file, and a database without cxr-screen's schema (an
+    empty one, another program's) gets none.
     """
     engine = make_engine(url)
     if engine.dialect.name == "sqlite":
@@ -173,8 +181,18 @@ def open_results(url: str) -> Engine:
     except SQLAlchemyError as exc:
         engine.dispose()
         raise DatabaseError(f"cannot connect to {safe_url(url)}: {first_line(exc)}") from None
+    if schema_revision(engine) is None:
+        engine.dispose()
+        raise NoResultsError(no_studies_yet(url))
     upgrade(engine)
     return engine
+
+
+def no_studies_yet(url: str) -> str:
+    return (
+        f"the results database {safe_url(url)} holds no studies yet "
+        "(screen some with `cxr-screen run` or `cxr-screen ingest` first)"
+    )
 
 
 def model_version_to_report(engine: Engine, period: Period, configured: str | None) -> str | None:
@@ -223,10 +241,7 @@ def build_report(engine: Engine, period: Period, model_version: str | None = Non
             total = connection.execute(select(func.count()).select_from(Study)).scalar_one()
             where = safe_url(str(engine.url))
             if total == 0:
-                raise NoResultsError(
-                    f"the results database {where} holds no studies yet "
-                    "(screen some with `cxr-screen run` first)"
-                )
+                raise NoResultsError(no_studies_yet(str(engine.url)))
             scope = f" for model {model_version}" if model_version else ""
             raise NoResultsError(f"no results {period.describe()}{scope} in {where}")
     totals = Figures(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import multiprocessing
 import sqlite3
+import threading
 import uuid
 from dataclasses import replace
 from multiprocessing.synchronize import Barrier
@@ -198,6 +199,39 @@ def test_a_pending_sqlite_upgrade_waits_for_a_concurrent_writer(tmp_path: Path) 
     other.close()
     assert wrote == [False], "the other writer got in before the upgrade's DDL"
     engine.dispose()
+
+
+def test_a_database_at_the_newest_schema_is_opened_without_the_write_lock(
+    tmp_path: Path,
+) -> None:
+    """Every command upgrades on start; it took SQLite's write lock also when there was
+    nothing to do, so a SQLite browser with a write transaction open made `report` and
+    `run` wait 30 s and fail."""
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    open_database(url).kw["bind"].dispose()
+    holder = sqlite3.connect(tmp_path / "results.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    opened = threading.Event()
+
+    def open_it() -> None:
+        open_database(url).kw["bind"].dispose()
+        opened.set()
+
+    thread = threading.Thread(target=open_it, daemon=True)
+    thread.start()
+    try:
+        assert opened.wait(5), "waited for another program's write transaction"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        thread.join()
+
+
+def test_a_schema_newer_than_the_code_is_refused_with_what_to_do(database_url: str) -> None:
+    open_database(database_url).kw["bind"].dispose()
+    execute(database_url, "UPDATE alembic_version SET version_num = '0099'")
+    with pytest.raises(DatabaseError, match=r"at revision 0099, which this cxr-screen does not"):
+        open_database(database_url)
 
 
 @pytest.mark.services

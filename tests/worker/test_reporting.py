@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import create_engine, insert, inspect, text
 from typer.testing import CliRunner
 
 from config.settings import Settings
@@ -310,6 +310,18 @@ def test_report_on_an_empty_database_says_so(sqlite_url: str) -> None:
     engine = reporting.open_results(sqlite_url)
     with pytest.raises(NoResultsError, match="holds no studies yet"):
         reporting.build_report(engine, Period())
+    engine.dispose()
+
+
+def test_report_on_a_database_without_the_schema_adds_none(database_url: str) -> None:
+    """An empty database, or another program's: reading must not write cxr-screen's
+    tables and views into it."""
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE customers (id integer)"))
+    with pytest.raises(NoResultsError, match="holds no studies yet"):
+        reporting.open_results(database_url)
+    assert inspect(engine).get_table_names() == ["customers"]
     engine.dispose()
 
 
