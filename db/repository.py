@@ -113,8 +113,11 @@ def _sum_up_study(session: Session, outcome: StudyOutcome, *, with_files: bool) 
     best = max(screened, key=lambda r: r.covid_probability, default=None)
     statuses = [r.status for r in counted]
     status = study_status(statuses)
-    # A failed screening of new files has no threshold: the screened rows' stands.
-    threshold = outcome.threshold if outcome.threshold is not None else best and best.threshold
+    # A study with no screened file has no threshold, as its rows; a failed screening of
+    # new files has none either: the screened rows' stands.
+    threshold = None
+    if best is not None:
+        threshold = best.threshold if outcome.threshold is None else outcome.threshold
     probability = best.covid_probability if best else None
     figures: dict[str, Any] = {
         "status": status.value,

@@ -269,6 +269,24 @@ def test_a_failed_duplicate_does_not_replace_a_screened_result(database_url: str
 
 
 @pytest.mark.services
+def test_a_study_with_no_screened_file_has_no_threshold(database_url: str) -> None:
+    """As its files' rows and a failed study: a rejected study had the model's
+    threshold beside no probability, and `export` wrote it."""
+    sessions = open_database(database_url)
+    lateral = rejected("/x/1.dcm", "not_frontal", "lateral", HEADER)
+    with sessions.begin() as session:
+        save_study(
+            session,
+            replace(outcome(0.9), instances=(lateral,)),
+            patient_id_mode="hash",
+            hash_key="k",
+        )
+    with sessions() as session:
+        study = session.scalars(select(Study)).one()
+    assert (study.status, study.covid_probability, study.threshold) == ("rejected", None, None)
+
+
+@pytest.mark.services
 def test_database_refuses_a_second_row_for_an_instance(database_url: str) -> None:
     sessions = open_database(database_url)
     now = dt.datetime.now(dt.UTC)
