@@ -125,9 +125,9 @@ def train_command(
     ] = 25.0,
     max_train: Annotated[
         int | None,
-        typer.Option(help="Use a stratified random subset of this many training images."),
+        typer.Option(min=1, help="Use a stratified random subset of this many training images."),
     ] = None,
-    max_val: Annotated[int | None, typer.Option(help="Same for val/.")] = None,
+    max_val: Annotated[int | None, typer.Option(min=1, help="Same for val/.")] = None,
     precision: Annotated[
         str,
         typer.Option(

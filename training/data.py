@@ -147,8 +147,10 @@ def subfolders(folder: Path) -> list[Path]:
 
 
 def child_folder(folder: Path, name: str) -> Path | None:
-    """``folder/name`` whatever its case ("Test/", "VAL/")."""
-    return next((p for p in subfolders(folder) if folder_key(p.name) == name), None)
+    """``folder/name`` whatever its case ("Test/", "VAL/"), also when ``name`` is
+    written so (``--split Val``)."""
+    key = folder_key(name)
+    return next((p for p in subfolders(folder) if folder_key(p.name) == key), None)
 
 
 def label_folders(folder: Path) -> dict[Path, str]:
@@ -160,6 +162,16 @@ def label_folders(folder: Path) -> dict[Path, str]:
 def other_folders(folder: Path) -> list[str]:
     """Sub-folders whose images no label takes: said, so a class left out is seen."""
     return [p.name for p in subfolders(folder) if folder_key(p.name) not in LABEL_FOLDERS]
+
+
+def warn_left_out(folder: Path) -> None:
+    if ignored := other_folders(folder):
+        log.warning(
+            "left out: %s under %s (no label folder: normal, covid or pneumonia, or the "
+            "names other data sets use for them)",
+            ", ".join(f"{name}/" for name in ignored),
+            folder,
+        )
 
 
 def split_dir(data_dir: Path, split: str) -> Path:
@@ -202,13 +214,15 @@ def in_mask_folder(path: Path, label_folder: Path) -> bool:
 
 def list_split(data_dir: Path, split: str, include: Iterable[str] = tuple(LABELS)) -> list[Sample]:
     """The samples of ``DATA_DIR/split``, which must exist: no fallback to DATA_DIR, where
-    train and val would be the same images."""
+    train and val would be the same images. Folders no label takes are named (a class
+    under a name of its own, ``covid_confirmed/``, went unused unsaid)."""
     folder = child_folder(Path(data_dir), split)
     if folder is None:
         raise FileNotFoundError(
             f"{data_dir} has no {split}/ folder (training needs DATA_DIR/train/ and "
             "DATA_DIR/val/, each with normal/ and covid/ folders)"
         )
+    warn_left_out(folder)
     samples = list_samples(folder, include)
     if not samples:
         raise FileNotFoundError(f"no images under {folder}")

@@ -41,18 +41,20 @@ from training import CLASS_NAMES
 from training.data import (
     Sample,
     child_folder,
+    folder_key,
     list_samples,
     load_input,
     load_or_reason,
     manifest_sha256,
-    other_folders,
     split_dir,
+    warn_left_out,
 )
 from training.predict import COLUMNS, rejected_file, screened_file
 from training.robustness import SHIFTS, GrayTransform
 from training.train import (
     DEFAULT_TARGET_SENSITIVITY,
     binary_summary,
+    subsample,
     threshold_fields,
     to_json,
 )
@@ -687,16 +689,6 @@ def check_options(
         check_training_data(data_dir, split, model_dir)
 
 
-def warn_left_out(folder: Path) -> None:
-    if ignored := other_folders(folder):
-        log.warning(
-            "left out: %s under %s (no label folder: normal, covid or pneumonia, or the "
-            "names other data sets use for them)",
-            ", ".join(f"{name}/" for name in ignored),
-            folder,
-        )
-
-
 def scored(
     samples: Sequence[Sample],
     probs: np.ndarray,
@@ -856,8 +848,9 @@ def check_training_data(data_dir: Path, split: str, model_dir: Path) -> None:
     a folder of one's own films, which overwrote the shipped test figures."""
     card = json.loads((model_dir / CARD_FILE).read_text())
     train = child_folder(data_dir, "train")
-    trained_on = train is not None and card.get("training_manifest_sha256") == (
-        manifest_sha256(list_samples(train), data_dir)
+    used = card.get("hyperparameters", {})  # a --max-train model hashed its subset
+    trained_on = train is not None and card.get("training_manifest_sha256") == manifest_sha256(
+        subsample(list_samples(train), used.get("max_train"), used.get("seed", 0)), data_dir
     )
     if child_folder(data_dir, split) is None or not trained_on:
         raise UserError(
@@ -870,11 +863,11 @@ def check_training_data(data_dir: Path, split: str, model_dir: Path) -> None:
 def check_rethreshold(data_dir: Path, split: str, write_card: bool) -> None:
     """--rethreshold needs a real ``DATA_DIR/val/``: ``split_dir`` falls back to DATA_DIR
     itself, so ``DATA/test --split val`` would choose the threshold on the test images."""
-    if split != "val":
+    if folder_key(split) != "val":
         raise UserError("the threshold is chosen on the validation split: use --split val")
     if write_card:
         raise UserError("--rethreshold stores metrics.val in the card itself: drop --write-card")
-    if not (data_dir / "val").is_dir():
+    if child_folder(data_dir, "val") is None:
         raise UserError(
             f"--rethreshold chooses the threshold on DATA_DIR/val/ and {data_dir} has no val/ "
             "folder: pass the folder that holds val/"

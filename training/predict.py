@@ -21,8 +21,9 @@ import numpy as np
 
 from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES
-from training.data import load_or_reason, walk_files
+from training.data import is_image_file, load_or_reason, walk_files
 from worker.csv_rows import write_csv_row
+from worker.errors import UserError
 from worker.imaging.enum import Status
 from worker.model import Classifier
 
@@ -48,14 +49,21 @@ def expand(paths: Iterable[Path], output: Path | None = None) -> Iterator[Path]:
     (broken symbolic links included, so they get a row rather than vanishing). A walk
     leaves out ``output``, the CSV being written, which may sit in a walked folder."""
     skip = None if output is None else Path(output).resolve()
-    seen: set[Path] = set()  # a file given twice, or alone and in its folder: one row
+    seen: set[tuple[str, str]] = set()  # a file given twice, or alone and in its folder
     for path in paths:
         path = Path(path)
         found = walk_files(path) if path.is_dir() else [path]
         for file in found:
-            if file not in seen and (skip is None or not _is(file, skip)):
-                seen.add(file)
+            key = _file_key(file)
+            if key not in seen and (skip is None or not _is(file, skip)):
+                seen.add(key)
                 yield file
+
+
+def _file_key(path: Path) -> tuple[str, str]:
+    """The file whatever the spelling of its folder (``a/../a``, absolute, a linked
+    folder); linked files keep a row each, as a linked film in an export does."""
+    return os.path.realpath(path.parent), path.name
 
 
 def _is(path: Path, resolved: Path) -> bool:
@@ -128,6 +136,8 @@ def predict_to_csv(
     threshold: float | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> int:
+    if csv_out is not None:
+        check_csv_target(Path(csv_out))
     predictions = predict_paths(paths, model_dir, threshold, max_pixels, csv_out)
     if csv_out is None:
         if isinstance(sys.stdout, io.TextIOWrapper):  # the same escaping as in a file
@@ -138,3 +148,13 @@ def predict_to_csv(
     # UTF-8 as escapes, so one such name cannot stop the run and the CSV stays UTF-8.
     with Path(csv_out).open("w", newline="", encoding="utf-8", errors="backslashreplace") as out:
         return write_csv(predictions, out)
+
+
+def check_csv_target(csv_out: Path) -> None:
+    """Refuse to write the CSV over a radiograph: ``--csv scans/*.png`` replaced the
+    first film with the CSV of the others."""
+    if csv_out.is_file() and is_image_file(csv_out):
+        raise UserError(
+            f"--csv {csv_out} is an image or DICOM file: refusing to write over it "
+            "(name a .csv file; a wildcard after --csv takes its first match)"
+        )

@@ -41,7 +41,12 @@ from training.data import (
 )
 from training.models import DEFAULT_SIZES, build_model
 from worker.errors import UserError
-from worker.imaging.pipeline import BORDER_FRACTION, PREPROCESSING_VERSION
+from worker.imaging.pipeline import (
+    BAND_FRACTION,
+    BAND_SMOOTHING,
+    BORDER_FRACTION,
+    PREPROCESSING_VERSION,
+)
 from worker.model import CARD_FILE, KERAS_FILE, TFLITE_FILE
 
 log = logging.getLogger(__name__)
@@ -457,8 +462,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "input": "model_input(load_gray(path), input_size): (N,S,S,1) float32 in [0,1]",
         "output": "(N,1) sigmoid probability of covid",
         "preprocessing_version": PREPROCESSING_VERSION,
-        "preprocessing": f"worker.imaging.pipeline: {BORDER_FRACTION:.0%} border crop, resize, "
-        "histogram equalisation",
+        "preprocessing": "worker.imaging.pipeline: uniform edge bands (noise averaged over "
+        f"{BAND_SMOOTHING} px along each line) of at least {BAND_FRACTION:.0%} of a side "
+        f"trimmed, {BORDER_FRACTION:.0%} border crop, resize, histogram equalisation",
         "class_names": list(CLASS_NAMES),
         "positive_class": POSITIVE_CLASS,
         "threshold": chosen["threshold"],

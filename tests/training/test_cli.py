@@ -224,6 +224,9 @@ def test_train_honours_cxr_max_pixels(
         ("--lr-schedule", "cosin", "plateau, cosine"),
         # the card would be refused by run and the worker after the whole fit
         ("--version", "1.0.0-" + "x" * 60, "is longer than 64 characters"),
+        # trained on one image per class, thresholded on two, exit 0
+        ("--max-train", "0", "greater than or equal to 1"),
+        ("--max-val", "-3", "greater than or equal to 1"),
     ],
 )
 def test_train_checks_its_options_before_reading_any_image(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from hashlib import sha256
@@ -49,6 +50,21 @@ def test_list_split_needs_the_split_folder_itself(cxr_dir: Path) -> None:
     for split in ("train", "val"):
         with pytest.raises(FileNotFoundError, match=f"no {split}/ folder"):
             list_split(flat, split)
+
+
+def test_a_split_is_found_whatever_the_case_and_other_folders_are_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--split Val` missed a Val/ folder that `val` found; a class folder under a name
+    of its own (covid_confirmed/) went unused and unsaid by train."""
+    for folder in ("Val/covid", "Val/NORMAL", "Val/covid_confirmed"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "a.png").write_bytes(b"x")
+    assert split_dir(tmp_path, "Val") == split_dir(tmp_path, "VAL") == tmp_path / "Val"
+    with caplog.at_level(logging.WARNING):
+        samples = list_split(tmp_path, "Val")
+    assert sorted(s.label for s in samples) == ["covid", "normal"]
+    assert "left out: covid_confirmed/ under" in caplog.text
 
 
 def test_linked_sub_folders_are_walked_once_each(tmp_path: Path) -> None:

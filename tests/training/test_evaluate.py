@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import Sample
+from training.data import Sample, list_samples, manifest_sha256
 from training.evaluate import (
     PREDICTION_COLUMNS,
     binary_metrics,
@@ -20,6 +20,7 @@ from training.evaluate import (
     border_only,
     calibration,
     centre_only,
+    check_training_data,
     evaluate,
     lungs_hidden,
     predictive_values,
@@ -27,7 +28,7 @@ from training.evaluate import (
     write_predictions,
 )
 from training.robustness import SHIFTS
-from training.train import threshold_for_sensitivity, threshold_rule
+from training.train import subsample, threshold_for_sensitivity, threshold_rule
 from worker.errors import UserError
 
 
@@ -152,6 +153,27 @@ def test_write_card_is_refused_for_data_the_model_was_not_trained_on(
     evaluate(own, model_copy, out, n_bootstrap=100)
     assert not (out / "gradcam_grid.png").exists()
     assert (model_copy / "model_card.json").read_text() == card
+
+
+def test_write_card_accepts_the_data_a_max_train_model_was_trained_on(
+    model_copy: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """The card hashes the subset `--max-train` drew, which the check compared with the
+    whole train/: such a model's own data set was refused."""
+    data = tmp_path / "data"
+    _sample_folder(data / "train", cxr_dir, "train", {"normal": 6, "covid": 6})
+    _sample_folder(data / "test", cxr_dir, "test", {"normal": 2, "covid": 2})
+    card_file = model_copy / "model_card.json"
+    card = json.loads(card_file.read_text())
+    drawn = subsample(list_samples(data / "train"), 5, 3)
+    card["training_manifest_sha256"] = manifest_sha256(drawn, data)
+    card["hyperparameters"] = {**card["hyperparameters"], "max_train": 5, "seed": 3}
+    card_file.write_text(json.dumps(card))
+    check_training_data(data, "test", model_copy)
+    card["hyperparameters"]["seed"] = 4  # another subset
+    card_file.write_text(json.dumps(card))
+    with pytest.raises(UserError, match="matches the card's training manifest"):
+        check_training_data(data, "test", model_copy)
 
 
 def _sample_folder(root: Path, cxr_dir: Path, split: str, per_label: dict[str, int]) -> Path:
@@ -306,7 +328,8 @@ def test_rethreshold_stores_the_validation_threshold_in_the_card(
 
     from training.cli import app
 
-    data = _sample_folder(tmp_path / "data" / "val", cxr_dir, "val", {"normal": 10, "covid": 10})
+    # Split folders are found whatever their case (a "Val/" folder was "no val/ folder").
+    data = _sample_folder(tmp_path / "data" / "Val", cxr_dir, "val", {"normal": 10, "covid": 10})
     args = [
         "evaluate",
         str(tmp_path / "data"),
@@ -318,7 +341,7 @@ def test_rethreshold_stores_the_validation_threshold_in_the_card(
     assert CliRunner().invoke(app, [*args, "--rethreshold"]).exit_code == 2  # not on test/
     both = [*args, "--split", "val", "--rethreshold", "--write-card"]
     assert CliRunner().invoke(app, both).exit_code == 2  # the card entry would be overwritten
-    result = CliRunner().invoke(app, [*args, "--split", "val", "--rethreshold"])
+    result = CliRunner().invoke(app, [*args, "--split", "VAL", "--rethreshold"])
     assert result.exit_code == 0, result.output
 
     card = json.loads((model_copy / "model_card.json").read_text())

@@ -5,6 +5,8 @@ import io
 import os
 import subprocess
 import sys
+import threading
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +273,64 @@ def test_a_file_given_twice_has_one_row_and_a_closed_pipe_ends_quietly(
     reader.stdin.close()
     assert reader.wait() == 0
     assert done.returncode == 141 and b"Broken pipe" not in done.stderr, done.stderr
+
+
+def test_the_csv_is_never_written_over_a_radiograph(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    """``predict --csv scans/*.png``: the wildcard's first film became the CSV of the
+    others, exit 0."""
+    films = [tmp_path / "a.png", tmp_path / "b.png"]
+    for film in films:
+        film.write_bytes(sample_png.read_bytes())
+    done = predict_cli("--model", str(shipped_model), "--csv", *map(str, films))
+    assert done.returncode == 2 and b"refusing to write over it" in done.stderr, done.stderr
+    assert films[0].read_bytes() == sample_png.read_bytes()
+
+
+def test_a_named_pipe_is_a_rejected_row_not_a_hang(shipped_model: Path, tmp_path: Path) -> None:
+    """The content sniffing opened it before the regular-file check: predict waited for
+    a writer for ever."""
+    pipe = tmp_path / "scan.dcm"
+    os.mkfifo(pipe)
+    rows: list[dict[str, str]] = []
+    reader = threading.Thread(target=lambda: rows.extend(_rows([pipe], shipped_model)))
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():
+        while reader.is_alive():  # release each blocked open, then fail
+            with suppress(OSError):
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            reader.join(0.1)
+        pytest.fail("predict blocked on a named pipe")
+    assert [(r["status"], r["reason"]) for r in rows] == [
+        ("rejected", "unreadable: not a regular file")
+    ]
+
+
+def test_one_file_named_in_several_spellings_has_one_row(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "films"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(sample_png.read_bytes())
+    (tmp_path / "linked").symlink_to(folder)
+    spellings = [
+        folder / "a.png",
+        folder / ".." / "films" / "a.png",
+        tmp_path / "linked" / "a.png",
+        Path(os.path.relpath(folder / "a.png")),
+    ]
+    assert len(_rows(spellings, shipped_model)) == 1
+
+
+def test_jpeg_2000_pictures_are_listed_like_other_pictures(
+    sample_png: Path, tmp_path: Path
+) -> None:
+    """evaluate and train left .jp2 files out unsaid, which predict scored."""
+    from training.data import list_samples
+
+    for label in ("normal", "covid"):
+        (tmp_path / label).mkdir()
+        Image.open(sample_png).convert("L").save(tmp_path / label / "film.jp2")
+    assert [s.path.name for s in list_samples(tmp_path)] == ["film.jp2", "film.jp2"]

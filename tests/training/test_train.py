@@ -111,7 +111,7 @@ def test_the_same_seed_gives_the_same_training_history(cxr_dir: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_short_training_run_beats_chance(
-    cxr_dir: Path, test_sample: Callable[[int], Path], tmp_path: Path
+    cxr_dir: Path, test_sample: Callable[[int], Path], shipped_model: Path, tmp_path: Path
 ) -> None:
     from typer.testing import CliRunner
 
@@ -159,6 +159,11 @@ def test_short_training_run_beats_chance(
     assert card["tflite_max_abs_diff_vs_keras"] <= 1e-4
     assert card["hyperparameters"]["precision"] == resolve_precision("auto")
     assert card["augmentation"]["unsharp_prob"] == 0.3
+    # what preprocessing version 4 does: the bands trimmed were left out of the text
+    assert (
+        card["preprocessing"]
+        == json.loads((shipped_model / "model_card.json").read_text())["preprocessing"]
+    )
     import keras
 
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after training

@@ -32,6 +32,7 @@ from worker.imaging.dicom import (
     InstanceHeader,
     Reorientation,
     check_dimensions,
+    check_regular_file,
     decode_pixels,
     describe_read_error,
     display_orientation,
@@ -66,6 +67,7 @@ TWO_TONE_SPREAD = 4  # grey levels either side of a tone that count as that tone
 DEEP_GREY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I", "F"})
 PICTURE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+    | {".jp2", ".j2k", ".jpf", ".jpx"}  # JPEG 2000 files, not DICOM ones
 )
 # JPEG 2000 that Pillow's OpenJPEG can decode at a reduced resolution (not HTJ2K).
 REDUCIBLE_JPEG2000_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
@@ -306,6 +308,7 @@ def load_gray(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     """Any supported file -> grey in [0, 1]; DICOM goes through the full gate. The
     reader is chosen by content, the name only breaking a tie: a DICOM file named
     ``.png``, or a PNG with no extension or named ``.dcm``, was rejected by the other."""
+    check_regular_file(path)  # before the content is read: a named pipe blocked for ever
     if not has_dicom_preamble(path) and (is_picture(path) or pillow_reads(path)):
         return load_picture(path, max_pixels)
     return read_dicom_image(path, max_pixels).gray
