@@ -87,7 +87,7 @@ class Study(Base):
     __tablename__ = "studies"
     __table_args__ = (
         UniqueConstraint("study_instance_uid", "model_version"),
-        Index("ix_studies_status", "status"),
+        Index("ix_studies_status_finished_at", "status", "finished_at"),
         Index("ix_studies_finished_at", "finished_at"),
         Index("ix_studies_queued_at", "queued_at"),
     )
