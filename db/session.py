@@ -14,7 +14,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -212,12 +212,19 @@ def autocommit(sessions: sessionmaker[Session]) -> Iterator[Session]:
         yield session
 
 
+def database_files(url: str) -> list[str]:
+    """The files of a SQLite database - itself, its journal, WAL, shared memory and the
+    upgrade lock - which a run of the folder holding them took for rejected films."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return []
+    return [parsed.database + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
+
+
 def safe_url(url: str) -> str:
     """The URL without its password (libpq also takes ``?password=``), for messages,
     logs and reports."""
     try:
-        from sqlalchemy.engine import make_url
-
         parsed = make_url(url)
         secrets = [key for key in parsed.query if "password" in key.lower()]
         rendered = parsed.difference_update_query(secrets).render_as_string(hide_password=True)

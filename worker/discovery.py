@@ -142,11 +142,15 @@ def _first_visit(folder: Path, walked: set[tuple[int, int]], top: Path) -> bool:
 
 
 def discover(
-    paths: Iterable[str | Path], on_file: Callable[[str], None] | None = None
+    paths: Iterable[str | Path],
+    on_file: Callable[[str], None] | None = None,
+    skip: Iterable[str] = (),
 ) -> Discovery:
-    """Header-only scan of every file; DICOMDIRs add the files they reference."""
+    """Header-only scan of every file; DICOMDIRs add the files they reference. ``skip``:
+    files that are not the export's (the results database in a folder screened)."""
     found = Discovery()
-    seen: set[str] = set()  # resolved paths, so a DICOMDIR's files are not read twice
+    # resolved paths, so a DICOMDIR's files are not read twice
+    seen = {os.path.realpath(path) for path in skip}
     queue = deque(walk(paths, seen))
     while queue:
         path = queue.popleft()

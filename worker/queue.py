@@ -41,7 +41,7 @@ from db.repository import (
     stale_studies,
     study_status_counts,
 )
-from db.session import DatabaseError, autocommit, safe_url
+from db.session import DatabaseError, autocommit, database_files, safe_url
 from worker.discovery import StudyFiles, discover, file_name
 from worker.errors import UserError
 from worker.imaging.dicom import is_dicom_uid
@@ -325,7 +325,7 @@ def ingest(
 
     progress = progress or IngestProgress()
     model_version = read_card(settings.model).model_version
-    found = discover(paths, on_file=progress.on_file)
+    found = discover(paths, progress.on_file, database_files(settings.database_url))
     summary = IngestSummary(files=found.n_files, rejected_files=len(found.rejected))
     summary.studies = len(found.studies)
     progress.on_discovered(len(found.studies))

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
 from db.repository import save_instances, save_study
-from db.session import DatabaseError, is_database_unavailable, open_database
+from db.session import DatabaseError, database_files, is_database_unavailable, open_database
 from worker.discovery import discover
 from worker.imaging.enum import Label, StudyStatus
 from worker.logs import describe_error
@@ -131,7 +131,7 @@ def run(
     # pointer, a truncated copy) stopped the pool processes with a traceback.
     Classifier(settings.model, threshold=threshold, threads=1)
     sessions = open_database(settings.database_url)
-    found = discover(paths, on_file=progress.on_file)
+    found = discover(paths, progress.on_file, database_files(settings.database_url))
     summary = RunSummary(files=found.n_files, rejected_files=len(found.rejected))
     progress.on_discovered(len(found.studies))
     with sessions.begin() as session:

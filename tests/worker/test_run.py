@@ -553,6 +553,23 @@ def test_a_folder_of_copies_screened_alone_leaves_the_first_files_a_row(
         assert rows(database_url, "SELECT n_instances, n_screened FROM studies") == [(1, 1)]
 
 
+def test_the_results_database_in_the_folder_screened_is_not_taken_for_films(
+    cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """`cxr-screen run .` where cxr-screen.db is (the default URL): the database, its
+    WAL, shared memory and lock file each got a rejected row, at every run."""
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    export = tmp_path / "export"
+    write(base_dataset(png_pixels(png)), export / "film.dcm")
+    url = f"sqlite:///{export / 'cxr-screen.db'}"
+    for _ in range(2):
+        summary = run([export], settings_for(url, model_dir))
+        assert summary.files == 1 and summary.rejected_files == 0
+    assert rows(url, "SELECT source, status FROM predictions") == [
+        (str(export / "film.dcm"), "screened")
+    ]
+
+
 def test_the_summary_counts_files_rejected_before_any_study_and_warns_of_an_empty_folder(
     sqlite_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
 ) -> None:
