@@ -305,6 +305,8 @@ def predict_command(
     except BrokenPipeError:  # `predict DIR | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(SIGPIPE_EXIT) from None
+    if n == 0:  # as `run` says: an export folder that is not mounted looks empty
+        typer.echo("warning: no file under the given paths (not mounted?)", err=True)
     if csv is not None:
         typer.echo(f"wrote {n} rows to {csv}", err=True)
 

@@ -256,6 +256,10 @@ def test_predict_names_a_missing_or_empty_path_instead_of_scoring_around_it(
         done = predict_cli(*paths, "--model", str(shipped_model), cwd=tmp_path)
         assert done.returncode == 2 and done.stdout == b""
         assert done.stderr.startswith(b"error: " + message), done.stderr
+    (tmp_path / "unmounted").mkdir()  # an empty CSV, and not a word
+    done = predict_cli(str(tmp_path / "unmounted"), "--model", str(shipped_model))
+    assert done.returncode == 0 and done.stdout.count(b"\n") == 1
+    assert b"warning: no file under the given paths" in done.stderr, done.stderr
 
 
 def test_a_file_given_twice_has_one_row_and_a_closed_pipe_ends_quietly(
