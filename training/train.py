@@ -452,13 +452,44 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out / "training_curves.png",
         f"{cfg.arch} @ {size}px, best epoch {best_epoch} (val AUC {max(history['val_auc']):.4f})",
     )
-    name = cfg.name or f"cxr-{cfg.arch}"
-    card: dict[str, Any] = {
-        "name": name,
+    card = model_card(
+        cfg,
+        parameters=int(shipped.count_params()),
+        history=history,
+        chosen=chosen,
+        counts={"training": used, "validation": label_counts(y_val)},
+        unreadable=unreadable,
+        weights=weights,
+        manifest=manifest_sha256(train_samples, Path(cfg.data_dir)),
+        seconds={"training": time.perf_counter() - started, "fit": fit_seconds},
+        precision=precision,
+        tflite_diff=tflite_diff,
+    )
+    write_card(out, card)
+    return card
+
+
+def model_card(
+    cfg: TrainConfig,
+    *,
+    parameters: int,
+    history: dict[str, list[float]],
+    chosen: dict[str, Any],
+    counts: dict[str, dict[str, int]],
+    unreadable: int,
+    weights: dict[int, float],
+    manifest: str,
+    seconds: dict[str, float],
+    precision: str,
+    tflite_diff: float,
+) -> dict[str, Any]:
+    """The model card of a finished run (``metrics.test`` filled in by evaluate)."""
+    return {
+        "name": cfg.name or f"cxr-{cfg.arch}",
         "version": cfg.version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "architecture": cfg.arch,
-        "input_size": size,
+        "input_size": cfg.size,
         "input": "model_input(load_gray(path), input_size): (N,S,S,1) float32 in [0,1]",
         "output": "(N,1) sigmoid probability of covid",
         "preprocessing_version": PREPROCESSING_VERSION,
@@ -470,20 +501,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "threshold": chosen["threshold"],
         "threshold_rule": chosen["threshold_rule"],
         "target_sensitivity": cfg.target_sensitivity,
-        "training_manifest_sha256": manifest_sha256(train_samples, Path(cfg.data_dir)),
+        "training_manifest_sha256": manifest,
         "training_manifest_rule": "sha256 of sorted '<path relative to DATA_DIR>\\t<label>\\n' "
         "lines of the training images",
-        "training_counts": used,
+        "training_counts": counts["training"],
         "training_unreadable": unreadable,
-        "validation_counts": label_counts(y_val),
+        "validation_counts": counts["validation"],
         "pneumonia_policy": PNEUMONIA_POLICY,
         "class_weights": {CLASS_NAMES[k]: v for k, v in weights.items()},
         "augmentation": asdict(cfg.augmentation),
-        "parameters": int(shipped.count_params()),
-        "training_seconds": round(time.perf_counter() - started, 1),
-        "fit_seconds": round(fit_seconds, 1),
+        "parameters": parameters,
+        "training_seconds": round(seconds["training"], 1),
+        "fit_seconds": round(seconds["fit"], 1),
         "epochs_run": len(history["loss"]),
-        "best_epoch": best_epoch,
+        "best_epoch": int(np.argmax(history["val_auc"])) + 1,
         "hyperparameters": {
             "epochs": cfg.epochs,
             "batch_size": cfg.batch_size,
@@ -504,8 +535,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "tflite_max_abs_diff_vs_keras": tflite_diff,
         "metrics": {"val": chosen["val"], "test": None},
     }
-    write_card(out, card)
-    return card
 
 
 def write_card(model_dir: Path, card: dict[str, Any]) -> None:
