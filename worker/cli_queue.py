@@ -108,7 +108,8 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def worker(
         concurrency: Annotated[
-            int | None, typer.Option(min=1, help="Pool processes (default: one per core).")
+            int | None,
+            typer.Option(min=1, help="Pool processes (default: one per core it may use)."),
         ] = None,
         broker_url: BrokerUrl = None,
         database_url: DatabaseUrl = None,
@@ -122,6 +123,7 @@ def register(app: typer.Typer) -> None:
         from worker.celery_app import QUEUE, check_ready_to_work
         from worker.celery_app import app as celery
         from worker.queue import check_broker_url
+        from worker.runner import usable_cores
 
         # One line before Celery's banner; the worker checks again for `celery worker`.
         check_broker_url(settings.broker_url)
@@ -131,8 +133,9 @@ def register(app: typer.Typer) -> None:
         # alone waits about a second for replies at every start.
         argv = ["worker", "--pool", "prefork", "-Q", QUEUE, "--loglevel", settings.log_level]
         argv += ["--without-mingle", "--without-gossip"]
-        if concurrency:
-            argv += ["--concurrency", str(concurrency)]
+        # Celery's own default is every core of the host, also in a container allowed a
+        # few of them: each pool process holds the model and decodes films.
+        argv += ["--concurrency", str(concurrency or usable_cores())]
         celery.worker_main(argv)
 
     @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,32 @@ def test_worker_loglevel_overrides_the_configured_level(
         wait_for(lambda: " ready." in worker.log(), 60, "the worker to be ready")
         # Logged after Celery has set up logging (the flag was applied before that).
         assert "DEBUG celery.bootsteps" in worker.log(), worker.log()[-3000:]
+    finally:
+        worker.stop()
+        redis.Redis.from_url(IDLE_BROKER).flushdb()
+
+
+@pytest.mark.services
+def test_the_worker_pool_defaults_to_the_cores_it_may_use(
+    model_dir: Path, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Celery's default is every core of the host: a container allowed 2 of a 32-core
+    host's started 32 pool processes, each holding the model."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs 2 cores or more to tell the two apart")
+    os.sched_setaffinity(0, {min(allowed)})  # the worker inherits it
+    try:
+        worker = Worker(
+            worker_env(IDLE_BROKER, sqlite_url, model_dir),
+            tmp_path / "worker.log",
+            command=["worker", "worker"],
+        )
+    finally:
+        os.sched_setaffinity(0, allowed)
+    try:
+        wait_for(lambda: " ready." in worker.log(), 60, "the worker to be ready")
+        assert "concurrency: 1 (prefork)" in worker.log(), worker.log()[-3000:]
     finally:
         worker.stop()
         redis.Redis.from_url(IDLE_BROKER).flushdb()
