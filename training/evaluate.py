@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score, roc_curve
 
 from config.settings import DEFAULT_MAX_PIXELS
 from training import CLASS_NAMES
@@ -251,7 +252,6 @@ def bootstrap_aucs(y: np.ndarray, p: np.ndarray, n: int, seed: int) -> list[floa
     """The ROC AUCs of ``n`` seeded case resamples. A resample of one class has none and
     is drawn again: skipped instead, a site folder of 1 covid and 20 normal films had its
     interval from 1,288 resamples where the report said 2,000."""
-    from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(seed)
     aucs: list[float] = []
@@ -300,7 +300,6 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> dict[str,
 def binary_metrics(
     y: np.ndarray, p: np.ndarray, threshold: float, n_bootstrap: int, seed: int
 ) -> dict[str, Any]:
-    from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
 
     pred = (p >= threshold).astype(int)
     cm = confusion_matrix(y, pred, labels=[0, 1])
@@ -360,7 +359,6 @@ def _plt() -> Any:
 
 
 def plot_roc(y: np.ndarray, p: np.ndarray, m: dict[str, Any], path: Path, title: str) -> None:
-    from sklearn.metrics import roc_curve
 
     plt = _plt()
     fpr, tpr, _ = roc_curve(y, p)

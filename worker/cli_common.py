@@ -53,7 +53,7 @@ def user_errors(function: F) -> F:
         except ValidationError as exc:
             fail(setting_errors(exc))
         except ModuleNotFoundError as exc:
-            if exc.name not in TRAINING_MODULES:
+            if (exc.name or "").partition(".")[0] not in TRAINING_MODULES:
                 raise
             fail(f"this command needs the training extra (pip install 'cxr-screen[train]'): {exc}")
 

@@ -6,7 +6,9 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from config.settings import get_settings
@@ -130,21 +132,32 @@ def test_train_stops_before_fitting_when_a_split_has_no_readable_image_of_a_clas
     assert not any((tmp_path / "model").iterdir())  # no history.csv: fitting never began
 
 
-def test_train_without_the_training_extra_says_what_to_install(tmp_path: Path) -> None:
-    """The worker install (and its image) has no TensorFlow: one line, exit 2."""
-    hide_tensorflow = (
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_train_and_evaluate_without_the_training_extra_say_what_to_install(
+    command: str, tmp_path: Path
+) -> None:
+    """The worker install (and its image) has no TensorFlow or scikit-learn: one line,
+    exit 2, and no output folder (evaluate made an empty one first)."""
+    hide_training_extra = (
         "import sys; sys.modules['tensorflow'] = sys.modules['keras'] = None; "
-        "from worker.cli import app; app(sys.argv[1:])"
+        "sys.modules['sklearn'] = None; from worker.cli import app; app(sys.argv[1:])"
     )
+    for label in ("normal", "covid"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+        Image.fromarray(noise).save(tmp_path / "data" / label / "film.png")
+    (tmp_path / "work").mkdir()
     done = subprocess.run(
-        [sys.executable, "-c", hide_tensorflow, "train", str(tmp_path), "--out", str(tmp_path)],
+        [sys.executable, "-c", hide_training_extra, command, str(tmp_path / "data")],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path / "work",
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: this command needs the training extra"), done.stderr
     assert "Traceback" not in done.stderr
+    assert list((tmp_path / "work").iterdir()) == []
 
 
 def _tiny_data(cxr_dir: Path, root: Path, per_label: int = 4) -> Path:
