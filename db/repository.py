@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import String, Table, func, select, text
+from sqlalchemy import String, Table, func, or_, select, text, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -290,14 +291,24 @@ def _as_copy(row: dict[str, Any], note: str) -> dict[str, Any]:
 def _delete_rows_of(
     session: Session, rows: list[dict[str, Any]], model_version: str, keyed: Any
 ) -> None:
-    for sources in _chunks(sorted({row["source"] for row in rows})):
-        session.execute(
-            PREDICTIONS.delete().where(
-                keyed,
-                PREDICTIONS.c.model_version == model_version,
-                PREDICTIONS.c.source.in_(sources),
+    """Rows of the same files keyed the other way, but not another study's: a path that
+    held one study's film and now another's has a row in each (the later study's
+    screening deleted the earlier one's row)."""
+    by_study: dict[str | None, set[str]] = defaultdict(set)
+    for row in rows:
+        by_study[row["study_instance_uid"]].add(row["source"])
+    for study, sources in by_study.items():
+        same_study = PREDICTIONS.c.study_instance_uid
+        scope = true() if study is None else or_(same_study.is_(None), same_study == study)
+        for chunk in _chunks(sorted(sources)):
+            session.execute(
+                PREDICTIONS.delete().where(
+                    keyed,
+                    scope,
+                    PREDICTIONS.c.model_version == model_version,
+                    PREDICTIONS.c.source.in_(chunk),
+                )
             )
-        )
 
 
 def _chunks(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:

@@ -32,6 +32,7 @@ from worker.model import Classifier
 log = logging.getLogger(__name__)
 
 DUPLICATE_INSTANCE = "duplicate_instance"
+OTHER_STUDY = "other_study"
 
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
@@ -170,6 +171,9 @@ def screen_study(
     for path in sorted(files):
         check_deadline(deadline)
         result, tensor = _prepare(path, classifier.input_size, max_pixels)
+        if _of_another_study(result, study_instance_uid):
+            results.append(replaced_by_another_study(path))
+            continue
         if tensor is None:
             results.append(result)
             continue
@@ -185,6 +189,23 @@ def screen_study(
         classifier.model_version,
         classifier.threshold,
         started,
+    )
+
+
+def _of_another_study(result: InstanceResult, study_instance_uid: str) -> bool:
+    header = result.header
+    return header is not None and header.study_instance_uid not in (None, study_instance_uid)
+
+
+def replaced_by_another_study(path: str) -> InstanceResult:
+    """A file that holds another study's instance now (a PACS export re-using ``IM1``
+    after the study was queued): not scored as this study - it took the queued study's
+    row with another patient's film and accession number - and no header of its own."""
+    return rejected(
+        path,
+        OTHER_STUDY,
+        "the file holds an instance of another study now (replaced since this study was "
+        "queued): ingest the export again to screen it as its own study",
     )
 
 

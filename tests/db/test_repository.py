@@ -24,6 +24,7 @@ from db.repository import (
     stale_studies,
 )
 from db.session import open_database
+from tests.dicom_factory import base_dataset, png_pixels, write
 from worker.imaging.dicom import InstanceHeader
 from worker.imaging.enum import Status
 from worker.metrics import metrics
@@ -255,3 +256,39 @@ def test_a_study_recorded_failed_keeps_no_earlier_result(database_url: str, how:
         "SELECT status, covid_probability, predicted_label, threshold, n_screened FROM studies",
     )
     assert found == [("failed", None, None, None, 0)]
+
+
+@pytest.mark.services
+def test_a_file_holding_another_studys_film_since_ingest_is_not_scored_as_the_queued_one(
+    database_url: str, model_dir: Path, cxr_dir: Path, tmp_path: Path
+) -> None:
+    """A PACS re-export re-using IM1 between ingest and the worker: the queued study was
+    screened with the other patient's film, probability and accession number, and the
+    other study's own screening then deleted that row, leaving the queued study without
+    one."""
+    pixels = png_pixels(sorted((cxr_dir / "test" / "normal").glob("*.png"))[0])
+    queued, other = base_dataset(pixels), base_dataset(pixels)
+    queued.AccessionNumber, other.AccessionNumber = "ACC-QUEUED", "ACC-OTHER"
+    path = write(queued, tmp_path / "export" / "IM1")
+    classifier = Classifier(model_dir)
+    settings = Settings(database_url=database_url, model=model_dir)
+    sessions = open_database(database_url)
+
+    def screen(uid: str) -> str:
+        task = StudyTask(uid, (str(path),), classifier.model_version)
+        return process_study(task, settings=settings, classifier=classifier, sessions=sessions)
+
+    write(other, path)  # replaced after `queued` was ingested
+    assert screen(queued.StudyInstanceUID) == "rejected"
+    assert screen(other.StudyInstanceUID) == "screened"
+    found = rows_of(
+        sessions,
+        "SELECT study_instance_uid, sop_instance_uid, status, reason_code FROM predictions "
+        "ORDER BY status",
+    )
+    assert found == [
+        (queued.StudyInstanceUID, None, "rejected", "other_study"),
+        (other.StudyInstanceUID, other.SOPInstanceUID, "screened", None),
+    ]
+    studies = dict(rows_of(sessions, "SELECT study_instance_uid, accession_number FROM studies"))
+    assert studies[queued.StudyInstanceUID] != "ACC-OTHER"
