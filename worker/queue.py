@@ -277,7 +277,11 @@ def worker_files(task: StudyTask, ingest_root: Path | None) -> dict[str, str]:
     """Each of the task's files as this worker reads it, and the name its row takes: the
     path as ingest named it (the message's root and relative path). Rows, keyed by path
     where a file has no readable UID, then do not depend on where a worker mounts the
-    export: two workers mounting it differently write one row."""
+    export: two workers mounting it differently write one row. A worker with no ingest
+    root of its own reads the files under the message's (it read a relative path from
+    its current folder: whatever film sat there was stored as the queued study's)."""
+    if ingest_root is None and task.root is not None:
+        ingest_root = Path(task.root)
     paths = worker_paths(task.files, ingest_root)
     if task.root is None:
         return {path: path for path in paths}
@@ -409,9 +413,13 @@ def save_rejected_files(
 
 
 def check_ingest_root(settings: Settings) -> None:
+    """An empty root is the mount point of a share not mounted: every study's files
+    were missing, and each was rejected for good instead of waiting for the mount."""
     root = settings.ingest_root
-    if root is not None and not Path(root).is_dir():
-        raise IngestRootUnavailable(f"ingest root {root} is not mounted on this worker")
+    if root is not None and not (Path(root).is_dir() and any(Path(root).iterdir())):
+        raise IngestRootUnavailable(
+            f"ingest root {root} is not mounted on this worker (missing or empty)"
+        )
 
 
 def process_study(

@@ -26,10 +26,11 @@ from tests.worker.processes import Worker, wait_for
 from tests.worker.test_faults import all_final, ingest, worker_env
 from tests.worker.test_run import predictions
 from worker.celery_app import celery_config
-from worker.model import Classifier
+from worker.model import Classifier, read_card
 from worker.queue import (
     MIN_MESSAGES,
     IngestError,
+    IngestRootUnavailable,
     IngestSummary,
     MalformedTask,
     StudyBatch,
@@ -93,6 +94,33 @@ def test_malformed_messages_are_refused_with_a_reason(change: dict[str, Any], me
 def test_an_ingest_root_and_files_spelled_with_dot_dot_still_match() -> None:
     """Discovery names files without `..`; a root given with one matched none of them."""
     assert message_paths(["/x/export/../export/a/1.dcm"], Path("/x/tmp/../export")) == ["a/1.dcm"]
+
+
+def test_a_worker_without_an_ingest_root_reads_under_the_messages_root() -> None:
+    """It read the relative path from its current folder: whatever film sat there was
+    stored as the queued study's result."""
+    task = StudyTask("1.2.3.4", ("cxr/1.dcm",), "m-1", False, "/exports")
+    assert worker_files(task, None) == {"/exports/cxr/1.dcm": "/exports/cxr/1.dcm"}
+    assert worker_files(task, Path("/mnt/pacs")) == {"/mnt/pacs/cxr/1.dcm": "/exports/cxr/1.dcm"}
+
+
+def test_an_empty_ingest_root_is_not_mounted_yet(
+    tmp_path: Path, sqlite_url: str, model_dir: Path
+) -> None:
+    """The mount point of a share not mounted is an empty folder: every study's files
+    were missing, and each study was rejected for good instead of retried."""
+    mount = tmp_path / "pacs"
+    mount.mkdir()
+    settings = Settings(database_url=sqlite_url, model=model_dir, ingest_root=mount)
+    task = StudyTask("1.2.3.4", ("cxr/1.dcm",), read_card(model_dir).model_version)
+    with pytest.raises(IngestRootUnavailable, match="not mounted on this worker"):
+        process_study(
+            task,
+            settings=settings,
+            classifier=Classifier(model_dir),
+            sessions=open_database(sqlite_url),
+        )
+    assert rows(sqlite_url, "SELECT count(*) FROM predictions") == [(0,)]
 
 
 def test_messages_round_trip_and_paths_are_relative_to_the_ingest_root(tmp_path: Path) -> None:
