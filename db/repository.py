@@ -592,7 +592,9 @@ def queue_studies(
             "reason": None,
             **study,
         }
-        for study in studies
+        # One lock order for every writer, as in save_instances: two ingests of the same
+        # folders given in opposite orders deadlocked, and one ended with a traceback.
+        for study in sorted(studies, key=lambda study: study["study_instance_uid"])
     ]
     _upsert(
         session,
@@ -651,7 +653,7 @@ def mark_processing_many(
             "attempts": 1,
             "started_at": now,
         }
-        for uid, files in files_by_study.items()
+        for uid, files in sorted(files_by_study.items())  # the lock order of queue_studies
     ]
     statement = _marker_statement(_dialect(session), take)
     result = session.execute(statement, rows[0] if len(rows) == 1 else rows)
