@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -125,7 +126,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     already there is only read: the upgrade takes SQLite's write lock, and every command
     waited for (and after 30 s failed on) a transaction another program held open."""
     try:
-        if _exists(engine) and is_at(engine, revision):
+        if _is_already_at(engine, revision):
             return
         with sqlite_upgrade_lock(engine), engine.connect() as connection:
             # The migrations run on this connection; the URL never goes through Alembic's
@@ -167,9 +168,27 @@ def is_at(engine: Engine, revision: str) -> bool:
     return current == scripts.as_revision_number(revision)
 
 
-def _exists(engine: Engine) -> bool:
-    """False for a SQLite file not made yet: it is made under the upgrade lock."""
-    return engine.dialect.name != "sqlite" or Path(engine.url.database or "").is_file()
+def _is_already_at(engine: Engine, revision: str) -> bool:
+    """``is_at`` without the lock, where a read cannot get in another process's way: a
+    SQLite file is read so only once it is in WAL mode (a reader's lock made the first
+    process's switch to WAL fail with "database is locked"); a busy database is asked
+    again under the lock."""
+    if engine.dialect.name == "sqlite" and not _in_wal_mode(Path(engine.url.database or "")):
+        return False
+    try:
+        return is_at(engine, revision)
+    except (OperationalError, sqlite3.Error):
+        return False
+
+
+def _in_wal_mode(path: Path) -> bool:
+    """From the file header (bytes 18-19 are 2 in WAL mode), without opening SQLite."""
+    try:
+        with path.open("rb") as stream:
+            header = stream.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header[18] == header[19] == 2
 
 
 @contextmanager
