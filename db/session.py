@@ -20,6 +20,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, Operationa
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+LOCK_SUFFIX = ".lock"  # the upgrade lock beside a SQLite file
 
 
 class DatabaseError(Exception):
@@ -202,7 +203,7 @@ def sqlite_upgrade_lock(engine: Engine) -> Iterator[None]:
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
         return
-    with open(f"{database}.lock", "a") as lock:
+    with open(database + LOCK_SUFFIX, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         create_private(Path(database))
         yield
@@ -237,7 +238,8 @@ def database_files(url: str) -> list[str]:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database:
         return []
-    return [parsed.database + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
+    suffixes = ("", "-wal", "-shm", "-journal", LOCK_SUFFIX)
+    return [parsed.database + suffix for suffix in suffixes]
 
 
 def safe_url(url: str) -> str:

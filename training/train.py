@@ -437,7 +437,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
-    best_epoch = int(np.argmax(history["val_auc"])) + 1
 
     chosen = threshold_fields(y_val, p_val, cfg.target_sensitivity)
 
@@ -450,7 +449,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     plot_curves(
         history,
         out / "training_curves.png",
-        f"{cfg.arch} @ {size}px, best epoch {best_epoch} (val AUC {max(history['val_auc']):.4f})",
+        f"{cfg.arch} @ {size}px, best epoch {best_epoch(history)} "
+        f"(val AUC {max(history['val_auc']):.4f})",
     )
     card = model_card(
         cfg,
@@ -514,7 +514,7 @@ def model_card(
         "training_seconds": round(seconds["training"], 1),
         "fit_seconds": round(seconds["fit"], 1),
         "epochs_run": len(history["loss"]),
-        "best_epoch": int(np.argmax(history["val_auc"])) + 1,
+        "best_epoch": best_epoch(history),
         "hyperparameters": {
             "epochs": cfg.epochs,
             "batch_size": cfg.batch_size,
@@ -535,6 +535,11 @@ def model_card(
         "tflite_max_abs_diff_vs_keras": tflite_diff,
         "metrics": {"val": chosen["val"], "test": None},
     }
+
+
+def best_epoch(history: dict[str, list[float]]) -> int:
+    """The epoch early stopping restored (1-based)."""
+    return int(np.argmax(history["val_auc"])) + 1
 
 
 def write_card(model_dir: Path, card: dict[str, Any]) -> None:

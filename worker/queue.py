@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -416,10 +417,20 @@ def check_ingest_root(settings: Settings) -> None:
     """An empty root is the mount point of a share not mounted: every study's files
     were missing, and each was rejected for good instead of waiting for the mount."""
     root = settings.ingest_root
-    if root is not None and not (Path(root).is_dir() and any(Path(root).iterdir())):
+    if root is not None and not _holds_anything(Path(root)):
         raise IngestRootUnavailable(
             f"ingest root {root} is not mounted on this worker (missing or empty)"
         )
+
+
+def _holds_anything(folder: Path) -> bool:
+    """One directory read, not a listing: it runs for every message, and Path.iterdir
+    lists the whole root (thousands of study folders, over NFS)."""
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
+    except OSError:  # missing, or not a folder
+        return False
 
 
 def process_study(
