@@ -731,14 +731,16 @@ def failed_studies(session: Session, model_version: str | None = None) -> list[S
     return list(session.scalars(query.order_by(Study.finished_at, Study.id)))
 
 
-def stale_studies(session: Session, model_version: str, before: dt.datetime) -> list[Study]:
-    """Studies ``queued`` since before ``before``, or taken (``processing``) before it."""
+def stale_studies(session: Session, model_version: str | None, before: dt.datetime) -> list[Study]:
+    """Studies ``queued`` since before ``before``, or taken (``processing``) before it; of
+    one model version, or of every one (``None``)."""
     taken = func.coalesce(Study.started_at, Study.queued_at)
     query = select(Study).where(
-        Study.model_version == model_version,
         ((Study.status == StudyStatus.QUEUED.value) & (Study.queued_at < before))
         | ((Study.status == StudyStatus.PROCESSING.value) & (taken < before)),
     )
+    if model_version is not None:
+        query = query.where(Study.model_version == model_version)
     return list(session.scalars(query.order_by(Study.queued_at, Study.id)))
 
 

@@ -231,4 +231,6 @@ def register(app: typer.Typer) -> None:
                 stale_after=dt.timedelta(minutes=stale_minutes) if stale else None,
             )
         skipped = f"; {len(done.skipped)} skipped (see the warnings)" if done.skipped else ""
-        typer.echo(f"requeued {len(done.sent)} studies{skipped}")
+        other = len(done.failed_other_model)
+        others = f"; {other} stale under another model recorded failed" if other else ""
+        typer.echo(f"requeued {len(done.sent)} studies{skipped}{others}")

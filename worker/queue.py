@@ -788,6 +788,7 @@ def queue_status(settings: Settings, sessions: sessionmaker[Session], queue: str
 class Requeued:
     sent: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed_other_model: list[str] = field(default_factory=list)
 
 
 def requeue(
@@ -800,13 +801,17 @@ def requeue(
 ) -> Requeued:
     """Send studies of the configured model again: the ``failed`` ones, and those still
     ``queued`` or ``processing`` ``stale_after`` after they were queued or taken (their
-    message was lost). A study no message can be made for is skipped with a warning."""
+    message was lost). A study no message can be made for is skipped with a warning;
+    a stale one of another model version is recorded failed (``fail_other_models``)."""
     model_version = read_card(settings.model).model_version
     done = Requeued()
     with sessions.begin() as session:
         studies = failed_studies(session, model_version) if failed else []
         if stale_after is not None:
-            studies += stale_studies(session, model_version, utcnow() - stale_after)
+            stale = stale_studies(session, None, utcnow() - stale_after)
+            studies += [s for s in stale if s.model_version == model_version]
+            others = [s for s in stale if s.model_version != model_version]
+            done.failed_other_model = fail_other_models(session, others, model_version)
         chosen = []
         for study in studies:
             task = requeue_task(study, settings.ingest_root, model_version)
@@ -821,6 +826,24 @@ def requeue(
     for _, task in chosen:
         send(task.message())
     return done
+
+
+def fail_other_models(session: Session, stale: Sequence[Study], model_version: str) -> list[str]:
+    """Stale studies of other model versions, recorded ``failed`` with a reason; their UIDs.
+
+    A message sent for them would be screened under this requeue's model, and they would
+    stay ``queued`` or ``processing`` for ever (a worker of another model killed in a
+    study the ingest queued for this one leaves such a row). Failed, ``status --failed``
+    lists them, and ``requeue --failed`` with their model sends them.
+    """
+    for study in stale:
+        reason = (
+            f"stale {study.status} under model {study.model_version}, not sent by a requeue "
+            f"running {model_version}: requeue --failed with that model to screen it"
+        )
+        fail_unfinished(session, [study.study_instance_uid], study.model_version, reason)
+        log.warning("study %s: %s", study.study_instance_uid, reason)
+    return [study.study_instance_uid for study in stale]
 
 
 def _queued_row(study: Study) -> dict[str, Any]:

@@ -380,6 +380,41 @@ def test_failed_studies_are_requeued(sqlite_url: str, model_dir: Path, dicom_dir
     ]
 
 
+def test_requeue_stale_fails_a_row_another_models_lost_worker_left_processing(
+    sqlite_url: str, model_dir: Path, dicom_dir: Path
+) -> None:
+    """A worker of another model took a study queued for this one and was killed; a worker
+    of this model screened it. The other version's row stayed ``processing`` for ever:
+    ``requeue --stale`` looked at the configured version only."""
+    import datetime as dt
+
+    from db.repository import mark_processing_many
+
+    done = ingest_in_process(dicom_dir / "cxr", sqlite_url, model_dir)
+    settings, sessions, sent = done.settings, done.sessions, done.sent
+    classifier = Classifier(model_dir)
+    uid = sent[0]["study_instance_uid"]
+    with sessions.begin() as session:
+        mark_processing_many(session, {uid: sent[0]["files"]}, "other-9.9")
+    for message in sent:
+        task = parse_message((), message)
+        process_study(task, settings=settings, classifier=classifier, sessions=sessions)
+    again: list[dict[str, Any]] = []
+    requeued = requeue(
+        settings, again.append, sessions=sessions, failed=False, stale_after=dt.timedelta(0)
+    )
+    ((status, reason),) = rows(
+        sqlite_url,
+        "SELECT status, reason FROM studies WHERE model_version = 'other-9.9'",
+    )
+    assert status == "failed"
+    assert "stale processing under model other-9.9" in reason
+    assert (requeued.sent, requeued.failed_other_model, again) == ([], [uid], [])
+    assert requeue(settings, again.append, sessions=sessions).sent == [], (
+        "another model's failed study is not sent for this one"
+    )
+
+
 def test_requeue_works_when_workers_mount_the_export_elsewhere_and_skips_what_it_cannot(
     tmp_path: Path,
     sqlite_url: str,
