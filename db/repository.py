@@ -571,6 +571,17 @@ def screened_sources(session: Session, sources: Sequence[str], model_version: st
     return found
 
 
+def save_unidentified_files(
+    session: Session, rejected: Sequence[InstanceResult], model_version: str
+) -> None:
+    """Rows for the files discovery could not identify, except over a file's screened row.
+    A file caught mid-copy by a nightly ingest or run would otherwise lose its result
+    for good (its study, final, is not queued again), and the study's row would go on
+    counting a film with no row behind it."""
+    screened = screened_sources(session, [r.source for r in rejected], model_version)
+    save_instances(session, [r for r in rejected if r.source not in screened], model_version, None)
+
+
 def queue_studies(
     session: Session,
     studies: Sequence[dict[str, Any]],

@@ -36,9 +36,8 @@ from db.repository import (
     mark_processing_many,
     oldest_queued_at,
     queue_studies,
-    save_instances,
     save_study,
-    screened_sources,
+    save_unidentified_files,
     stale_studies,
     study_status_counts,
 )
@@ -49,7 +48,7 @@ from worker.imaging.dicom import is_dicom_uid
 from worker.logs import describe_error
 from worker.metrics import metrics
 from worker.model import Classifier, read_card
-from worker.screening import InstanceResult, StudyOutcome, failed_outcome, screen_study
+from worker.screening import StudyOutcome, failed_outcome, screen_study
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +336,7 @@ def ingest(
     for study in found.studies.values():  # IngestError before any row or message
         message_paths(study.files, settings.ingest_root)
     with sessions.begin() as session:
-        save_rejected_files(session, found.rejected, model_version)
+        save_unidentified_files(session, found.rejected, model_version)
         done = set() if force else final_study_uids(session, list(found.studies), model_version)
         grown = keep_new_files(session, {uid: found.studies[uid] for uid in done}, model_version)
         done -= grown
@@ -398,16 +397,6 @@ def keep_new_files(
 def _study_task(uid: str, study: StudyFiles, settings: Settings, model_version: str) -> StudyTask:
     files = tuple(message_paths(study.files, settings.ingest_root))
     return StudyTask(uid, files, model_version, root=root_name(settings.ingest_root))
-
-
-def save_rejected_files(
-    session: Session, rejected: Sequence[InstanceResult], model_version: str
-) -> None:
-    """Rows for the files ingest could not identify, except over a file's screened row:
-    a file caught mid-copy by a nightly ingest lost its result for good (its study, final,
-    is not queued again)."""
-    screened = screened_sources(session, [r.source for r in rejected], model_version)
-    save_instances(session, [r for r in rejected if r.source not in screened], model_version, None)
 
 
 # --- the worker side -------------------------------------------------------------------

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from config.settings import Settings
-from db.repository import save_instances, save_study
+from db.repository import save_study, save_unidentified_files
 from db.session import DatabaseError, database_files, is_database_unavailable, open_database
 from worker.discovery import discover
 from worker.imaging.enum import Label, StudyStatus
@@ -128,14 +128,14 @@ def run(
     card = read_card(settings.model)
     threshold = card.threshold if settings.threshold is None else settings.threshold
     # The whole model, once, before any file is read: one that does not load (a Git LFS
-    # pointer, a truncated copy) stopped the pool processes with a traceback.
+    # pointer, a truncated copy) is one clear error here, not a traceback per pool process.
     Classifier(settings.model, threshold=threshold, threads=1)
     sessions = open_database(settings.database_url)
     found = discover(paths, progress.on_file, database_files(settings.database_url))
     summary = RunSummary(files=found.n_files, rejected_files=len(found.rejected))
     progress.on_discovered(len(found.studies))
     with sessions.begin() as session:
-        save_instances(session, found.rejected, card.model_version, None)
+        save_unidentified_files(session, found.rejected, card.model_version)
     results = Results(sessions, settings, card.model_version, summary, progress)
     todo = {uid: sorted(study.files) for uid, study in found.studies.items()}
     pool_args = (str(settings.model), threshold, settings.max_pixels, settings.batch_size)
