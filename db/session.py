@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -97,15 +97,15 @@ TRANSIENT_REFUSALS = ("starting up", "shutting down", "in recovery", "too many",
 def check_database(url: str) -> str | None:
     """None when the database answers, or why it cannot be reached now (a retry may
     succeed). DatabaseError when it cannot work at all: a URL that does not parse, or a
-    server that refused the database, role or password for good, or a SQLite file in a
-    folder that does not exist."""
+    server that refused the database, role or password for good, a SQLite file in a
+    folder that does not exist, or a schema a newer cxr-screen wrote (a worker facing it
+    can record neither a result nor a failure)."""
     engine = make_engine(url)
     folder = Path(engine.url.database or "").parent
     if engine.dialect.name == "sqlite" and not folder.is_dir():
         raise DatabaseError(f"no folder {folder} for the SQLite database {safe_url(url)}")
     try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        is_at(engine, "head")
         return None
     except OperationalError as exc:
         message = first_line(exc)

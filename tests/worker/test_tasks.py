@@ -14,7 +14,7 @@ from pydicom.uid import JPEGLSLossless, generate_uid
 
 from config.settings import Settings
 from db.repository import queue_studies
-from db.session import open_database
+from db.session import DatabaseError, open_database
 from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.sql import execute, rows
 from tests.worker.processes import Worker, wait_for
@@ -175,6 +175,17 @@ def test_the_workers_time_limit_governs_not_the_one_of_ingest(
     assert rows(postgres_url, "SELECT status, reason FROM studies") == [
         ("failed", "time limit exceeded (2 s)")
     ]
+
+
+def test_a_worker_facing_a_schema_a_newer_cxr_screen_wrote_does_not_start(
+    model_dir: Path, sqlite_url: str
+) -> None:
+    """It started, and retried every message for ever: it could record neither a
+    result nor the failure."""
+    open_database(sqlite_url).kw["bind"].dispose()
+    execute(sqlite_url, "UPDATE alembic_version SET version_num = '0099'")
+    with pytest.raises(DatabaseError, match="a newer cxr-screen wrote it; upgrade this one"):
+        check_ready_to_work(Settings(model=model_dir, database_url=sqlite_url))
 
 
 @pytest.mark.parametrize(("visibility", "warned"), [(300, True), (3600, False)])
