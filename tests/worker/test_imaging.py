@@ -364,6 +364,25 @@ def test_a_data_set_without_file_meta_is_read_in_the_encoding_it_was_parsed_in(
     np.testing.assert_allclose(gray, png_pixels(sample_png) / 255.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["bare.png", "bare.jpg", "broken.png"])
+def test_a_file_named_as_a_picture_is_read_by_its_content_as_the_worker_reads_it(
+    name: str, sample_png: Path, tmp_path: Path
+) -> None:
+    """A DICOM file without the preamble, named ``.png``: the worker screened it, and
+    ``predict``, ``train`` and ``evaluate`` (``load_gray``) rejected it as a picture
+    Pillow cannot read. A broken picture keeps Pillow's reason."""
+    path = tmp_path / name
+    if name.startswith("broken"):
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+        with pytest.raises(RejectedInput, match="not an image format Pillow reads"):
+            load_gray(path)
+        return
+    ds = base_dataset(png_pixels(sample_png))
+    del ds.file_meta
+    ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    np.testing.assert_array_equal(load_gray(path), read_dicom_image(path, MAX_PIXELS).gray)
+
+
 @pytest.mark.parametrize(
     ("change", "code", "reason"),
     [

@@ -307,11 +307,23 @@ def is_picture(path: str | Path) -> bool:
 def load_gray(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Any supported file -> grey in [0, 1]; DICOM goes through the full gate. The
     reader is chosen by content, the name only breaking a tie: a DICOM file named
-    ``.png``, or a PNG with no extension or named ``.dcm``, was rejected by the other."""
-    check_regular_file(path)  # before the content is read: a named pipe blocked for ever
-    if not has_dicom_preamble(path) and (is_picture(path) or pillow_reads(path)):
-        return load_picture(path, max_pixels)
+    ``.png`` (with or without the preamble), or a PNG with no extension or named
+    ``.dcm``, is read by its content, as the worker reads it."""
+    check_regular_file(path)  # before the content is read: reading a named pipe blocks
+    if not has_dicom_preamble(path) and (
+        pillow_reads(path) or (is_picture(path) and not parses_as_dicom(path))
+    ):
+        return load_picture(path, max_pixels)  # a broken picture: Pillow's reason
     return read_dicom_image(path, max_pixels).gray
+
+
+def parses_as_dicom(path: str | Path) -> bool:
+    """Whether the file's header parses as DICOM (a file without the preamble too)."""
+    try:
+        read_dataset(path, pixels=False)
+    except RejectedInput:
+        return False
+    return True
 
 
 def has_dicom_preamble(path: str | Path) -> bool:
