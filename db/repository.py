@@ -240,8 +240,8 @@ def _keep_earlier_paths_as_copies(
 ) -> None:
     """A file of the same study that held a UID's row at another path, not screened now,
     keeps a row: as a copy keyed by its path, with its own outcome. The UID's row moves
-    to the file screened now; before, the other file was left without a row (a folder
-    of copies screened on its own, or a second delivery of part of a study)."""
+    to the file screened now, and the other file (a folder of copies screened on its own,
+    or a second delivery of part of a study) is not left without a row."""
     if not rows:
         return
     now_at = {row["sop_instance_uid"]: row for row in rows}

@@ -124,8 +124,9 @@ def first_line(exc: BaseException) -> str:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to ``revision``; safe to call from many processes. A database
-    already there is only read: the upgrade takes SQLite's write lock, and every command
-    waited for (and after 30 s failed on) a transaction another program held open."""
+    already there is only read: the upgrade takes SQLite's write lock, which would make
+    every command wait for (and after 30 s fail on) a transaction another program holds
+    open."""
     try:
         if _is_already_at(engine, revision):
             return

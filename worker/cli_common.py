@@ -86,7 +86,7 @@ def settings_from(**overrides: Any) -> Settings:
     configured = get_settings()
     settings = configured.with_overrides(**overrides)
     # On a terminal, log lines would break the progress bars: warnings only, unless a
-    # level or JSON was asked for (an operator troubleshooting by hand saw nothing).
+    # level or JSON is asked for (an operator troubleshooting by hand).
     chosen = {"log_level", "log_json"} & configured.model_fields_set
     level = "WARNING" if sys.stderr.isatty() and not chosen else settings.log_level
     configure_logging(level, settings.log_json)

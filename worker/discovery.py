@@ -176,7 +176,7 @@ def discover(
 def unstorable_name(path: str) -> str | None:
     """Why the results tables cannot hold this path as it is, or None. A name in another
     encoding than UTF-8 (an old Latin-1 folder, ``M\\xfcller``) reaches Python as
-    surrogates, which no database driver encodes: the run stopped with a traceback."""
+    surrogates, which no database driver encodes."""
     try:
         size = len(path.encode())
     except UnicodeEncodeError:

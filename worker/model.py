@@ -65,7 +65,7 @@ def read_card(model_dir: Path) -> ModelCard:
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"model card {path} lacks a valid field: {exc}") from exc
     if len(card.model_version) > MAX_MODEL_VERSION:
-        # the results' key column: cut, two versions sharing 64 characters were one
+        # the results' key column: cut, two versions sharing 64 characters would be one
         raise ModelError(
             f"model card {path}: name-version {card.model_version!r} is longer than "
             f"{MAX_MODEL_VERSION} characters"

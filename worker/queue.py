@@ -385,8 +385,8 @@ def keep_new_files(
     grown = set()
     for uid, study in finished.items():
         # with the files that share an instance with a new one (a copy sent again under
-        # another name): screened alone, a copy took the instance's row from the other
-        # file, which then lacked one, and the two were queued in turn for ever
+        # another name): screened alone, a copy would take the instance's row from the
+        # other file, which would then lack one, and the two be queued in turn for ever
         sops = {study.instances[path] for path in lacking & study.instances.keys()}
         if sops:
             study.instances = {p: sop for p, sop in study.instances.items() if sop in sops}
