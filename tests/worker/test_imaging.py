@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
@@ -577,6 +579,21 @@ def test_element_that_cannot_be_parsed_is_a_rejection_not_a_crash(
     with pytest.raises(RejectedInput, match="malformed header element") as caught:
         read_dicom_image(path, MAX_PIXELS)
     assert caught.value.code == RejectCode.UNREADABLE
+
+
+@pytest.mark.parametrize("keyword", ["NumberOfFrames", "SamplesPerPixel", "BitsStored"])
+def test_a_malformed_element_is_named_without_the_value_it_holds(
+    keyword: str, sample_png: Path, tmp_path: Path
+) -> None:
+    """The parser's message quoted the element's text into the reason, and so into
+    every export: a corrupt element holding the patient's name or ID."""
+    ds = base_dataset(png_pixels(sample_png))
+    ds.add(DataElement(tag_for_keyword(keyword), "LO", "DOE^JOHN_MRN1234567"))
+    path = write(ds, tmp_path / "x.dcm")
+    quoted_hidden = r"malformed header element \(\w+: .*'\.\.\.'"
+    with pytest.raises(RejectedInput, match=quoted_hidden) as caught:
+        read_dicom_image(path, MAX_PIXELS)
+    assert "DOE" not in caught.value.reason and "MRN" not in caught.value.reason
 
 
 @pytest.mark.parametrize("body_part", ["TORAX", "BRUST", "CHEST PA", "THORAX AP"])

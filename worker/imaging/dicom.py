@@ -161,10 +161,21 @@ def check_regular_file(path: str | Path) -> None:
 
 
 def describe_read_error(exc: Exception) -> str:
-    """The error without the file's path (export paths often hold patient names)."""
+    """The error without the file's path (export paths often hold patient names) and
+    without the values it quotes, UIDs aside: a parser quotes the element it could not
+    read (``invalid literal for int(): 'DOE^JOHN'``), and a corrupt element can run on
+    into the patient's name."""
     if isinstance(exc, OSError):
         return file_error(exc)
-    return f"{type(exc).__name__}: {shown(str(exc), 120)}"
+    return f"{type(exc).__name__}: {shown(QUOTED.sub(_unless_uid, str(exc)), 120)}"
+
+
+QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+
+
+def _unless_uid(quoted: re.Match[str]) -> str:
+    value = quoted.group(1) if quoted.group(1) is not None else quoted.group(2)
+    return quoted.group(0) if is_dicom_uid(value) else "'...'"
 
 
 def shown(value: str, limit: int = 32) -> str:
