@@ -104,8 +104,10 @@ class Period:
 
     @property
     def end(self) -> dt.datetime | None:
-        """The first instant after the period."""
-        return _midnight(self.until + dt.timedelta(days=1)) if self.until else None
+        """The first instant after the period; None after the last day there is."""
+        if self.until is None or self.until == dt.date.max:
+            return None
+        return _midnight(self.until + dt.timedelta(days=1))
 
     def describe(self) -> str:
         if self.since and self.until:

@@ -298,6 +298,8 @@ def test_report_period_and_model_filters(filled: str) -> None:
     assert first_two.totals.finished < everything.totals.finished
     assert everything.totals.received == 240
     assert only_m2.model_versions == ["m2"] and 0 < only_m2.totals.received < 240
+    # `--until 9999-12-31` ("no end") ended in a traceback (date overflow) and exit 1
+    assert reporting.build_report(engine, Period(until=dt.date.max)).totals == everything.totals
     assert first_two.rejection_reasons == {"unreadable": 3, "not_frontal": 2, "unknown": 1}
     assert everything.rejection_reasons["error"] == 1
     with pytest.raises(NoResultsError, match="no results 2030-01-01 to 2030-01-02"):
