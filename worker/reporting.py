@@ -599,21 +599,45 @@ def _empty(axes: Any, message: str) -> None:
     axes.set_yticks([])
 
 
+def volume_slots(first: dt.date, last: dt.date) -> tuple[str, list[dt.date]]:
+    """The chart's bars from ``first`` to ``last``: days up to three months, then weeks
+    (from Monday) up to two years, then months - a bar per day of an all-time report
+    of three years was a 1 MB page of bars thinner than a pixel."""
+    span = (last - first).days
+    if span < 92:
+        return "day", [first + dt.timedelta(days=i) for i in range(span + 1)]
+    if span < 731:
+        monday = first - dt.timedelta(days=first.weekday())
+        return "week", [
+            monday + dt.timedelta(weeks=i) for i in range((last - monday).days // 7 + 1)
+        ]
+    months = (last.year - first.year) * 12 + last.month - first.month
+    return "month", [
+        dt.date(first.year + (first.month - 1 + i) // 12, (first.month - 1 + i) % 12 + 1, 1)
+        for i in range(months + 1)
+    ]
+
+
+def _slot_of(day: dt.date, unit: str) -> dt.date:
+    if unit == "week":
+        return day - dt.timedelta(days=day.weekday())
+    return day.replace(day=1) if unit == "month" else day
+
+
 def _volume_chart(report: Report) -> str:
-    by_day: dict[dt.date, Figures] = {}
-    for row in report.daily:
-        day = by_day.setdefault(row.day, Figures())
-        for name in ("received", "screened", "rejected", "failed", "positive"):
-            setattr(day, name, getattr(day, name) + getattr(row, name))
     figure = _figure()
     axes = figure.add_subplot()
-    if not by_day:
+    if not report.daily:
         _empty(axes, "no studies in this period")
         return _svg(figure)
-    first, last = min(by_day), max(by_day)
-    days = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
-    values = [by_day.get(d, Figures()) for d in days]
-    x = list(range(len(days)))
+    unit, slots = volume_slots(min(r.day for r in report.daily), max(r.day for r in report.daily))
+    by_slot = {slot: Figures() for slot in slots}
+    for row in report.daily:
+        slot = by_slot[_slot_of(row.day, unit)]
+        for name in ("received", "screened", "rejected", "failed", "positive"):
+            setattr(slot, name, getattr(slot, name) + getattr(row, name))
+    values = list(by_slot.values())
+    x = list(range(len(slots)))
     screened = [v.screened for v in values]
     rejected = [v.rejected for v in values]
     failed = [v.failed for v in values]
@@ -621,9 +645,10 @@ def _volume_chart(report: Report) -> str:
     axes.bar(x, rejected, bottom=screened, color="#dd8452", label="rejected")
     bottom = [s + r for s, r in zip(screened, rejected, strict=True)]
     axes.bar(x, failed, bottom=bottom, color="#c44e52", label="failed")
-    axes.set_ylabel("studies finished")
-    step = max(1, -(-len(days) // 12))
-    axes.set_xticks(x[::step], [d.isoformat() for d in days[::step]])
+    axes.set_ylabel(f"studies finished a {unit}")
+    step = max(1, -(-len(slots) // 12))
+    shown = [s.isoformat()[:7] if unit == "month" else s.isoformat() for s in slots]
+    axes.set_xticks(x[::step], shown[::step])
     axes.tick_params(axis="x", labelrotation=30)
     rate_axes = axes.twinx()
     rates = [v.positive / v.screened * 100 if v.screened else float("nan") for v in values]

@@ -665,6 +665,26 @@ def test_html_report_renders_its_charts_in_chromium(
     assert screened_blue > 500, "the volume chart's bars are not drawn"
 
 
+@pytest.mark.parametrize(
+    ("last", "unit", "bars", "first_bar"),
+    [
+        (dt.date(2024, 5, 31), "day", 92, dt.date(2024, 3, 1)),
+        (dt.date(2024, 6, 1), "week", 14, dt.date(2024, 2, 26)),
+        (dt.date(2026, 3, 1), "week", 105, dt.date(2024, 2, 26)),
+        (dt.date(2026, 11, 27), "month", 33, dt.date(2024, 3, 1)),
+    ],
+)
+def test_the_volume_chart_has_a_bar_per_day_week_or_month_by_the_span(
+    last: dt.date, unit: str, bars: int, first_bar: dt.date
+) -> None:
+    """A bar per day of an all-time report of three years was a 1 MB page of bars
+    thinner than a pixel."""
+    found_unit, slots = reporting.volume_slots(dt.date(2024, 3, 1), last)
+    assert (found_unit, len(slots), slots[0]) == (unit, bars, first_bar)
+    assert slots[-1] <= last < slots[-1] + dt.timedelta(days=31 if unit == "month" else 7)
+    assert slots == sorted(set(slots))
+
+
 def test_chromium_skips_clearly_when_absent(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
