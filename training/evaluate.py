@@ -29,12 +29,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score, roc_curve
 
 from config.settings import DEFAULT_MAX_PIXELS
@@ -361,7 +363,9 @@ def _plt() -> Any:
 def plot_roc(y: np.ndarray, p: np.ndarray, m: dict[str, Any], path: Path, title: str) -> None:
 
     plt = _plt()
-    fpr, tpr, _ = roc_curve(y, p)
+    with warnings.catch_warnings():  # one class only: evaluate has said so already
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, _ = roc_curve(y, p)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(
         fpr, tpr, label=f"AUC {m['auc']:.4f} (95% CI {m['auc_ci95'][0]:.4f}-{m['auc_ci95'][1]:.4f})"

@@ -8,6 +8,7 @@ P(covid)), ``model_card.json``, ``history.csv`` and ``training_curves.png``.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -233,7 +234,9 @@ def export_tflite(model: Any, path: Path) -> bytes:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    blob = converter.convert()
+    # Keras prints the temporary SavedModel's signatures (40 lines of TensorSpec) to stdout
+    with redirect_stdout(io.StringIO()):
+        blob = converter.convert()
     path.write_bytes(blob)
     return blob
 

@@ -113,7 +113,8 @@ def report(
     if out is not None:
         console.print(
             f"wrote {format.value} report to {escape(str(out))}: "
-            f"{result.totals.finished} studies finished, {len(result.daily)} day rows"
+            f"{result.totals.finished} studies finished, {len(result.daily)} day "
+            f"row{'s' if len(result.daily) != 1 else ''}"
         )
 
 

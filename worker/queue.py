@@ -487,7 +487,8 @@ def process_batch(
     if any(attempts[t.study_instance_uid] > 1 for t in todo):
         split_batch(list(todo), send)
         return "split"
-    return f"{len(screen_and_save(todo, settings, classifier, sessions, deadline))} screened"
+    finished = screen_and_save(todo, settings, classifier, sessions, deadline)
+    return f"{len(finished)} studies finished"
 
 
 def take_studies(

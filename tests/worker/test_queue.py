@@ -294,8 +294,9 @@ def test_a_batch_in_process_and_a_batch_delivered_twice_is_split(
 
     first, second = batches[0], batches[1]
     resent: list[dict[str, Any]] = []
-    assert deliver(first, resent) == f"{len(first.studies)} screened" and resent == []
-    assert deliver(first, resent) == "0 screened" and resent == []  # delivered again: skipped
+    assert deliver(first, resent) == f"{len(first.studies)} studies finished" and resent == []
+    # delivered again: skipped
+    assert deliver(first, resent) == "0 studies finished" and resent == []
     # A study of the second batch was taken before (its worker died): the batch is split
     # into one message per study, and screening those finishes the job.
     victim = second.studies[0]
@@ -354,7 +355,7 @@ def test_a_mismatched_study_the_worker_already_screened_is_not_left_queued(
         batch = StudyBatch(studies=(old,))
         assert process_batch(
             batch, settings=settings, classifier=classifier, sessions=sessions, send=print
-        ) == ("0 screened")
+        ) == ("0 studies finished")
     else:
         assert process_study(old, settings=settings, classifier=classifier, sessions=sessions) == (
             "skipped"
