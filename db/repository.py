@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import String, Table, func, or_, select, text, true
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from db.models import Prediction, Study, utcnow
 from worker.imaging.enum import StudyStatus
@@ -706,9 +706,12 @@ def mark_failed(
     )
 
 
-def fail_unfinished(session: Session, uids: Sequence[str], model_version: str, reason: str) -> None:
-    """Record existing studies without a final result as ``failed``; creates no row."""
-    session.execute(
+def fail_unfinished(
+    session: Session, uids: Sequence[str], model_version: str, reason: str
+) -> list[str]:
+    """Record existing studies without a final result as ``failed``; creates no row.
+    The UIDs of the studies so recorded."""
+    result = session.execute(
         STUDIES.update()
         .where(
             STUDIES.c.study_instance_uid.in_(uids),
@@ -726,7 +729,9 @@ def fail_unfinished(session: Session, uids: Sequence[str], model_version: str, r
                 },
             )
         )
+        .returning(STUDIES.c.study_instance_uid)
     )
+    return sorted(result.scalars())
 
 
 def failed_studies(session: Session, model_version: str | None = None) -> list[Study]:
@@ -742,17 +747,37 @@ def failed_studies(session: Session, model_version: str | None = None) -> list[S
     return list(session.scalars(query.order_by(Study.finished_at, Study.id)))
 
 
-def stale_studies(session: Session, model_version: str | None, before: dt.datetime) -> list[Study]:
-    """Studies ``queued`` since before ``before``, or taken (``processing``) before it; of
-    one model version, or of every one (``None``)."""
+def stale_studies(session: Session, model_version: str, before: dt.datetime) -> list[Study]:
+    """Studies ``queued`` since before ``before``, or taken (``processing``) before it."""
     taken = func.coalesce(Study.started_at, Study.queued_at)
     query = select(Study).where(
+        Study.model_version == model_version,
         ((Study.status == StudyStatus.QUEUED.value) & (Study.queued_at < before))
         | ((Study.status == StudyStatus.PROCESSING.value) & (taken < before)),
     )
-    if model_version is not None:
-        query = query.where(Study.model_version == model_version)
     return list(session.scalars(query.order_by(Study.queued_at, Study.id)))
+
+
+def lost_to_other_models(session: Session, model_version: str, before: dt.datetime) -> list[Study]:
+    """Studies another model version took (``processing``) before ``before`` and never
+    finished, which this version has a row of too: a worker running that model took the
+    study queued for this one and was lost. In UID order, the writers' lock order."""
+    ours = aliased(Study)
+    this_version_too = (
+        select(ours.id)
+        .where(
+            ours.study_instance_uid == Study.study_instance_uid,
+            ours.model_version == model_version,
+        )
+        .exists()
+    )
+    query = select(Study).where(
+        Study.model_version != model_version,
+        Study.status == StudyStatus.PROCESSING.value,
+        func.coalesce(Study.started_at, Study.queued_at) < before,
+        this_version_too,
+    )
+    return list(session.scalars(query.order_by(Study.study_instance_uid, Study.model_version)))
 
 
 def oldest_queued_at(session: Session) -> dt.datetime | None:

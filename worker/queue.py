@@ -32,6 +32,7 @@ from db.repository import (
     failed_studies,
     files_without_rows,
     final_study_uids,
+    lost_to_other_models,
     mark_failed,
     mark_processing_many,
     oldest_queued_at,
@@ -792,16 +793,16 @@ def requeue(
     """Send studies of the configured model again: the ``failed`` ones, and those still
     ``queued`` or ``processing`` ``stale_after`` after they were queued or taken (their
     message was lost). A study no message can be made for is skipped with a warning;
-    a stale one of another model version is recorded failed (``fail_other_models``)."""
+    one another model's lost worker left ``processing`` is recorded failed
+    (``fail_lost_to_other_models``)."""
     model_version = read_card(settings.model).model_version
     done = Requeued()
     with sessions.begin() as session:
         studies = failed_studies(session, model_version) if failed else []
         if stale_after is not None:
-            stale = stale_studies(session, None, utcnow() - stale_after)
-            studies += [s for s in stale if s.model_version == model_version]
-            others = [s for s in stale if s.model_version != model_version]
-            done.failed_other_model = fail_other_models(session, others, model_version)
+            before = utcnow() - stale_after
+            studies += stale_studies(session, model_version, before)
+            done.failed_other_model = fail_lost_to_other_models(session, model_version, before)
         chosen = []
         for study in studies:
             task = requeue_task(study, settings.ingest_root, model_version)
@@ -818,22 +819,29 @@ def requeue(
     return done
 
 
-def fail_other_models(session: Session, stale: Sequence[Study], model_version: str) -> list[str]:
-    """Stale studies of other model versions, recorded ``failed`` with a reason; their UIDs.
+def fail_lost_to_other_models(
+    session: Session, model_version: str, before: dt.datetime
+) -> list[str]:
+    """Record ``failed``, with the reason, the rows another model version left
+    ``processing`` in studies queued for this one; their UIDs.
 
-    A message sent for them would be screened under this requeue's model, and they would
-    stay ``queued`` or ``processing`` for ever (a worker of another model killed in a
-    study the ingest queued for this one leaves such a row). Failed, ``status --failed``
-    lists them, and ``requeue --failed`` with their model sends them.
+    A worker running that model took the study and was lost. No message of its version
+    exists, and a message of this one is screened under this version: that row stayed
+    ``processing`` for ever. Another version's own stale studies are left to its requeue.
     """
-    for study in stale:
+    lost = lost_to_other_models(session, model_version, before)
+    failed = []
+    for version in sorted({study.model_version for study in lost}):
+        uids = [s.study_instance_uid for s in lost if s.model_version == version]
         reason = (
-            f"stale {study.status} under model {study.model_version}, not sent by a requeue "
-            f"running {model_version}: requeue --failed with that model to screen it"
+            f"left processing by a lost worker running model {version} in a study queued "
+            f"for {model_version}: requeue --failed with model {version} to screen it again"
         )
-        fail_unfinished(session, [study.study_instance_uid], study.model_version, reason)
-        log.warning("study %s: %s", study.study_instance_uid, reason)
-    return [study.study_instance_uid for study in stale]
+        recorded = fail_unfinished(session, uids, version, reason)
+        for uid in recorded:
+            log.warning("study %s: %s", uid, reason)
+        failed += recorded
+    return failed
 
 
 def _queued_row(study: Study) -> dict[str, Any]:

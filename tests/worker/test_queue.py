@@ -386,17 +386,23 @@ def test_requeue_stale_fails_a_row_another_models_lost_worker_left_processing(
 ) -> None:
     """A worker of another model took a study queued for this one and was killed; a worker
     of this model screened it. The other version's row stayed ``processing`` for ever:
-    ``requeue --stale`` looked at the configured version only."""
+    ``requeue --stale`` looked at the configured version only. That version's own
+    studies, queued or taken, are left to its own requeue."""
     import datetime as dt
 
-    from db.repository import mark_processing_many
+    from db.repository import mark_processing_many, queue_studies
 
     done = ingest_in_process(dicom_dir / "cxr", sqlite_url, model_dir)
     settings, sessions, sent = done.settings, done.sessions, done.sent
     classifier = Classifier(model_dir)
     uid = sent[0]["study_instance_uid"]
+    its_own = {"1.2.3.98": "queued", "1.2.3.99": "processing"}
     with sessions.begin() as session:
         mark_processing_many(session, {uid: sent[0]["files"]}, "other-9.9")
+        queue_studies(
+            session, [{"study_instance_uid": u, "files": ["x.dcm"]} for u in its_own], "other-9.9"
+        )
+        mark_processing_many(session, {"1.2.3.99": ["x.dcm"]}, "other-9.9")
     for message in sent:
         task = parse_message((), message)
         process_study(task, settings=settings, classifier=classifier, sessions=sessions)
@@ -404,12 +410,14 @@ def test_requeue_stale_fails_a_row_another_models_lost_worker_left_processing(
     requeued = requeue(
         settings, again.append, sessions=sessions, failed=False, stale_after=dt.timedelta(0)
     )
-    ((status, reason),) = rows(
-        sqlite_url,
-        "SELECT status, reason FROM studies WHERE model_version = 'other-9.9'",
+    other = (
+        "SELECT study_instance_uid, status, reason FROM studies WHERE model_version = 'other-9.9'"
     )
+    found = {row[0]: row[1:] for row in rows(sqlite_url, other)}
+    assert {u: found[u][0] for u in its_own} == its_own
+    status, reason = found[uid]
     assert status == "failed"
-    assert "stale processing under model other-9.9" in reason
+    assert "left processing by a lost worker running model other-9.9" in reason
     assert (requeued.sent, requeued.failed_other_model, again) == ([], [uid], [])
     assert requeue(settings, again.append, sessions=sessions).sent == [], (
         "another model's failed study is not sent for this one"
