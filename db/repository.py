@@ -558,14 +558,15 @@ def files_without_rows(
     return {source for source, uid in files.items() if uid not in found.get(source, set())}
 
 
-def screened_sources(session: Session, sources: Sequence[str], model_version: str) -> set[str]:
-    """The files among these that have a row keyed by SOP Instance UID for this model."""
+def sources_in_studies(session: Session, sources: Sequence[str], model_version: str) -> set[str]:
+    """The files among these that have a row in a study for this model: the instance's
+    row, keyed by its SOP Instance UID, or a copy's, keyed by its path."""
     found: set[str] = set()
     for chunk in _chunks(sources):
         query = select(PREDICTIONS.c.source).where(
             PREDICTIONS.c.source.in_(chunk),
             PREDICTIONS.c.model_version == model_version,
-            PREDICTIONS.c.sop_instance_uid.is_not(None),
+            PREDICTIONS.c.study_instance_uid.is_not(None),
         )
         found.update(session.scalars(query))
     return found
@@ -574,12 +575,12 @@ def screened_sources(session: Session, sources: Sequence[str], model_version: st
 def save_unidentified_files(
     session: Session, rejected: Sequence[InstanceResult], model_version: str
 ) -> None:
-    """Rows for the files discovery could not identify, except over a file's screened row.
+    """Rows for the files discovery could not identify, except over a file's row in a study.
     A file caught mid-copy by a nightly ingest or run would otherwise lose its result
     for good (its study, final, is not queued again), and the study's row would go on
     counting a film with no row behind it."""
-    screened = screened_sources(session, [r.source for r in rejected], model_version)
-    save_instances(session, [r for r in rejected if r.source not in screened], model_version, None)
+    known = sources_in_studies(session, [r.source for r in rejected], model_version)
+    save_instances(session, [r for r in rejected if r.source not in known], model_version, None)
 
 
 def queue_studies(

@@ -385,6 +385,24 @@ def test_a_file_read_after_it_was_unreadable_keeps_one_row(
     assert rows(database_url, studies) == [("screened", 1, 1)]
 
 
+def test_a_screened_copy_caught_half_written_keeps_its_row(
+    sqlite_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
+) -> None:
+    """A copy of an instance has a row of its own, keyed by its path: a later run that
+    could not read it replaced that row with one belonging to no study."""
+    png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
+    first = write(base_dataset(png_pixels(png)), tmp_path / "export" / "a.dcm")
+    shutil.copy(first, tmp_path / "export" / "b.dcm")
+    settings = settings_for(sqlite_url, model_dir)
+    run([tmp_path / "export"], settings)
+    query = "SELECT source, status, study_instance_uid IS NULL FROM predictions ORDER BY 1"
+    before = rows(sqlite_url, query)
+    (copy,) = rows(sqlite_url, "SELECT source FROM predictions WHERE sop_instance_uid IS NULL")
+    Path(copy[0]).write_bytes(first.read_bytes()[:200])
+    run([tmp_path / "export"], settings)
+    assert rows(sqlite_url, query) == before
+
+
 def test_a_film_replaced_in_the_export_loses_its_old_row_and_one_removed_keeps_its_own(
     database_url: str, cxr_dir: Path, tmp_path: Path, model_dir: Path
 ) -> None:
