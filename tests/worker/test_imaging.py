@@ -28,6 +28,7 @@ from pydicom.uid import (
 from tests.conftest import shared
 from tests.dicom_factory import base_dataset, lut_item, png_pixels, variants, write
 from worker.discovery import discover
+from worker.imaging.dicom import describe_read_error
 from worker.imaging.enum import RejectCode
 from worker.imaging.errors import RejectedInput
 from worker.imaging.pipeline import (
@@ -594,6 +595,20 @@ def test_a_malformed_element_is_named_without_the_value_it_holds(
     with pytest.raises(RejectedInput, match=quoted_hidden) as caught:
         read_dicom_image(path, MAX_PIXELS)
     assert "DOE" not in caught.value.reason and "MRN" not in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("message", "hidden"),
+    [
+        (repr('O\'BRIEN "JR"^PAT'), "BRIEN"),  # both quotes: Python escapes one
+        ("The dataset's value 'DOE^JOHN' isn't valid", "DOE"),  # an apostrophe before it
+        ("a value of '19.07.1975'", "1975"),  # a dotted date reads as a UID
+    ],
+)
+def test_a_read_error_quotes_no_value_but_the_standards_uids(message: str, hidden: str) -> None:
+    described = describe_read_error(ValueError(f"{message}; syntax '{JPEGLSLossless}'"))
+    assert hidden not in described and "'...'" in described
+    assert f"'{JPEGLSLossless}'" in described
 
 
 @pytest.mark.parametrize("body_part", ["TORAX", "BRUST", "CHEST PA", "THORAX AP"])

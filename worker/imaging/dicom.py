@@ -41,6 +41,7 @@ from pydicom.uid import (
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
     RLELossless,
+    UID_dictionary,
     UncompressedTransferSyntaxes,
 )
 
@@ -164,18 +165,21 @@ def describe_read_error(exc: Exception) -> str:
     """The error without the file's path (export paths often hold patient names) and
     without the values it quotes, UIDs aside: a parser quotes the element it could not
     read (``invalid literal for int(): 'DOE^JOHN'``), and a corrupt element can run on
-    into the patient's name."""
+    into the patient's name. The UIDs kept are the standard's own (transfer syntaxes, SOP
+    classes): a dotted date reads as a UID too."""
     if isinstance(exc, OSError):
         return file_error(exc)
     return f"{type(exc).__name__}: {shown(QUOTED.sub(_unless_uid, str(exc)), 120)}"
 
 
-QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+# A quoted value as Python's repr writes it (escaped quotes inside); not an apostrophe
+# inside a word ("dataset's").
+QUOTED = re.compile(r"(?<!\w)'((?:[^'\\]|\\.)*)'(?!\w)" r'|"((?:[^"\\]|\\.)*)"')
 
 
 def _unless_uid(quoted: re.Match[str]) -> str:
     value = quoted.group(1) if quoted.group(1) is not None else quoted.group(2)
-    return quoted.group(0) if is_dicom_uid(value) else "'...'"
+    return quoted.group(0) if value in UID_dictionary else "'...'"
 
 
 def shown(value: str, limit: int = 32) -> str:
