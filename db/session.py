@@ -104,6 +104,10 @@ def check_database(url: str) -> str | None:
     folder = Path(engine.url.database or "").parent
     if engine.dialect.name == "sqlite" and not folder.is_dir():
         raise DatabaseError(f"no folder {folder} for the SQLite database {safe_url(url)}")
+    if engine.dialect.name == "sqlite" and not _in_wal_mode(Path(engine.url.database or "")):
+        # New (or not yet switched to WAL): left to open_database, which makes the file
+        # readable by its owner only and switches it under the upgrade lock.
+        return None
     try:
         is_at(engine, "head")
         return None

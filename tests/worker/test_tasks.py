@@ -188,6 +188,18 @@ def test_a_worker_facing_a_schema_a_newer_cxr_screen_wrote_does_not_start(
         check_ready_to_work(Settings(model=model_dir, database_url=sqlite_url))
 
 
+def test_a_worker_started_before_any_run_leaves_a_new_sqlite_file_private(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The start-up check connected and so created the file, readable by every local
+    user; open_database then found it there and left it so."""
+    path = tmp_path / "results.db"
+    check_ready_to_work(Settings(model=model_dir, database_url=f"sqlite:///{path}"))
+    assert not path.exists()
+    open_database(f"sqlite:///{path}").kw["bind"].dispose()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
 @pytest.mark.parametrize(("visibility", "warned"), [(300, True), (3600, False)])
 def test_a_visibility_timeout_shorter_than_a_task_is_warned_of_at_start(
     visibility: int,
