@@ -488,8 +488,8 @@ def process_batch(
     if any(attempts[t.study_instance_uid] > 1 for t in todo):
         split_batch(list(todo), send)
         return "split"
-    finished = screen_and_save(todo, settings, classifier, sessions, deadline)
-    return f"{len(finished)} studies finished"
+    finished = len(screen_and_save(todo, settings, classifier, sessions, deadline))
+    return f"{finished} {'study' if finished == 1 else 'studies'} finished"
 
 
 def take_studies(
