@@ -748,13 +748,15 @@ def failed_studies(session: Session, model_version: str | None = None) -> list[S
     return list(session.scalars(query.order_by(Study.finished_at, Study.id)))
 
 
+TAKEN_AT = func.coalesce(Study.started_at, Study.queued_at)  # when a worker took the study
+
+
 def stale_studies(session: Session, model_version: str, before: dt.datetime) -> list[Study]:
     """Studies ``queued`` since before ``before``, or taken (``processing``) before it."""
-    taken = func.coalesce(Study.started_at, Study.queued_at)
     query = select(Study).where(
         Study.model_version == model_version,
         ((Study.status == StudyStatus.QUEUED.value) & (Study.queued_at < before))
-        | ((Study.status == StudyStatus.PROCESSING.value) & (taken < before)),
+        | ((Study.status == StudyStatus.PROCESSING.value) & (before > TAKEN_AT)),
     )
     return list(session.scalars(query.order_by(Study.queued_at, Study.id)))
 
@@ -775,7 +777,7 @@ def lost_to_other_models(session: Session, model_version: str, before: dt.dateti
     query = select(Study).where(
         Study.model_version != model_version,
         Study.status == StudyStatus.PROCESSING.value,
-        func.coalesce(Study.started_at, Study.queued_at) < before,
+        before > TAKEN_AT,
         this_version_too,
     )
     return list(session.scalars(query.order_by(Study.study_instance_uid, Study.model_version)))

@@ -104,7 +104,7 @@ def check_database(url: str) -> str | None:
     folder = Path(engine.url.database or "").parent
     if engine.dialect.name == "sqlite" and not folder.is_dir():
         raise DatabaseError(f"no folder {folder} for the SQLite database {safe_url(url)}")
-    if engine.dialect.name == "sqlite" and not _in_wal_mode(Path(engine.url.database or "")):
+    if _sqlite_before_wal(engine):
         # New (or not yet switched to WAL): left to open_database, which makes the file
         # readable by its owner only and switches it under the upgrade lock.
         return None
@@ -179,12 +179,18 @@ def _is_already_at(engine: Engine, revision: str) -> bool:
     SQLite file is read so only once it is in WAL mode (a reader's lock made the first
     process's switch to WAL fail with "database is locked"); a busy database is asked
     again under the lock."""
-    if engine.dialect.name == "sqlite" and not _in_wal_mode(Path(engine.url.database or "")):
+    if _sqlite_before_wal(engine):
         return False
     try:
         return is_at(engine, revision)
     except (OperationalError, sqlite3.Error):
         return False
+
+
+def _sqlite_before_wal(engine: Engine) -> bool:
+    """A SQLite file not made yet or not yet in WAL mode: only the upgrade lock's holder
+    may open it (opening switches it to WAL)."""
+    return engine.dialect.name == "sqlite" and not _in_wal_mode(Path(engine.url.database or ""))
 
 
 def _in_wal_mode(path: Path) -> bool:

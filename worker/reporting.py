@@ -604,18 +604,9 @@ def volume_slots(first: dt.date, last: dt.date) -> tuple[str, list[dt.date]]:
     (from Monday) up to two years, then months - a bar per day of an all-time report
     of three years was a 1 MB page of bars thinner than a pixel."""
     span = (last - first).days
-    if span < 92:
-        return "day", [first + dt.timedelta(days=i) for i in range(span + 1)]
-    if span < 731:
-        monday = first - dt.timedelta(days=first.weekday())
-        return "week", [
-            monday + dt.timedelta(weeks=i) for i in range((last - monday).days // 7 + 1)
-        ]
-    months = (last.year - first.year) * 12 + last.month - first.month
-    return "month", [
-        dt.date(first.year + (first.month - 1 + i) // 12, (first.month - 1 + i) % 12 + 1, 1)
-        for i in range(months + 1)
-    ]
+    unit = "day" if span < 92 else "week" if span < 731 else "month"
+    days = (first + dt.timedelta(days=i) for i in range(span + 1))
+    return unit, sorted({_slot_of(day, unit) for day in days})
 
 
 def _slot_of(day: dt.date, unit: str) -> dt.date:

@@ -32,7 +32,6 @@ from worker.model import Classifier
 log = logging.getLogger(__name__)
 
 DUPLICATE_INSTANCE = "duplicate_instance"
-OTHER_STUDY = "other_study"
 
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
@@ -203,7 +202,7 @@ def replaced_by_another_study(path: str) -> InstanceResult:
     row with another patient's film and accession number - and no header of its own."""
     return rejected(
         path,
-        OTHER_STUDY,
+        RejectCode.OTHER_STUDY,
         "the file holds an instance of another study now (replaced since this study was "
         "queued): ingest the export again to screen it as its own study",
     )

@@ -24,6 +24,7 @@ class RejectCode(StrEnum):
     NOT_CHEST = "not_chest_radiograph"  # wrong modality, body part or SOP class
     NOT_FRONTAL = "not_frontal"  # a lateral or other non-frontal chest view
     UNSUPPORTED = "unsupported"  # colour, multi-frame, unknown transfer syntax, too large
+    OTHER_STUDY = "other_study"  # a queued file that holds another study's instance now
 
 
 class Label(StrEnum):
