@@ -20,7 +20,7 @@ import numpy as np
 
 from config.settings import DEFAULT_MAX_PIXELS
 from training.data import Sample, label_counts, list_split, make_dataset
-from training.evaluate import load_keras
+from training.scoring import load_keras
 from training.train import (
     export_tflite,
     predict_keras,

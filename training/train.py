@@ -41,6 +41,7 @@ from training.data import (
     readable_counts,
 )
 from training.models import DEFAULT_SIZES, build_model
+from training.plots import plot_curves
 from worker.errors import UserError
 from worker.imaging.pipeline import (
     BAND_FRACTION,
@@ -260,31 +261,6 @@ def verify_tflite(model: Any, path: Path, inputs: np.ndarray) -> float:
     if worst > TFLITE_TOLERANCE:
         raise RuntimeError(f"TFLite export differs from Keras by {worst:.2e} > {TFLITE_TOLERANCE}")
     return worst
-
-
-def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = np.arange(1, len(history["loss"]) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("loss", "train"), ("val_loss", "val")):
-        if key in history:
-            axes[0].plot(epochs, history[key], marker="o", label=label)
-    axes[0].set(title="loss (class-weighted BCE on train)", xlabel="epoch", ylabel="loss")
-    for key, label in (("auc", "train"), ("val_auc", "val")):
-        if key in history:
-            axes[1].plot(epochs, history[key], marker="o", label=label)
-    axes[1].set(title="ROC AUC", xlabel="epoch", ylabel="AUC")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def TimeBudget(seconds: float) -> Any:

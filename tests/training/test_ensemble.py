@@ -27,8 +27,9 @@ def small_data_dir(
 def test_ensemble_of_one_model_twice_predicts_like_the_model(
     shipped_model: Path, cxr_dir: Path, tmp_path: Path
 ) -> None:
+    from training.audit import grad_cam
     from training.ensemble import build_ensemble
-    from training.evaluate import grad_cam, load_keras
+    from training.scoring import load_keras
 
     member = json.loads((shipped_model / "model_card.json").read_text())
     data = small_data_dir(cxr_dir, tmp_path / "data")

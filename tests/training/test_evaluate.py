@@ -14,91 +14,14 @@ from PIL import Image
 from training.data import Sample, list_samples, manifest_sha256
 from training.evaluate import (
     PREDICTION_COLUMNS,
-    binary_metrics,
-    bootstrap_auc,
-    bootstrap_aucs,
-    border_only,
-    calibration,
-    centre_only,
     check_training_data,
     evaluate,
-    lungs_hidden,
-    predictive_values,
     store_threshold,
     write_predictions,
 )
 from training.robustness import SHIFTS
 from training.train import subsample, threshold_for_sensitivity, threshold_rule
 from worker.errors import UserError
-
-
-def test_predictive_values_follow_bayes() -> None:
-    pv = predictive_values(0.95, 0.95, 0.01)
-    assert pv["ppv"] == pytest.approx(0.95 * 0.01 / (0.95 * 0.01 + 0.05 * 0.99))
-    assert pv["npv"] == pytest.approx(0.95 * 0.99 / (0.95 * 0.99 + 0.05 * 0.01))
-    assert predictive_values(1.0, 1.0, 0.2) == {"prevalence": 0.2, "ppv": 1.0, "npv": 1.0}
-
-
-def test_calibration_error_is_zero_when_calibrated_and_large_when_not() -> None:
-    y = np.array([0] * 8 + [1] * 2 + [1] * 8 + [0] * 2)
-    p = np.array([0.2] * 10 + [0.8] * 10)
-    assert calibration(y, p)["ece"] == pytest.approx(0.0)
-    assert calibration(y, 1 - p)["ece"] == pytest.approx(0.6)
-
-
-def test_binary_metrics_counts_and_interval() -> None:
-    rng = np.random.default_rng(0)
-    y = np.array([0] * 200 + [1] * 100)
-    p = np.clip(np.where(y == 1, 0.7, 0.3) + rng.normal(0, 0.15, len(y)), 0, 1)
-    m = binary_metrics(y, p, 0.5, 500, 0)
-    cm = m["confusion_matrix"]
-    assert cm["tp"] + cm["fn"] == 100 and cm["tn"] + cm["fp"] == 200
-    assert m["sensitivity"] == pytest.approx(cm["tp"] / 100)
-    lo, hi = m["auc_ci95"]
-    assert lo < m["auc"] < hi and hi - lo < 0.1
-    assert [pv["prevalence"] for pv in m["predictive_values"]] == [0.01, 0.05, 0.2]
-    assert "covid" in m["classification_report_text"]
-    assert bootstrap_auc(y, p, 200, 1) == bootstrap_auc(y, p, 200, 1)
-
-
-def test_the_interval_rests_on_as_many_resamples_as_reported() -> None:
-    """Resamples without a covid film were skipped, so a small site folder's interval
-    came from about two thirds of the resamples the report named."""
-    y = np.array([1] + [0] * 20)
-    p = np.linspace(0, 1, len(y))
-    assert len(bootstrap_aucs(y, p, 300, 0)) == 300
-
-
-def test_audit_masks_fill_parts_of_the_network_input_with_its_mean() -> None:
-    x = np.random.default_rng(0).random((160, 160, 1)).astype(np.float32)
-    mean = pytest.approx(x.mean())
-    b = border_only(x)
-    assert np.all(b[20:140, 20:140] == mean)
-    np.testing.assert_array_equal(b[:20], x[:20])
-    c = centre_only(x)
-    np.testing.assert_array_equal(c[20:140, 20:140], x[20:140, 20:140])
-    assert np.all(c[:20] == mean) and np.all(c[:, 140:] == mean)
-    h = lungs_hidden(x)
-    assert np.all(h[80, 5:64] == mean) and np.all(h[80, 96:155] == mean)
-    np.testing.assert_array_equal(h[:, 64:96], x[:, 64:96])  # mediastinum visible
-    np.testing.assert_array_equal(h[:9], x[:9])
-
-
-@pytest.mark.parametrize(("arch", "size"), [("vgg16", 64), ("inceptionv3", 75)])
-def test_grad_cam_explains_a_model_built_on_a_nested_application(arch: str, size: int) -> None:
-    """The application base nested in vgg16 / inceptionv3 is not an ensemble member; an
-    ensemble of such models is still explained member by member."""
-    from training.ensemble import combine
-    from training.evaluate import grad_cam
-    from training.models import build_model
-
-    inputs = np.random.default_rng(0).random((2, size, size, 1)).astype(np.float32)
-    signs = np.array([1.0, -1.0])
-    ensemble = combine([build_model(arch, size) for _ in range(2)], size)
-    for model in (build_model(arch, size), ensemble):
-        cams = grad_cam(model, inputs, signs)
-        assert cams.shape == (2, size, size)
-        assert np.all(np.isfinite(cams)) and cams.min() >= 0.0 and cams.max() <= 1.0 + 1e-6
 
 
 def test_evaluate_audits_the_shipped_model_and_records_them_in_a_card_copy(

@@ -79,7 +79,7 @@ def test_shipped_model_separates_a_test_sample(shipped_model: Path, cxr_dir: Pat
     from sklearn.metrics import roc_auc_score
 
     from training.data import list_split
-    from training.evaluate import score_files
+    from training.scoring import score_files
 
     samples = list_split(cxr_dir, "test")
     rng = np.random.default_rng(0)
