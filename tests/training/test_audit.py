@@ -35,3 +35,28 @@ def test_grad_cam_explains_a_model_built_on_a_nested_application(arch: str, size
         cams = grad_cam(model, inputs, signs)
         assert cams.shape == (2, size, size)
         assert np.all(np.isfinite(cams)) and cams.min() >= 0.0 and cams.max() <= 1.0 + 1e-6
+
+
+def test_grad_cam_points_at_the_evidence_for_the_class_asked() -> None:
+    """A network whose covid logit is the mean brightness: the covid map is the bright
+    patch, normalised to a peak of 1, and the normal map is empty (nothing in the image
+    argues for normal)."""
+    import keras
+
+    from training.models import HEAD
+
+    size = 32
+    inputs = keras.Input((size, size, 1))
+    conv = keras.layers.Conv2D(1, 1, activation="relu", kernel_initializer="ones")(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D()(conv)
+    logit = keras.layers.Dense(1, activation="sigmoid", kernel_initializer="ones", name=HEAD)
+    model = keras.Model(inputs, logit(pooled))
+    image = np.zeros((1, size, size, 1), np.float32)
+    image[0, 4:12, 20:28] = 1.0
+
+    covid, normal = grad_cam(model, np.concatenate([image, image]), np.array([1.0, -1.0]))
+
+    assert covid.max() == pytest.approx(1.0)
+    assert np.all(covid[4:12, 20:28] == pytest.approx(1.0))
+    assert covid.sum() == pytest.approx(64.0, rel=0.05)  # the patch, not beyond it
+    assert not normal.any()

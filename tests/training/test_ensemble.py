@@ -58,6 +58,28 @@ def test_ensemble_of_one_model_twice_predicts_like_the_model(
     assert cams.shape == (len(batch), size, size) and float(cams.max()) <= 1.0 + 1e-6
 
 
+def test_the_ensemble_gives_the_mean_of_different_members() -> None:
+    """Two copies of one model agree with any way of combining them; two networks with
+    other weights tell the mean from the largest or the first."""
+    import keras
+
+    from training.ensemble import combine
+    from training.models import build_model
+
+    size = 32
+    members = []
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        members.append(build_model("compact", size))
+    batch = np.random.default_rng(0).random((4, size, size, 1)).astype(np.float32)
+    alone = [np.asarray(m(batch, training=False)).reshape(-1) for m in members]
+
+    together = np.asarray(combine(members, size)(batch, training=False)).reshape(-1)
+
+    assert np.abs(alone[0] - alone[1]).min() > 1e-4
+    np.testing.assert_allclose(together, (alone[0] + alone[1]) / 2, atol=1e-6)
+
+
 def test_members_trained_on_other_images_are_refused(shipped_model: Path, tmp_path: Path) -> None:
     from training.ensemble import build_ensemble
 

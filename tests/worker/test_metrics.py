@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 
 from tests.conftest import REDIS_URL
 from tests.worker.processes import Worker, free_port, port_open, wait_for
 from tests.worker.test_faults import all_final, ingest, worker_env
+from worker.celery_app import QUEUE, SCREEN_TASK
 
 
 def scrape(port: int) -> str:
@@ -31,6 +33,19 @@ def sample(text: str, name: str) -> float:
     values = samples(text, name)
     assert values, f"{name} not in the scrape"
     return sum(values)
+
+
+def queue_depth_with_messages_held(port: int, count: int) -> float:
+    """The gauge with ``count`` messages waiting: the worker stops taking from the queue
+    (a remote-control command, as an operator would pause it) and they stay there."""
+    control = Celery(broker=REDIS_URL)
+    try:
+        assert control.control.cancel_consumer(QUEUE, reply=True, timeout=10), "no reply"
+        for _ in range(count):
+            control.send_task(SCREEN_TASK, queue=QUEUE)
+        return sample(scrape(port), "cxr_broker_queue_depth")
+    finally:
+        control.close()
 
 
 @pytest.mark.services
@@ -64,6 +79,7 @@ def test_worker_serves_metrics_and_json_logs_without_patient_data(
         wait_for(lambda: sum(samples(scrape(port), screened)) >= n, 30, "the last study counted")
         text = scrape(port)
         print(f"metrics: {n} studies; scrape of {len(text)} bytes")
+        waiting = queue_depth_with_messages_held(port, 3)
     finally:
         worker.stop()
         client.flushdb()
@@ -78,6 +94,7 @@ def test_worker_serves_metrics_and_json_logs_without_patient_data(
         assert sample(text, histogram) >= n
     assert "cxr_model_info{model_version=" in text
     assert sample(text, "cxr_broker_queue_depth") == 0
+    assert waiting == 3
     log = (tmp_path / "worker.log").read_text(errors="replace")
     assert log.count('"study_instance_uid"') >= n
     assert "Covid0000" not in log  # the NIH file's PatientID

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
+import json
 import os
 import re
 import shutil
@@ -23,6 +26,7 @@ from tests.sql import rows
 from tests.worker.processes import OomKiller
 from tests.worker.test_imaging import EXPECTED_CODE
 from worker.discovery import walk
+from worker.privacy import PatientIdMode
 from worker.queue import ingest
 from worker.runner import CRASHED, run
 
@@ -125,17 +129,62 @@ def test_instances_are_grouped_by_study_not_by_folder(
     assert reasons == [("not_frontal",)]
 
 
-def test_patient_ids_are_not_stored_in_clear(
-    cxr_dir: Path, tmp_path: Path, sqlite_url: str, model_dir: Path
+def keyed_ref(key: str) -> str:
+    return hmac.new(key.encode(), b"TEST-PATIENT-0001", hashlib.sha256).hexdigest()[:32]
+
+
+@pytest.mark.parametrize(
+    ("mode", "key", "stored"),
+    [
+        ("hash", "site-secret-one-0123", keyed_ref("site-secret-one-0123")),
+        ("hash", "site-secret-two-4567", keyed_ref("site-secret-two-4567")),
+        ("none", "site-secret-one-0123", None),
+        ("clear", "site-secret-one-0123", "TEST-PATIENT-0001"),
+    ],
+)
+def test_the_patient_reference_is_what_the_mode_and_key_make_it(
+    cxr_dir: Path,
+    tmp_path: Path,
+    sqlite_url: str,
+    model_dir: Path,
+    mode: PatientIdMode,
+    key: str,
+    stored: str | None,
 ) -> None:
+    """An unkeyed hash (recomputable by anyone with a patient list) or a reference kept
+    under ``none`` would pass a check that only looks for the ID in clear."""
     png = sorted((cxr_dir / "test" / "normal").glob("*.png"))[0]
     write(base_dataset(png_pixels(png)), tmp_path / "x.dcm")
-    run([tmp_path], settings_for(sqlite_url, model_dir))
-    dump = "\n".join(str(r) for r in rows(sqlite_url, "SELECT * FROM studies"))
-    dump += "\n".join(str(r) for r in rows(sqlite_url, "SELECT * FROM predictions"))
+    settings = Settings(
+        database_url=sqlite_url, model=model_dir, workers=2, patient_id_mode=mode, hash_key=key
+    )
+    run([tmp_path], settings)
+    assert rows(sqlite_url, "SELECT patient_ref FROM studies") == [(stored,)]
+    tables = ("predictions",) if mode == "clear" else ("predictions", "studies")
+    dump = "\n".join(str(r) for t in tables for r in rows(sqlite_url, f"SELECT * FROM {t}"))
     assert "TEST-PATIENT-0001" not in dump and "Test^Patient" not in dump
-    (ref,) = rows(sqlite_url, "SELECT patient_ref FROM studies")[0]
-    assert ref is not None and len(ref) == 32
+
+
+def test_a_study_takes_its_most_suspicious_film(
+    cxr_dir: Path, tmp_path: Path, sqlite_url: str, model_dir: Path
+) -> None:
+    """One covid film among normal ones flags the study: the study's probability is the
+    highest of its films', and its label is that probability's."""
+    study_uid = "1.2.826.0.1.3680043.10.2.7"
+    films = [
+        *sorted((cxr_dir / "test" / "normal").glob("*.png"))[:2],
+        *sorted((cxr_dir / "test" / "covid").glob("*.png"))[:1],
+    ]
+    for i, png in enumerate(films):
+        write(base_dataset(png_pixels(png), study_uid=study_uid), tmp_path / f"{i}.dcm")
+    summary = run([tmp_path], settings_for(sqlite_url, model_dir))
+    films_p = [p for (p,) in rows(sqlite_url, "SELECT covid_probability FROM predictions")]
+    threshold = json.loads((model_dir / "model_card.json").read_text())["threshold"]
+    assert len(films_p) == 3 and min(films_p) < threshold <= max(films_p)
+    assert rows(sqlite_url, "SELECT covid_probability, predicted_label FROM studies") == [
+        (max(films_p), "covid")
+    ]
+    assert summary.positives == 1
 
 
 def test_a_study_that_kills_its_process_is_failed_and_no_other_study_is_lost(
