@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -15,12 +16,18 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, inspect, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+RESULT_TABLES = frozenset({"studies", "predictions"})
 LOCK_SUFFIX = ".lock"  # the upgrade lock beside a SQLite file
+# How long a PostgreSQL upgrade waits for a table another session holds (an analyst's
+# open transaction) before it gives up and rolls back: waiting, it held the tables it had
+# already changed, so every reader queued behind it.
+UPGRADE_LOCK_TIMEOUT_MS = 30_000
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout
 
 
 class DatabaseError(Exception):
@@ -104,12 +111,11 @@ def check_database(url: str) -> str | None:
     folder = Path(engine.url.database or "").parent
     if engine.dialect.name == "sqlite" and not folder.is_dir():
         raise DatabaseError(f"no folder {folder} for the SQLite database {safe_url(url)}")
-    if _sqlite_before_wal(engine):
-        # New (or not yet switched to WAL): left to open_database, which makes the file
-        # readable by its owner only and switches it under the upgrade lock.
-        return None
+    if engine.dialect.name == "sqlite" and not Path(engine.url.database or "").exists():
+        return None  # made by open_database, readable by its owner only
     try:
-        is_at(engine, "head")
+        with sqlite_upgrade_lock(engine):  # a file not yet in WAL mode is opened only so
+            is_at(engine, "head")
         return None
     except OperationalError as exc:
         message = first_line(exc)
@@ -134,17 +140,29 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     try:
         if _is_already_at(engine, revision):
             return
-        with sqlite_upgrade_lock(engine), engine.connect() as connection:
-            # The migrations run on this connection; the URL never goes through Alembic's
-            # configparser, which reads the "%" of a percent-encoded path as interpolation.
-            config = migrations_config()
-            config.attributes["connection"] = connection
-            command.upgrade(config, revision)
-            connection.commit()
+        with sqlite_upgrade_lock(engine):
+            if is_at(engine, revision):  # another process got there first
+                return
+            with engine.connect() as connection:
+                # The migrations run on this connection; the URL never goes through
+                # Alembic's configparser, which reads the "%" of a percent-encoded path
+                # as interpolation.
+                config = migrations_config()
+                config.attributes["connection"] = connection
+                config.attributes["lock_timeout_ms"] = UPGRADE_LOCK_TIMEOUT_MS
+                command.upgrade(config, revision)
+                connection.commit()
     except DatabaseError:
         raise
     except Exception as exc:
         where = safe_url(str(engine.url))
+        if getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE:
+            raise DatabaseError(
+                f"cannot upgrade database {where}: another session holds a table the upgrade "
+                f"changes (an open transaction: a report, an analyst's query) and it waited "
+                f"{UPGRADE_LOCK_TIMEOUT_MS / 1000:g} s; nothing was changed. Run "
+                "`cxr-screen db upgrade` again once that session has ended"
+            ) from exc
         raise DatabaseError(f"cannot upgrade database {where}: {first_line(exc)}") from exc
 
 
@@ -154,24 +172,51 @@ def migrations_config() -> Config:
     return config
 
 
-def schema_revision(engine: Engine) -> str | None:
-    """The database's schema revision, None where it has no schema; a plain read."""
+def schema_state(engine: Engine) -> tuple[str | None, set[str]]:
+    """The schema revision (None where there is none) and the table names; a plain read.
+    The tables are read first: an upgrade commits its tables and its revision at once,
+    so tables seen before another process's commit never meet that commit's revision."""
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        tables = set(inspect(connection).get_table_names())
+        return MigrationContext.configure(connection).get_current_revision(), tables
 
 
 def is_at(engine: Engine, revision: str) -> bool:
-    """Whether the schema is at ``revision`` already. DatabaseError for a schema a newer
-    cxr-screen wrote ("Can't locate revision" told nobody what to do)."""
-    current = schema_revision(engine)
+    """Whether the schema is at ``revision`` already (see ``known_revision``)."""
     scripts = ScriptDirectory.from_config(migrations_config())
-    if current is not None and current not in {s.revision for s in scripts.walk_revisions()}:
+    return known_revision(engine) == scripts.as_revision_number(revision)
+
+
+def known_revision(engine: Engine) -> str | None:
+    """The schema's revision, None for a database without cxr-screen's tables.
+    DatabaseError where no upgrade can help ("Can't locate revision" and "table already
+    exists" told nobody what to do): a revision a newer cxr-screen wrote, another
+    application's Alembic history, or cxr-screen's tables without their revision."""
+    where = safe_url(str(engine.url))
+    current, tables = schema_state(engine)
+    scripts = ScriptDirectory.from_config(migrations_config())
+    if current is None:
+        if found := sorted(tables & RESULT_TABLES):
+            raise DatabaseError(
+                f"{where} has tables named {', '.join(found)} but no schema revision (a "
+                "copy restored without its alembic_version table, or another "
+                "application's tables): give cxr-screen a database of its own, or restore "
+                "alembic_version with the tables"
+            )
+        return None
+    if current in {s.revision for s in scripts.walk_revisions()}:
+        return current
+    if not re.fullmatch(r"\d{4}", current):
         raise DatabaseError(
-            f"the schema of {safe_url(str(engine.url))} is at revision {current}, which "
-            f"this cxr-screen does not know (its newest is {scripts.get_current_head()}): "
-            "a newer cxr-screen wrote it; upgrade this one"
+            f"the schema of {where} is at revision {current}, which is not a cxr-screen "
+            "revision: the database holds another application's schema history; give "
+            "cxr-screen a database of its own"
         )
-    return current == scripts.as_revision_number(revision)
+    raise DatabaseError(
+        f"the schema of {where} is at revision {current}, which this cxr-screen does not "
+        f"know (its newest is {scripts.get_current_head()}): a newer cxr-screen wrote it; "
+        "upgrade this one"
+    )
 
 
 def _is_already_at(engine: Engine, revision: str) -> bool:

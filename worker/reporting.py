@@ -34,9 +34,9 @@ from db.repository import FINAL_STATUSES
 from db.session import (
     DatabaseError,
     first_line,
+    known_revision,
     make_engine,
     safe_url,
-    schema_revision,
     upgrade,
 )
 from worker.csv_rows import write_csv_row
@@ -183,7 +183,12 @@ def open_results(url: str) -> Engine:
     except SQLAlchemyError as exc:
         engine.dispose()
         raise DatabaseError(f"cannot connect to {safe_url(url)}: {first_line(exc)}") from None
-    if schema_revision(engine) is None:
+    try:
+        revision = known_revision(engine)
+    except DatabaseError:
+        engine.dispose()
+        raise
+    if revision is None:
         engine.dispose()
         raise NoResultsError(no_studies_yet(url))
     upgrade(engine)

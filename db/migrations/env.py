@@ -23,6 +23,9 @@ def _run(connection: Connection) -> None:
         # only once the DDL is committed (a lock released before the commit let it see
         # no tables and create them a second time).
         connection.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})"))
+        # Only after the advisory lock: another upgrade is waited for in full.
+        timeout = int(config.attributes.get("lock_timeout_ms", 0))
+        connection.execute(text(f"SET LOCAL lock_timeout = {timeout}"))
     elif connection.dialect.name == "sqlite":
         # pysqlite opens a transaction only before INSERT/UPDATE/DELETE, so each DDL
         # statement committed on its own: a failed or killed upgrade left half a schema

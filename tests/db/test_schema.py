@@ -20,11 +20,12 @@ from sqlalchemy.exc import IntegrityError
 
 from db.models import Base, Prediction, Study
 from db.repository import save_instances, save_study
-from db.session import DatabaseError, make_engine, open_database, upgrade
+from db.session import DatabaseError, check_database, make_engine, open_database, upgrade
 from tests.conftest import POSTGRES_URL
 from tests.sql import execute, rows
 from worker.imaging.dicom import InstanceHeader
 from worker.imaging.enum import Label, Status
+from worker.reporting import open_results
 from worker.screening import InstanceResult, StudyOutcome, rejected
 
 HEADER = InstanceHeader(
@@ -184,14 +185,14 @@ def test_processes_starting_together_on_a_new_sqlite_file_all_get_the_schema(
 def test_a_migration_that_fails_leaves_no_half_schema(database_url: str) -> None:
     """A failed (or killed) upgrade must leave the database as it was: a half-made
     schema with no recorded revision fails every later start on "already exists"."""
-    execute(database_url, "CREATE TABLE studies (x integer)")  # in 0001's way, after predictions
+    execute(database_url, "CREATE TABLE daily_summary (x integer)")  # in 0002's way
     with pytest.raises(DatabaseError, match="already exists"):
         open_database(database_url)
     tables = "SELECT name FROM sqlite_master WHERE type = 'table'"
     if database_url.startswith("postgresql"):
         tables = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-    assert rows(database_url, tables) == [("studies",)]
-    execute(database_url, "DROP TABLE studies")
+    assert rows(database_url, tables) == [("daily_summary",)]
+    execute(database_url, "DROP TABLE daily_summary")
     open_database(database_url)
 
 
@@ -251,6 +252,64 @@ def test_a_schema_newer_than_the_code_is_refused_with_what_to_do(database_url: s
     execute(database_url, "UPDATE alembic_version SET version_num = '0099'")
     with pytest.raises(DatabaseError, match=r"at revision 0099, which this cxr-screen does not"):
         open_database(database_url)
+
+
+def test_a_sqlite_file_out_of_wal_mode_at_a_newer_schema_is_refused_with_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """A copy made by .backup or VACUUM INTO is in rollback-journal mode: the check that
+    reads only WAL files let a worker start on it, and the upgrade failed on "Can't
+    locate revision"."""
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    open_database(url).kw["bind"].dispose()
+    execute(url, "UPDATE alembic_version SET version_num = '0099'")
+    db = sqlite3.connect(tmp_path / "results.db")
+    assert db.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+    db.close()
+    for attempt in (check_database, open_database):
+        with pytest.raises(DatabaseError, match=r"at revision 0099, which this cxr-screen does"):
+            attempt(url)
+
+
+def test_another_applications_schema_history_is_named_as_such(database_url: str) -> None:
+    execute(database_url, "CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+    execute(database_url, "INSERT INTO alembic_version VALUES ('ae1027a6acf')")
+    for attempt in (check_database, open_database):
+        with pytest.raises(DatabaseError, match="not a cxr-screen revision"):
+            attempt(database_url)
+
+
+def test_result_tables_without_their_revision_are_refused_with_what_to_do(
+    database_url: str,
+) -> None:
+    """A restore of the tables alone: reports said "no studies yet", the upgrade failed
+    on "table already exists", and a worker started on it."""
+    open_database(database_url).kw["bind"].dispose()
+    execute(database_url, "DROP TABLE alembic_version")
+    for attempt in (check_database, open_database, open_results):
+        with pytest.raises(DatabaseError, match="studies but no schema revision"):
+            attempt(database_url)
+
+
+@pytest.mark.services
+@pytest.mark.timeout(120)
+def test_an_upgrade_behind_an_open_transaction_gives_up_and_changes_nothing(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for an analyst's transaction, the upgrade held the tables it had already
+    changed, and every worker and report queued behind it for as long as it lasted."""
+    engine = make_engine(postgres_url)
+    upgrade(engine, "0004")  # 0005 changes both tables
+    monkeypatch.setattr("db.session.UPGRADE_LOCK_TIMEOUT_MS", 500)
+    try:
+        with engine.connect() as analyst:
+            analyst.execute(text("SELECT count(*) FROM studies"))  # a transaction left open
+            with pytest.raises(DatabaseError, match="another session holds a table"):
+                upgrade(engine)
+            assert rows(postgres_url, "SELECT count(*) FROM predictions") == [(0,)]
+        assert rows(postgres_url, "SELECT version_num FROM alembic_version") == [("0004",)]
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.services
