@@ -640,7 +640,7 @@ def soak_distributed(
     """The Celery worker's memory over ``studies`` studies: ``ingest --force`` of the same
     folder, round after round (each once the queue is empty), RSS of every process sampled."""
     from worker.celery_app import QUEUE
-    from worker.queue import broker_queue_length
+    from worker.queue.status import broker_queue_length
 
     folder = folder_of(files, scratch)
     rounds = max(1, math.ceil(studies / len(files)))

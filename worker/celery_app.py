@@ -136,7 +136,7 @@ def _check_and_serve_metrics(**_: Any) -> None:
         log.warning(warning)
     if settings.metrics_port:
         from worker.metrics import prepare_multiprocess, serve
-        from worker.queue import broker_queue_length
+        from worker.queue.status import broker_queue_length
 
         prepare_multiprocess()
         serve(

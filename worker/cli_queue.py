@@ -52,7 +52,7 @@ def sending(settings: Settings) -> Iterator[None]:
     from kombu.exceptions import OperationalError
 
     from db.session import safe_url
-    from worker.queue import check_broker
+    from worker.queue.status import check_broker
 
     check_broker(settings.broker_url)
     try:
@@ -78,8 +78,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Queue every study under PATHS for the Celery workers (headers only)."""
         from db.session import open_database, safe_url
-        from worker.queue import IngestProgress
-        from worker.queue import ingest as ingest_studies
+        from worker.queue.ingest import IngestProgress
+        from worker.queue.ingest import ingest as ingest_studies
 
         settings = _settings(broker_url=broker_url, database_url=database_url, model=model)
         exports = existing_paths(paths)
@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
         )
         from worker.celery_app import QUEUE, check_ready_to_work
         from worker.celery_app import app as celery
-        from worker.queue import check_broker_url
+        from worker.queue.status import check_broker_url
         from worker.runner import usable_cores
 
         # One line before Celery's banner; the worker checks again for `celery worker`.
@@ -150,7 +150,7 @@ def register(app: typer.Typer) -> None:
 
         from db.repository import failed_studies
         from worker.celery_app import QUEUE
-        from worker.queue import queue_status
+        from worker.queue.status import queue_status
         from worker.reporting import open_results
 
         settings = _settings(broker_url=broker_url, database_url=database_url)
@@ -214,7 +214,7 @@ def register(app: typer.Typer) -> None:
         import datetime as dt
 
         from db.session import open_database
-        from worker.queue import requeue as requeue_studies
+        from worker.queue.status import requeue as requeue_studies
 
         if not failed and not stale:
             console.print("[red]error:[/red] say what to requeue: --failed, --stale or both")

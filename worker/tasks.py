@@ -1,4 +1,4 @@
-"""Thin Celery tasks: validate the message, call ``worker.queue.process_study`` (or
+"""Thin Celery tasks: validate the message, call ``worker.queue.consume.process_study`` (or
 ``process_batch``), and turn failures into retries (transient) or a recorded ``failed``
 study (final); a batch that fails is split into single-study messages instead.
 """
@@ -19,19 +19,17 @@ from db.session import is_database_unavailable, open_database
 from worker.celery_app import QUEUE, SCREEN_BATCH_TASK, SCREEN_TASK, app, soft_time_limit
 from worker.logs import describe_error
 from worker.model import Classifier
-from worker.queue import (
-    MalformedTask,
-    StudyTask,
+from worker.queue.consume import (
     backoff,
     is_transient,
-    parse_batch_message,
-    parse_message,
     process_batch,
     process_study,
     record_failure,
     record_refused,
     split_batch,
 )
+from worker.queue.errors import MalformedTask
+from worker.queue.messages import StudyTask, parse_batch_message, parse_message
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from worker.imaging.dicom import InstanceHeader
 from worker.imaging.enum import Status
 from worker.metrics import metrics
 from worker.model import Classifier
-from worker.queue import StudyTask, delivery_limit, process_study, save_failure, worker_files
+from worker.queue.consume import delivery_limit, process_study, save_failure
+from worker.queue.messages import StudyTask, worker_files
 from worker.screening import InstanceResult, failed_outcome
 
 UID, VERSION = "1.2.826.0.1.3680043.8.498.1", "m-1"

@@ -110,7 +110,7 @@ def test_ingest_with_the_broker_down_writes_nothing_and_says_so_in_one_line(
 
 def test_the_broker_check_leaves_other_brokers_to_celery() -> None:
     """redis-py cannot parse amqp:// or sentinel://, which Celery takes: a traceback."""
-    from worker.queue import check_broker
+    from worker.queue.status import check_broker
 
     for url in ("amqp://guest@127.0.0.1:1//", "sentinel://127.0.0.1:1", "memory://"):
         check_broker(url)

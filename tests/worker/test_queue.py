@@ -27,32 +27,30 @@ from tests.worker.test_faults import all_final, ingest, worker_env
 from tests.worker.test_run import predictions
 from worker.celery_app import celery_config
 from worker.model import Classifier, read_card
-from worker.queue import (
-    MIN_MESSAGES,
-    IngestError,
-    IngestRootUnavailable,
-    IngestSummary,
-    MalformedTask,
-    StudyBatch,
-    StudyTask,
+from worker.queue.consume import (
     backoff,
-    message_paths,
     mismatch,
-    parse_batch_message,
-    parse_message,
     process_batch,
     process_study,
     record_failure,
-    requeue,
     save_failure,
     split_batch,
+)
+from worker.queue.errors import IngestError, IngestRootUnavailable, MalformedTask
+from worker.queue.ingest import IngestSummary
+from worker.queue.ingest import ingest as ingest_studies
+from worker.queue.messages import (
+    MIN_MESSAGES,
+    StudyBatch,
+    StudyTask,
+    message_paths,
+    parse_batch_message,
+    parse_message,
     study_messages,
     worker_files,
     worker_paths,
 )
-from worker.queue import (
-    ingest as ingest_studies,
-)
+from worker.queue.status import requeue
 from worker.runner import run
 
 GOOD = {"study_instance_uid": "1.2.3.4", "files": ["a/b.dcm"], "model_version": "m-1"}

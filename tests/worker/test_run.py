@@ -27,7 +27,7 @@ from tests.worker.processes import OomKiller
 from tests.worker.test_imaging import EXPECTED_CODE
 from worker.discovery import walk
 from worker.privacy import PatientIdMode
-from worker.queue import ingest
+from worker.queue.ingest import ingest
 from worker.runner import CRASHED, run
 
 ROW_COLUMNS = (
