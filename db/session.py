@@ -22,7 +22,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 RESULT_TABLES = frozenset({"studies", "predictions"})
+REVISION_ID = r"\d{4}"  # how cxr-screen's migrations are numbered (0001_results_tables.py)
 LOCK_SUFFIX = ".lock"  # the upgrade lock beside a SQLite file
+# Several workers may start at once: PostgreSQL serialises their upgrades on this
+# advisory lock (migrations/env.py), SQLite on the lock file, taken before connecting.
+MIGRATION_LOCK_ID = 7_421_035
 # How long a PostgreSQL upgrade waits for a table another session holds (an analyst's
 # open transaction) before it gives up and rolls back: waiting, it held the tables it had
 # already changed, so every reader queued behind it.
@@ -101,24 +105,27 @@ def is_database_unavailable(exc: BaseException | None) -> bool:
 TRANSIENT_REFUSALS = ("starting up", "shutting down", "in recovery", "too many", "slots")
 
 
-def check_database(url: str) -> str | None:
-    """None when the database answers, or why it cannot be reached now (a retry may
-    succeed). DatabaseError when it cannot work at all: a URL that does not parse, or a
-    server that refused the database, role or password for good, a SQLite file in a
-    folder that does not exist, or a schema a newer cxr-screen wrote (a worker facing it
-    can record neither a result nor a failure)."""
+def prepare_database(url: str) -> str | None:
+    """The schema brought up to date once, before a worker's pool processes start: each
+    of them upgrading on its first study queued behind the others, every one holding
+    for up to the lock timeout the tables it had changed. None when done, or why the
+    database cannot be reached now (a retry may succeed). DatabaseError when it cannot
+    work at all: a URL that does not parse, a server that refused the database, role or
+    password for good, a SQLite file in a folder that does not exist or that is not a
+    database, a schema this cxr-screen does not know, or an upgrade another session is
+    in the way of."""
     engine = make_engine(url)
     folder = Path(engine.url.database or "").parent
     if engine.dialect.name == "sqlite" and not folder.is_dir():
         raise DatabaseError(f"no folder {folder} for the SQLite database {safe_url(url)}")
-    if engine.dialect.name == "sqlite" and not Path(engine.url.database or "").exists():
-        return None  # made by open_database, readable by its owner only
     try:
-        with sqlite_upgrade_lock(engine):  # a file not yet in WAL mode is opened only so
-            is_at(engine, "head")
+        upgrade(engine)
         return None
-    except OperationalError as exc:
-        message = first_line(exc)
+    except DatabaseError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, OperationalError) or _is_lock_timeout(cause):
+            raise
+        message = first_line(cause)
         if "FATAL:" in message and not any(t in message for t in TRANSIENT_REFUSALS):
             raise DatabaseError(f"cannot connect to {safe_url(url)}: {message}") from None
         return message
@@ -141,7 +148,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         if _is_already_at(engine, revision):
             return
         with sqlite_upgrade_lock(engine):
-            if is_at(engine, revision):  # another process got there first
+            # Read again under the lock: another process may have upgraded meanwhile,
+            # and a SQLite file not in WAL mode is read only now.
+            if is_at(engine, revision):
                 return
             with engine.connect() as connection:
                 # The migrations run on this connection; the URL never goes through
@@ -156,14 +165,18 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         raise
     except Exception as exc:
         where = safe_url(str(engine.url))
-        if getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE:
+        if _is_lock_timeout(exc):
             raise DatabaseError(
                 f"cannot upgrade database {where}: another session holds a table the upgrade "
                 f"changes (an open transaction: a report, an analyst's query) and it waited "
-                f"{UPGRADE_LOCK_TIMEOUT_MS / 1000:g} s; nothing was changed. Run "
-                "`cxr-screen db upgrade` again once that session has ended"
+                f"{UPGRADE_LOCK_TIMEOUT_MS / 1000:g} s; nothing was changed. Try again once "
+                "that session has ended"
             ) from exc
         raise DatabaseError(f"cannot upgrade database {where}: {first_line(exc)}") from exc
+
+
+def _is_lock_timeout(exc: BaseException) -> bool:
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE
 
 
 def migrations_config() -> Config:
@@ -206,7 +219,7 @@ def known_revision(engine: Engine) -> str | None:
         return None
     if current in {s.revision for s in scripts.walk_revisions()}:
         return current
-    if not re.fullmatch(r"\d{4}", current):
+    if not re.fullmatch(REVISION_ID, current):
         raise DatabaseError(
             f"the schema of {where} is at revision {current}, which is not a cxr-screen "
             "revision: the database holds another application's schema history; give "

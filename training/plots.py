@@ -7,8 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import roc_curve
 
 from training import CLASS_NAMES
 from training.metrics import ECE_BINS, as_text
@@ -24,6 +22,9 @@ def pyplot() -> Any:
 
 
 def plot_roc(y: np.ndarray, p: np.ndarray, m: dict[str, Any], path: Path, title: str) -> None:
+
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import roc_curve
 
     plt = pyplot()
     with warnings.catch_warnings():  # one class only: evaluate has said so already

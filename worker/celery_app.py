@@ -98,15 +98,15 @@ def _logging(**_: Any) -> None:
 
 
 def check_ready_to_work(settings: Settings) -> None:
-    """The whole model loads and the database can work. A worker that cannot screen took
+    """The whole model loads and the database is upgraded. A worker that cannot screen took
     every message and failed it (a model that does not load: the message was dropped and
     the study stayed ``queued``) or retried it for ever (a database that does not exist).
     A database that is merely down is not a reason: studies wait for it in retries."""
-    from db.session import check_database
+    from db.session import prepare_database
     from worker.model import Classifier
 
     Classifier(settings.model)
-    problem = check_database(settings.database_url)
+    problem = prepare_database(settings.database_url)
     if problem:
         log.warning("the database does not answer yet (%s); studies wait for it", problem)
     if settings.visibility_timeout <= settings.task_time_limit:

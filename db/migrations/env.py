@@ -6,11 +6,9 @@ from alembic import context
 from sqlalchemy import Connection, text
 
 from db.models import Base
+from db.session import MIGRATION_LOCK_ID
 
 config = context.config
-# Several workers may start at once: PostgreSQL serialises them on an advisory lock,
-# SQLite on a file lock taken before connecting (db/session.py, sqlite_upgrade_lock).
-MIGRATION_LOCK_ID = 7_421_035
 
 
 def run_migrations_online() -> None:

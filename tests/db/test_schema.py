@@ -20,9 +20,16 @@ from sqlalchemy.exc import IntegrityError
 
 from db.models import Base, Prediction, Study
 from db.repository import save_instances, save_study
-from db.session import DatabaseError, check_database, make_engine, open_database, upgrade
+from db.session import (
+    MIGRATION_LOCK_ID,
+    DatabaseError,
+    make_engine,
+    open_database,
+    prepare_database,
+    upgrade,
+)
 from tests.conftest import POSTGRES_URL
-from tests.sql import execute, rows
+from tests.sql import connection, execute, rows
 from worker.imaging.dicom import InstanceHeader
 from worker.imaging.enum import Label, Status
 from worker.reporting import open_results
@@ -263,10 +270,10 @@ def test_a_sqlite_file_out_of_wal_mode_at_a_newer_schema_is_refused_with_what_to
     url = f"sqlite:///{tmp_path / 'results.db'}"
     open_database(url).kw["bind"].dispose()
     execute(url, "UPDATE alembic_version SET version_num = '0099'")
-    db = sqlite3.connect(tmp_path / "results.db")
-    assert db.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
-    db.close()
-    for attempt in (check_database, open_database):
+    for attempt in (prepare_database, open_database):
+        db = sqlite3.connect(tmp_path / "results.db")  # each attempt opens it in WAL mode
+        assert db.execute("PRAGMA journal_mode=DELETE").fetchone() == ("delete",)
+        db.close()
         with pytest.raises(DatabaseError, match=r"at revision 0099, which this cxr-screen does"):
             attempt(url)
 
@@ -274,7 +281,7 @@ def test_a_sqlite_file_out_of_wal_mode_at_a_newer_schema_is_refused_with_what_to
 def test_another_applications_schema_history_is_named_as_such(database_url: str) -> None:
     execute(database_url, "CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
     execute(database_url, "INSERT INTO alembic_version VALUES ('ae1027a6acf')")
-    for attempt in (check_database, open_database):
+    for attempt in (prepare_database, open_database):
         with pytest.raises(DatabaseError, match="not a cxr-screen revision"):
             attempt(database_url)
 
@@ -286,7 +293,7 @@ def test_result_tables_without_their_revision_are_refused_with_what_to_do(
     on "table already exists", and a worker started on it."""
     open_database(database_url).kw["bind"].dispose()
     execute(database_url, "DROP TABLE alembic_version")
-    for attempt in (check_database, open_database, open_results):
+    for attempt in (prepare_database, open_database, open_results):
         with pytest.raises(DatabaseError, match="studies but no schema revision"):
             attempt(database_url)
 
@@ -304,12 +311,37 @@ def test_an_upgrade_behind_an_open_transaction_gives_up_and_changes_nothing(
     try:
         with engine.connect() as analyst:
             analyst.execute(text("SELECT count(*) FROM studies"))  # a transaction left open
-            with pytest.raises(DatabaseError, match="another session holds a table"):
-                upgrade(engine)
-            assert rows(postgres_url, "SELECT count(*) FROM predictions") == [(0,)]
+            # a worker's start-up upgrade too: not "down for now", to be retried by each
+            # pool process in turn
+            for attempt in (lambda: upgrade(engine), lambda: prepare_database(postgres_url)):
+                with pytest.raises(DatabaseError, match="another session holds a table"):
+                    attempt()
+                assert rows(postgres_url, "SELECT count(*) FROM predictions") == [(0,)]
         assert rows(postgres_url, "SELECT version_num FROM alembic_version") == [("0004",)]
     finally:
         engine.dispose()
+
+
+@pytest.mark.services
+@pytest.mark.timeout(120)
+def test_an_upgrade_waits_in_full_for_another_upgrade(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock timeout bounds waits for other sessions' tables, not the wait for the
+    upgrade another process is running (set before the advisory lock, it failed every
+    worker but the first of a fleet starting together)."""
+    monkeypatch.setattr("db.session.UPGRADE_LOCK_TIMEOUT_MS", 200)
+    with connection(postgres_url) as other:
+        other.execute(text(f"SELECT pg_advisory_lock({MIGRATION_LOCK_ID})"))
+        releaser = threading.Timer(
+            1.5, lambda: other.execute(text(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})"))
+        )
+        releaser.start()
+        try:
+            open_database(postgres_url).kw["bind"].dispose()
+        finally:
+            releaser.join()
+    assert rows(postgres_url, "SELECT count(*) FROM studies") == [(0,)]
 
 
 @pytest.mark.services

@@ -184,22 +184,27 @@ def test_a_worker_whose_model_does_not_load_does_not_start(
 
 
 @pytest.mark.services
-def test_the_worker_refuses_a_database_that_cannot_work_and_waits_for_one_that_is_down() -> None:
+def test_the_worker_refuses_a_database_that_cannot_work_and_waits_for_one_that_is_down(
+    postgres_url: str, tmp_path: Path
+) -> None:
     """A database that does not exist was "unavailable": the worker started and retried
     every study for ever. One that is down is waited for, as before."""
-    from db.session import DatabaseError, check_database
+    from db.session import DatabaseError, prepare_database
 
-    assert check_database(POSTGRES_URL) is None
+    assert prepare_database(postgres_url) is None
     missing = POSTGRES_URL.rsplit("/", 1)[0] + "/no_such_database"
     with pytest.raises(DatabaseError, match=r'/no_such_database: .*FATAL: .*"no_such_database'):
-        check_database(missing)
+        prepare_database(missing)
     with pytest.raises(DatabaseError, match="invalid database URL"):
-        check_database("postgresq+psycopg://postgres@127.0.0.1/test")
-    down = check_database("postgresql+psycopg://postgres@127.0.0.1:1/test")
+        prepare_database("postgresq+psycopg://postgres@127.0.0.1/test")
+    down = prepare_database("postgresql+psycopg://postgres@127.0.0.1:1/test")
     assert down is not None and "Connection refused" in down
     # SQLite in a folder that is not there: "unable to open database file", for ever
     with pytest.raises(DatabaseError, match="no folder /nonexistent-dir for the SQLite"):
-        check_database("sqlite:////nonexistent-dir/results.db")
+        prepare_database("sqlite:////nonexistent-dir/results.db")
+    (tmp_path / "notes.db").write_text("not a database\n" * 100)
+    with pytest.raises(DatabaseError, match="file is not a database"):
+        prepare_database(f"sqlite:///{tmp_path / 'notes.db'}")
 
 
 def test_status_failed_lists_failed_studies_and_screened_ones_with_failed_files(

@@ -40,12 +40,20 @@ def queue_depth_with_messages_held(port: int, count: int) -> float:
     (a remote-control command, as an operator would pause it) and they stay there."""
     control = Celery(broker=REDIS_URL)
     try:
-        assert control.control.cancel_consumer(QUEUE, reply=True, timeout=10), "no reply"
+        assert control.control.cancel_consumer(QUEUE, reply=True, limit=1, timeout=10)
+        # The worker answers before it stops consuming: wait until it says it has.
+        wait_for(lambda: not consuming(control), 10, "the worker to leave the queue")
         for _ in range(count):
             control.send_task(SCREEN_TASK, queue=QUEUE)
         return sample(scrape(port), "cxr_broker_queue_depth")
     finally:
         control.close()
+
+
+def consuming(control: Celery) -> bool:
+    queues = control.control.inspect(timeout=1, limit=1).active_queues() or {}
+    assert queues, "the worker did not answer"
+    return any(q["name"] == QUEUE for worker in queues.values() for q in worker)
 
 
 @pytest.mark.services

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from alembic.script import ScriptDirectory
 from PIL import Image
 from pydicom.uid import JPEGLSLossless, generate_uid
 
 from config.settings import Settings
 from db.repository import queue_studies
-from db.session import DatabaseError, open_database
+from db.session import DatabaseError, migrations_config, open_database
 from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.sql import execute, rows
 from tests.worker.processes import Worker, wait_for
@@ -188,16 +189,17 @@ def test_a_worker_facing_a_schema_a_newer_cxr_screen_wrote_does_not_start(
         check_ready_to_work(Settings(model=model_dir, database_url=sqlite_url))
 
 
-def test_a_worker_started_before_any_run_leaves_a_new_sqlite_file_private(
+def test_a_worker_started_before_any_run_makes_a_private_sqlite_file_at_the_schema(
     model_dir: Path, tmp_path: Path
 ) -> None:
-    """The start-up check connected and so created the file, readable by every local
-    user; open_database then found it there and left it so."""
+    """The start-up check once connected and so created the file, readable by every
+    local user; it now upgrades, once, before the pool processes start."""
     path = tmp_path / "results.db"
     check_ready_to_work(Settings(model=model_dir, database_url=f"sqlite:///{path}"))
-    assert not path.exists()
-    open_database(f"sqlite:///{path}").kw["bind"].dispose()
     assert path.stat().st_mode & 0o777 == 0o600
+    assert rows(f"sqlite:///{path}", "SELECT version_num FROM alembic_version") == [
+        (ScriptDirectory.from_config(migrations_config()).get_current_head(),)
+    ]
 
 
 @pytest.mark.parametrize(("visibility", "warned"), [(300, True), (3600, False)])
