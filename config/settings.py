@@ -8,12 +8,14 @@ by ``CXR_SETTINGS_FILE`` (a ``KEY=value`` env file), then the defaults below.
 from __future__ import annotations
 
 import os
+import re
 import site
 import sysconfig
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, ValidationInfo, field_validator
@@ -55,6 +57,7 @@ def find_default_model(repo_root: Path = REPO_ROOT, roots: Sequence[Path] | None
 
 DEFAULT_MODEL = find_default_model()
 DEFAULT_MAX_PIXELS = 50_000_000
+BROKER_SCHEMES = ("redis", "rediss")
 DEFAULT_HASH_KEY = "change-me"
 LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}  # what logging also accepts
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -140,9 +143,17 @@ class Settings(BaseSettings):
 
     @field_validator("broker_url")
     @classmethod
-    def _url_with_scheme(cls, value: str) -> str:
+    def _redis_url(cls, value: str) -> str:
+        """Redis only: the queue's status, its depth in the metrics and the redelivery of
+        a lost study read Redis. redis-py took ``/abc`` for database 0, kombu refused it
+        after ``ingest`` had marked the studies queued."""
         if "://" not in value:
             raise ValueError("not a URL (redis://host:6379/0)")
+        parts = urlsplit(value)
+        if parts.scheme not in BROKER_SCHEMES:
+            raise ValueError(f"not a Redis URL ({parts.scheme}://): use redis:// or rediss://")
+        if not re.fullmatch(r"/?\d*", parts.path):
+            raise ValueError("the Redis database is a number (redis://host:6379/0)")
         return value
 
     @field_validator("log_level")

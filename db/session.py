@@ -34,6 +34,12 @@ UPGRADE_LOCK_TIMEOUT_MS = 30_000
 LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout
 
 
+UNENCODED_AT = (
+    "invalid database URL: an '@' in the user name or password must be percent-encoded "
+    "(@ as %40), or the rest of the password is read as the host"
+)
+
+
 class DatabaseError(Exception):
     """The results database cannot be reached or upgraded."""
 
@@ -48,6 +54,9 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, hide_parameters=True)
     except (ArgumentError, ImportError, ValueError) as exc:
         raise DatabaseError(f"invalid database URL {safe_url(url)}: {exc}") from exc
+    if "@" in (engine.url.host or ""):
+        # The host would be the password's end, echoed by every message and the driver's.
+        raise DatabaseError(UNENCODED_AT)
     if engine.dialect.name == "sqlite":
         if engine.url.database in (None, "", ":memory:"):
             # `sqlite:///$DBFILE` with the variable unset: screened, reported, thrown away
@@ -316,6 +325,8 @@ def safe_url(url: str) -> str:
     logs and reports."""
     try:
         parsed = make_url(url)
+        if "@" in (parsed.host or ""):
+            return "<database URL>"
         secrets = [key for key in parsed.query if "password" in key.lower()]
         rendered = parsed.difference_update_query(secrets).render_as_string(hide_password=True)
         return unquote(rendered)  # the path as typed: "a:b.db", not "a%3Ab.db"

@@ -143,7 +143,6 @@ def predict_to_csv(
         if isinstance(sys.stdout, io.TextIOWrapper):  # the same escaping as in a file
             sys.stdout.reconfigure(errors="backslashreplace")
         return write_csv(predictions, sys.stdout)
-    Path(csv_out).parent.mkdir(parents=True, exist_ok=True)
     # Rows go out as they are scored; backslashreplace writes a file name that is not
     # UTF-8 as escapes, so one such name cannot stop the run and the CSV stays UTF-8.
     with Path(csv_out).open("w", newline="", encoding="utf-8", errors="backslashreplace") as out:
@@ -151,8 +150,11 @@ def predict_to_csv(
 
 
 def check_csv_target(csv_out: Path) -> None:
-    """Refuse to write the CSV over a radiograph: ``--csv scans/*.png`` replaced the
-    first film with the CSV of the others."""
+    """Refuse to write the CSV over a radiograph (``--csv scans/*.png`` replaced the
+    first film with the CSV of the others) or into a folder that is not there (a typo
+    made it, as `report --out` does not)."""
+    if not csv_out.parent.is_dir():
+        raise UserError(f"no such folder for --csv: {csv_out.parent}")
     if csv_out.is_file() and is_image_file(csv_out):
         raise UserError(
             f"--csv {csv_out} is an image or DICOM file: refusing to write over it "

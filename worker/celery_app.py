@@ -139,10 +139,18 @@ def _check_and_serve_metrics(**_: Any) -> None:
         from worker.queue.status import broker_queue_length
 
         prepare_multiprocess()
-        serve(
-            settings.metrics_port,
-            queue_depth=lambda: broker_queue_length(settings.broker_url, QUEUE)[0],
-        )
+        try:
+            serve(
+                settings.metrics_port,
+                queue_depth=lambda: broker_queue_length(settings.broker_url, QUEUE)[0],
+            )
+        except OSError as exc:  # Celery logs a traceback and starts without metrics
+            log.error(
+                "the worker cannot start: CXR_METRICS_PORT %d: %s",
+                settings.metrics_port,
+                exc.strerror or exc,
+            )
+            raise SystemExit(2) from None
 
 
 @worker_process_init.connect

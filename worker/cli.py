@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import traceback
 from typing import Annotated
 
 import typer
@@ -27,6 +28,8 @@ from worker.cli_common import (
 from worker.cli_queue import register as register_queue
 from worker.cli_report import register as register_report
 from worker.privacy import privacy_warning
+
+EXIT_BUG = 70  # EX_SOFTWARE (sysexits.h): an internal error
 
 app = typer.Typer(
     help="Screen chest radiographs (DICOM) for COVID-19 findings.",
@@ -127,6 +130,12 @@ def main() -> None:
     except typer.Abort:  # end of input at a prompt
         show_error("aborted")
         sys.exit(1)
+    except Exception:
+        # A bug: the traceback, and a status of its own, since exit 1 means "nothing to
+        # report" to a cron job.
+        traceback.print_exc()
+        show_error("unexpected error: this is a bug in cxr-screen (the traceback above)")
+        sys.exit(EXIT_BUG)
     sys.exit(status if isinstance(status, int) else 0)
 
 

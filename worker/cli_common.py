@@ -29,7 +29,8 @@ from db.session import DatabaseError
 from worker.errors import UserError
 from worker.logs import configure_logging
 
-console = Console(stderr=True)
+# soft_wrap: a message is one line in a log or a cron mail, however long
+console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 BrokerUrl = Annotated[str | None, typer.Option("--broker-url", help="Overrides CXR_BROKER_URL.")]
@@ -77,8 +78,9 @@ def show_error(message: str) -> None:
 def setting_errors(exc: ValidationError) -> str:
     """``CXR_BATCH_SIZE: Input should be a valid integer``, one per bad setting."""
     return "; ".join(
-        f"CXR_{str(error['loc'][0]).upper()}: {error['msg']}" if error["loc"] else error["msg"]
+        f"CXR_{str(error['loc'][0]).upper()}: {message}" if error["loc"] else message
         for error in exc.errors()
+        for message in [error["msg"].removeprefix("Value error, ")]
     )
 
 

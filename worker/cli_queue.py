@@ -120,23 +120,26 @@ def register(app: typer.Typer) -> None:
         settings = _settings(
             broker_url=broker_url, database_url=database_url, model=model, log_level=loglevel
         )
+        from celery.bin.celery import celery
+
         from worker.celery_app import QUEUE, check_ready_to_work
-        from worker.celery_app import app as celery
-        from worker.queue.status import check_broker_url
         from worker.runner import usable_cores
 
         # One line before Celery's banner; the worker checks again for `celery worker`.
-        check_broker_url(settings.broker_url)
         check_ready_to_work(settings)
 
         # No mingle or gossip: workers share no revoked-task or clock state, and mingle
         # alone waits about a second for replies at every start.
-        argv = ["worker", "--pool", "prefork", "-Q", QUEUE, "--loglevel", settings.log_level]
+        argv = ["--app", "worker.celery_app", "worker", "--pool", "prefork", "-Q", QUEUE]
+        argv += ["--loglevel", settings.log_level]
         argv += ["--without-mingle", "--without-gossip"]
         # Celery's own default is every core of the host, also in a container allowed a
         # few of them: each pool process holds the model and decodes films.
         argv += ["--concurrency", str(concurrency or usable_cores())]
-        celery.worker_main(argv)
+        # Celery's own command, not app.worker_main(), which drops its exit code: a worker
+        # Celery stopped on an unrecoverable error must not look like one stopped on purpose.
+        code = celery.main(args=argv, prog_name="celery", standalone_mode=False)
+        raise typer.Exit(code if isinstance(code, int) else 0)
 
     @app.command()
     @user_errors

@@ -437,6 +437,19 @@ def test_messages_name_the_database_without_its_password() -> None:
     assert safe_url("sqlite:////data/sp ace/a:b.db") == "sqlite:////data/sp ace/a:b.db"
 
 
+def test_a_password_with_an_unencoded_at_sign_is_refused_and_never_shown() -> None:
+    """``postgres:pa@ss@host``: the password's end became the host, shown in the message
+    and in the driver's "failed to resolve host 'ss@host'"."""
+    from db.session import safe_url
+
+    url = "postgresql+psycopg://cxr:s3c@ret@db:5432/cxr"
+    assert "ret" not in safe_url(url)
+    with pytest.raises(DatabaseError, match="must be percent-encoded") as refused:
+        make_engine(url)
+    assert "ret" not in str(refused.value)
+    assert safe_url(url.replace("c@r", "c%40r")) == "postgresql+psycopg://cxr:***@db:5432/cxr"
+
+
 def test_a_new_sqlite_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     """It was created 0644: file paths naming patients, readable by every local user."""
     database = tmp_path / "results.db"

@@ -292,6 +292,18 @@ def test_the_csv_is_never_written_over_a_radiograph(
     assert films[0].read_bytes() == sample_png.read_bytes()
 
 
+def test_a_csv_in_a_folder_that_is_not_there_is_refused_not_made(
+    shipped_model: Path, sample_png: Path, tmp_path: Path
+) -> None:
+    """A typo in the folder made it (a root-level one as root), where ``report --out``
+    refuses."""
+    out = tmp_path / "no-such-folder" / "out.csv"
+    done = predict_cli("--model", str(shipped_model), "--csv", str(out), str(sample_png))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.decode().strip() == f"error: no such folder for --csv: {out.parent}"
+    assert not out.parent.exists()
+
+
 def test_a_named_pipe_is_a_rejected_row_not_a_hang(shipped_model: Path, tmp_path: Path) -> None:
     """The content sniffing opened it before the regular-file check: predict waited for
     a writer for ever."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -108,6 +109,26 @@ def test_worker_serves_metrics_and_json_logs_without_patient_data(
     assert "Covid0000" not in log  # the NIH file's PatientID
     assert '"level": "DEBUG"' in log and "MRN1234567" not in log
     assert "CXR_HASH_KEY is the published default" in log, "the default hash key is named"
+
+
+@pytest.mark.services
+def test_a_metrics_port_in_use_stops_the_worker_with_one_line(
+    sqlite_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """Celery logged the bind error as a traceback and ran on with no metrics: a second
+    worker on the host, same port, and no scrape target for it."""
+    port = free_port()
+    env = {**worker_env(REDIS_URL, sqlite_url, model_dir), "CXR_METRICS_PORT": str(port)}
+    with socket.create_server(("0.0.0.0", port)):
+        worker = Worker(env, tmp_path / "worker.log")
+        try:
+            worker.process.wait(timeout=60)
+            log = worker.log()
+        finally:
+            worker.stop()
+    assert worker.process.returncode == 2, log[-3000:]
+    assert f"the worker cannot start: CXR_METRICS_PORT {port}: Address already in use" in log
+    assert "Traceback" not in log
 
 
 def run_python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -25,6 +25,7 @@ from tests.dicom_factory import base_dataset, png_pixels, write
 from tests.sql import rows
 from tests.worker.processes import OomKiller
 from tests.worker.test_imaging import EXPECTED_CODE
+from worker.cli import main
 from worker.discovery import walk
 from worker.privacy import PatientIdMode
 from worker.queue.ingest import ingest
@@ -279,7 +280,7 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
             {"CXR_BATCH_SIZE": "abc"},
             "CXR_BATCH_SIZE: Input should be a valid integer",
         ),
-        (["run", "."], {"CXR_LOG_LEVEL": "verbose"}, "CXR_LOG_LEVEL: Value error, not a log level"),
+        (["run", "."], {"CXR_LOG_LEVEL": "verbose"}, "CXR_LOG_LEVEL: not a log level"),
         (["run", "."], {"CXR_SETTINGS_FILE": "/nonexistent/cxr.env"}, "CXR_SETTINGS_FILE: no such"),
         # `sqlite:///$DBFILE` with DBFILE unset: screened in memory, reported, thrown away
         (["run", ".", "--database-url", "sqlite:///"], {}, "sqlite:/// is an in-memory database"),
@@ -302,7 +303,7 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
             {},
             'failed: FATAL:  database "no_such_db" does not exist',
         ),
-        (["ingest", "."], {"CXR_BROKER_URL": ""}, "CXR_BROKER_URL: Value error, empty"),
+        (["ingest", "."], {"CXR_BROKER_URL": ""}, "CXR_BROKER_URL: empty"),
     ],
 )
 def test_cli_errors_are_one_clear_line(
@@ -317,6 +318,25 @@ def test_cli_errors_are_one_clear_line(
     assert lines[-1].startswith("error: ") and message in lines[-1], done.stderr
     assert not any(line.startswith("reading headers") for line in lines), "no zero counts"
     assert "sqlalche.me" not in done.stderr
+
+
+def test_an_unexpected_error_is_a_traceback_and_exit_70_not_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sqlite_url: str
+) -> None:
+    """Exit 1 is "nothing to report" to a cron job around ``report``: a crash with the
+    same status passed for a quiet night."""
+
+    def a_bug(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("worker.cli.upgrade", a_bug)
+    monkeypatch.setattr(sys, "argv", ["cxr-screen", "db", "upgrade", "--database-url", sqlite_url])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 70
+    err = capsys.readouterr().err
+    assert "RuntimeError: a bug" in err and "Traceback" in err
+    assert err.strip().splitlines()[-1].startswith("error: unexpected error: this is a bug")
 
 
 def test_a_model_that_does_not_load_stops_run_with_one_line(
@@ -767,7 +787,10 @@ def test_db_upgrade_creates_the_schema_once_and_then_changes_nothing(database_ur
     for _ in range(2):
         done = cli("db", "upgrade", "--database-url", database_url)
         assert done.returncode == 0, done.stderr
-        assert "is at the latest schema" in " ".join(done.stderr.split())
+        # one line, however long the path: a message cut in two lines in a log
+        assert done.stderr.splitlines() == [f"database {database_url} is at the latest schema"], (
+            done.stderr
+        )
     head = sorted((REPO_ROOT / "db" / "migrations" / "versions").glob("0*.py"))[-1]
     assert rows(database_url, "SELECT version_num FROM alembic_version") == [(head.name[:4],)]
     assert rows(database_url, "SELECT count(*) FROM studies") == [(0,)]

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import kombu
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -49,23 +48,10 @@ class QueueStatus:
         return dt.datetime.now(dt.UTC) - self.oldest_queued_at
 
 
-def check_broker_url(broker_url: str) -> None:
-    """UserError for a scheme no transport serves (``redsi://``): Celery's KeyError was a
-    traceback, after ``ingest`` had marked the studies ``queued``."""
-    try:
-        kombu.Connection(broker_url).transport  # noqa: B018 - resolves the scheme
-    except KeyError as exc:
-        raise UserError(f"invalid broker URL {safe_url(broker_url)}: {exc.args[0]}") from None
-
-
 def check_broker(broker_url: str) -> None:
-    """A Redis broker answers, or UserError. Ingest checks first: rows marked ``queued``
+    """The broker answers, or UserError. Ingest checks first: rows marked ``queued``
     (with ``--force``, over a final result) and no message would hide the studies until a
-    requeue. Another broker (``amqp://``, ``sentinel://``...) is left to Celery once its
-    scheme is known."""
-    check_broker_url(broker_url)
-    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
-        return
+    requeue."""
     client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
     try:
         client.ping()
