@@ -124,9 +124,6 @@ def prepare_database(url: str) -> str | None:
     database, a schema this cxr-screen does not know, or an upgrade another session is
     in the way of."""
     engine = make_engine(url)
-    folder = Path(engine.url.database or "").parent
-    if engine.dialect.name == "sqlite" and not folder.is_dir():
-        raise DatabaseError(f"no folder {folder} for the SQLite database {safe_url(url)}")
     try:
         upgrade(engine)
         return None
@@ -274,17 +271,27 @@ def _in_wal_mode(path: Path) -> bool:
 def sqlite_upgrade_lock(engine: Engine) -> Iterator[None]:
     """One process at a time opens and upgrades a SQLite file: on a new file, two found
     no tables and one died on "table already exists", or on "database is locked"
-    switching the file to WAL. The
-    lock is a file beside the database, ``<file>.lock``. PostgreSQL serialises the
-    migrations on an advisory lock instead (``migrations/env.py``)."""
+    switching the file to WAL. The lock is a file beside the database, ``<file>.lock``.
+    PostgreSQL serialises the migrations on an advisory lock instead
+    (``migrations/env.py``)."""
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
         return
+    check_sqlite_folder(engine)
     with open(database + LOCK_SUFFIX, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         create_private(Path(database))
         yield
+
+
+def check_sqlite_folder(engine: Engine) -> None:
+    """A SQLite file in a folder that is not there: the error named the lock file."""
+    folder = Path(engine.url.database or "").parent
+    if not folder.is_dir():
+        raise DatabaseError(
+            f"no folder {folder} for the SQLite database {safe_url(str(engine.url))}"
+        )
 
 
 def create_private(path: Path) -> None:

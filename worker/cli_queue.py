@@ -213,7 +213,7 @@ def register(app: typer.Typer) -> None:
         database_url: DatabaseUrl = None,
         model: ModelDir = None,
     ) -> None:
-        """Send studies again: the failed ones (``--failed``), the stale ones (``--stale``)."""
+        """Send studies again: the failed ones (--failed), the stale ones (--stale)."""
         import datetime as dt
 
         from db.session import open_database

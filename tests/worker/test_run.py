@@ -304,6 +304,12 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
             'failed: FATAL:  database "no_such_db" does not exist',
         ),
         (["ingest", "."], {"CXR_BROKER_URL": ""}, "CXR_BROKER_URL: empty"),
+        # the message named the upgrade's lock file, "x.db.lock"
+        (
+            ["run", ".", "--database-url", "sqlite:////no-such-dir/x.db"],
+            {},
+            "no folder /no-such-dir for the SQLite database sqlite:////no-such-dir/x.db",
+        ),
     ],
 )
 def test_cli_errors_are_one_clear_line(
