@@ -163,7 +163,7 @@ def fail_study(task: Task, study: StudyTask, model_version: str, reason: str) ->
 
 
 def refuse(args: Any, kwargs: dict[str, Any], error: MalformedTask) -> None:
-    record_refused(database, args, kwargs, str(error), load_worker_state().model_version)
+    record_refused(database, args, kwargs, str(error), lambda: load_worker_state().model_version)
 
 
 def retry_later(

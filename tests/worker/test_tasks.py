@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +128,38 @@ def test_queued_studies_a_refused_message_names_are_failed_with_the_reason(
         "of paths",
         mixed: "failed: malformed task message: expected keyword arguments only, got 1 positional",
     }
+
+
+@pytest.mark.services
+def test_a_refused_message_fails_its_study_while_the_model_no_longer_loads(
+    broker: str, postgres_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """A pool process started after the model folder changed under the worker (a model
+    copied over in place) cannot load it, and refusing a malformed message asked for the
+    model's version: the message was dropped and its study stayed queued."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    lettered = "1.2.826.0.1.3680043.2.1143.XYZ"
+    sessions = open_database(postgres_url)
+    with sessions.begin() as session:
+        queue_studies(session, [{"study_instance_uid": lettered, "files": ["a.dcm"]}], "m-1")
+    sessions.kw["bind"].dispose()
+    with Worker(worker_env(broker, postgres_url, model), tmp_path / "worker.log") as worker:
+        wait_for(lambda: " ready." in worker.log() and worker.children(), 60, "the worker")
+        (model / "model.tflite").write_text("not a model any more")
+        (first,) = worker.children()
+        os.kill(first, signal.SIGKILL)  # the pool process Celery starts instead cannot load it
+        wait_for(lambda: worker.children() not in ([], [first]), 60, "a new pool process")
+        body = {"study_instance_uid": lettered, "files": ["a.dcm"], "model_version": "m-1"}
+        send_raw(broker, kwargs=body)
+        wait_for(lambda: ": 'malformed'" in worker.log(), 60, "the message refused")
+    assert rows(postgres_url, "SELECT status, reason FROM studies") == [
+        (
+            "failed",
+            "malformed task message: study_instance_uid is not a DICOM UID "
+            "(digits and dots, at most 64 characters)",
+        )
+    ]
 
 
 def slow_study(folder: Path, cxr_dir: Path, n_files: int) -> None:

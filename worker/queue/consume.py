@@ -354,19 +354,20 @@ def record_refused(
     args: Sequence[Any],
     kwargs: dict[str, Any],
     error: str,
-    model_version: str,
+    model_version: Callable[[], str],
 ) -> None:
     """Best effort: the studies a refused message names are marked ``failed`` with the
-    reason, instead of staying ``queued`` for ever. ``model_version``: when the message
-    names none. No row is made for a study nobody queued."""
+    reason, instead of staying ``queued`` for ever. ``model_version`` is asked only when
+    the message names none: the worker's model may not load (then its studies stayed
+    queued, the message dropped). No row is made for a study nobody queued."""
     # The keyword arguments and any positional object: a message may mix them.
     bodies = [kwargs, *(arg for arg in args if isinstance(arg, dict))]
     uids = [uid for body in bodies for uid in named_studies(body)]
     if not uids:
         return
     versions = [body.get("model_version") for body in bodies]
-    version = next((v for v in versions if isinstance(v, str) and v), model_version)
     try:
+        version = next((v for v in versions if isinstance(v, str) and v), None) or model_version()
         with sessions().begin() as session:
             fail_unfinished(session, uids, version, f"malformed task message: {error}")
     except Exception as exc:
