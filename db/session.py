@@ -32,8 +32,6 @@ MIGRATION_LOCK_ID = 7_421_035
 # already changed, so every reader queued behind it.
 UPGRADE_LOCK_TIMEOUT_MS = 30_000
 LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout
-
-
 UNENCODED_AT = (
     "invalid database URL: an '@' in the user name or password must be percent-encoded "
     "(@ as %40), or the rest of the password is read as the host"
@@ -115,14 +113,15 @@ TRANSIENT_REFUSALS = ("starting up", "shutting down", "in recovery", "too many",
 
 
 def prepare_database(url: str) -> str | None:
-    """The schema brought up to date once, before a worker's pool processes start: each
-    of them upgrading on its first study queued behind the others, every one holding
-    for up to the lock timeout the tables it had changed. None when done, or why the
-    database cannot be reached now (a retry may succeed). DatabaseError when it cannot
-    work at all: a URL that does not parse, a server that refused the database, role or
-    password for good, a SQLite file in a folder that does not exist or that is not a
-    database, a schema this cxr-screen does not know, or an upgrade another session is
-    in the way of."""
+    """Bring the schema up to date before a worker's pool processes start, so that they
+    do not each upgrade on their first study, one behind another, each holding the
+    tables it has changed for up to the lock timeout.
+
+    None when done, or why the database cannot be reached now (a retry may succeed).
+    DatabaseError when it cannot work at all: a URL that does not parse, a server that
+    refused the database, role or password for good, a SQLite file in a folder that
+    does not exist or that is not a database, a schema this cxr-screen does not know, or
+    an upgrade another session is in the way of."""
     engine = make_engine(url)
     try:
         upgrade(engine)
