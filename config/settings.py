@@ -69,7 +69,8 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
+    # hide_input_in_errors: a URL's password in a traceback (plain `celery -A ...` prints one)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", hide_input_in_errors=True)
 
     database_url: str = Field(
         "sqlite:///cxr-screen.db",
@@ -149,11 +150,16 @@ class Settings(BaseSettings):
         after ``ingest`` had marked the studies queued."""
         if "://" not in value:
             raise ValueError("not a URL (redis://host:6379/0)")
+        scheme = value.split("://", 1)[0]
+        if scheme not in BROKER_SCHEMES:  # sentinel://, redis+socket://: redis-py reads neither
+            raise ValueError(f"not a Redis URL ({scheme}://): use redis:// or rediss://")
         parts = urlsplit(value)
-        if parts.scheme not in BROKER_SCHEMES:
-            raise ValueError(f"not a Redis URL ({parts.scheme}://): use redis:// or rediss://")
-        if not re.fullmatch(r"/?\d*", parts.path):
+        if not re.fullmatch(r"/?\d*", parts.path):  # a failover list "...;redis://" too
             raise ValueError("the Redis database is a number (redis://host:6379/0)")
+        try:
+            parts.port  # noqa: B018 - parsed on access
+        except ValueError:
+            raise ValueError("the port is a number (redis://host:6379/0)") from None
         return value
 
     @field_validator("log_level")

@@ -48,13 +48,13 @@ def make_engine(url: str) -> Engine:
     # transient (the worker retries the study), and the pool replaces it.
     # hide_parameters: error messages end up in logs and `studies.reason`, and a
     # statement's parameters are patient data (accession numbers, patient references).
+    if has_unencoded_at(url):
+        # The password's end would be read as the host or port, echoed by every message.
+        raise DatabaseError(UNENCODED_AT)
     try:
         engine = create_engine(url, hide_parameters=True)
     except (ArgumentError, ImportError, ValueError) as exc:
         raise DatabaseError(f"invalid database URL {safe_url(url)}: {exc}") from exc
-    if "@" in (engine.url.host or ""):
-        # The host would be the password's end, echoed by every message and the driver's.
-        raise DatabaseError(UNENCODED_AT)
     if engine.dialect.name == "sqlite":
         if engine.url.database in (None, "", ":memory:"):
             # `sqlite:///$DBFILE` with the variable unset: screened, reported, thrown away
@@ -284,8 +284,16 @@ def sqlite_upgrade_lock(engine: Engine) -> Iterator[None]:
         yield
 
 
+def has_unencoded_at(url: str) -> bool:
+    """More than one "@" before the path: a user name or password with an "@" that is not
+    written %40."""
+    authority = url.partition("://")[2].partition("/")[0]
+    return authority.count("@") > 1
+
+
 def check_sqlite_folder(engine: Engine) -> None:
-    """A SQLite file in a folder that is not there: the error named the lock file."""
+    """DatabaseError naming the folder when the SQLite file's folder does not exist (the
+    error was about the lock file beside it)."""
     folder = Path(engine.url.database or "").parent
     if not folder.is_dir():
         raise DatabaseError(
@@ -329,10 +337,10 @@ def database_files(url: str) -> list[str]:
 def safe_url(url: str) -> str:
     """The URL without its password (libpq also takes ``?password=``), for messages,
     logs and reports."""
+    if has_unencoded_at(url):
+        return "<URL with an unencoded @>"
     try:
         parsed = make_url(url)
-        if "@" in (parsed.host or ""):
-            return "<database URL>"
         secrets = [key for key in parsed.query if "password" in key.lower()]
         rendered = parsed.difference_update_query(secrets).render_as_string(hide_password=True)
         return unquote(rendered)  # the path as typed: "a:b.db", not "a%3Ab.db"

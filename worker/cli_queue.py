@@ -121,6 +121,7 @@ def register(app: typer.Typer) -> None:
             broker_url=broker_url, database_url=database_url, model=model, log_level=loglevel
         )
         from celery.bin.celery import celery
+        from celery.signals import worker_shutting_down
 
         from worker.celery_app import QUEUE, check_ready_to_work
         from worker.runner import usable_cores
@@ -138,8 +139,11 @@ def register(app: typer.Typer) -> None:
         argv += ["--concurrency", str(concurrency or usable_cores())]
         # Celery's own command, not app.worker_main(), which drops its exit code: a worker
         # Celery stopped on an unrecoverable error must not look like one stopped on purpose.
+        # A stop asked for by a signal is a success, Ctrl-C included (Celery gives it 1).
+        asked_to_stop: list[str] = []
+        worker_shutting_down.connect(lambda sig, **_: asked_to_stop.append(sig), weak=False)
         code = celery.main(args=argv, prog_name="celery", standalone_mode=False)
-        raise typer.Exit(code if isinstance(code, int) else 0)
+        raise typer.Exit(0 if asked_to_stop or not isinstance(code, int) else code)
 
     @app.command()
     @user_errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +168,28 @@ def test_a_broker_url_without_a_scheme_is_refused(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CXR_BROKER_URL", "queue-host:6379/0")
     with pytest.raises(ValidationError, match="not a URL"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("REDIS://:s3cret@h:6379/0", "not a Redis URL (REDIS://)"),
+        ("redis://:s3cret@h:port/0", "the port is a number"),
+        ("sentinel://:s3cret@h:26379", "not a Redis URL (sentinel://)"),
+        ("redis+socket:///run/redis.sock", "not a Redis URL (redis+socket://)"),
+        ("redis://:s3cret@a:6379/0;redis://b:6379/0", "the Redis database is a number"),
+        ("amqp://guest:s3cret@h//", "not a Redis URL (amqp://)"),
+    ],
+)
+def test_a_broker_url_redis_py_cannot_read_is_refused_without_its_password(
+    url: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status, requeue and the queue-depth metric read the queue with redis-py; plain
+    ``celery -A`` printed pydantic's error with the URL, password included."""
+    monkeypatch.setenv("CXR_BROKER_URL", url)
+    with pytest.raises(ValidationError, match=re.escape(why)) as refused:
+        Settings()
+    assert "s3cret" not in str(refused.value)
 
 
 def test_values_are_taken_without_surrounding_spaces_and_folders_with_home(

@@ -448,6 +448,10 @@ def test_a_password_with_an_unencoded_at_sign_is_refused_and_never_shown() -> No
         make_engine(url)
     assert "ret" not in str(refused.value)
     assert safe_url(url.replace("c@r", "c%40r")) == "postgresql+psycopg://cxr:***@db:5432/cxr"
+    port_like = "postgresql+psycopg://cxr:s3c@ret:part@db:5432/cxr"  # "ret" and "part" as port
+    assert "part" not in safe_url(port_like)
+    with pytest.raises(DatabaseError, match="must be percent-encoded"):
+        make_engine(port_like)
 
 
 def test_a_new_sqlite_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:

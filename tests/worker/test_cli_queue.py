@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,29 @@ def test_the_worker_pool_defaults_to_the_cores_it_may_use(
     finally:
         worker.stop()
         redis.Redis.from_url(IDLE_BROKER).flushdb()
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_worker_stopped_on_purpose_exits_0(
+    stop: signal.Signals, model_dir: Path, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Ctrl-C exited 1 (Celery's status for it) once that status was passed on."""
+    worker = Worker(
+        worker_env(IDLE_BROKER, sqlite_url, model_dir),
+        tmp_path / "worker.log",
+        command=["worker", "worker", "--concurrency", "1"],
+    )
+    try:
+        wait_for(lambda: " ready." in worker.log(), 60, "the worker to be ready")
+        os.kill(worker.pid, stop)
+        worker.process.wait(timeout=60)
+        log = worker.log()
+    finally:
+        worker.stop()
+        redis.Redis.from_url(IDLE_BROKER).flushdb()
+    assert "Warm shutdown" in log, log[-3000:]
+    assert worker.process.returncode == 0
 
 
 @pytest.mark.services

@@ -55,7 +55,7 @@ def check_broker(broker_url: str) -> None:
     client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
     try:
         client.ping()
-    except redis.exceptions.RedisError as exc:
+    except (redis.exceptions.RedisError, ValueError) as exc:  # ValueError: a URL redis-py refuses
         raise UserError(f"cannot reach the broker at {safe_url(broker_url)}: {exc}") from exc
     finally:
         client.close()
