@@ -18,7 +18,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +58,7 @@ def find_default_model(repo_root: Path = REPO_ROOT, roots: Sequence[Path] | None
 DEFAULT_MODEL = find_default_model()
 DEFAULT_MAX_PIXELS = 50_000_000
 BROKER_SCHEMES = ("redis", "rediss")
+FLAG_NAMES = {"log_level": "--loglevel"}  # the worker's flag, as Celery spells it
 DEFAULT_HASH_KEY = "change-me"
 LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}  # what logging also accepts
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -65,7 +66,7 @@ PREFIX = "CXR_"
 
 
 class SettingsError(ValueError):
-    """A settings file that cannot be used."""
+    """A settings file, or a command-line flag, that cannot be used."""
 
 
 class Settings(BaseSettings):
@@ -174,7 +175,21 @@ class Settings(BaseSettings):
         """A copy with the non-None overrides applied (command-line flags), validated as
         the environment is (a copy with an update would take ``--threshold 5``)."""
         given = {key: value for key, value in overrides.items() if value is not None}
-        return type(self).model_validate({**self.model_dump(), **given})
+        try:
+            return type(self).model_validate({**self.model_dump(), **given})
+        except ValidationError as exc:  # named as typed: CXR_THRESHOLD was not set
+            raise SettingsError(
+                "; ".join(
+                    f"{flag_name(str(error['loc'][0]))}: "
+                    + error["msg"].removeprefix("Value error, ")
+                    for error in exc.errors()
+                )
+            ) from None
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag that overrides a setting."""
+    return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 REQUIRED_TEXT = frozenset({"database_url", "broker_url", "model", "ingest_root"})

@@ -38,6 +38,7 @@ def _settings(**overrides: Any) -> Settings:
     The Celery app reads the one settings object when it is imported, and worker pool
     processes inherit the environment: exporting the flags keeps them all in agreement.
     """
+    get_settings().with_overrides(**overrides)  # a bad flag is named as typed, not as CXR_*
     names = {"broker_url", "database_url", "model", "log_level"}
     for name, value in overrides.items():
         if value is not None and name in names:

@@ -81,7 +81,7 @@ def test_a_value_that_cannot_work_is_refused_from_the_environment_and_the_comman
     with pytest.raises(ValidationError, match=name):
         Settings()
     monkeypatch.delenv(f"CXR_{name.upper()}")
-    with pytest.raises(ValidationError, match=name):
+    with pytest.raises(SettingsError, match=f"^--{name.replace('_', '-')}: "):
         Settings().with_overrides(**setting)
 
 

@@ -304,6 +304,9 @@ def test_cli_run_prints_a_summary_and_logs_no_patient_data(
             'failed: FATAL:  database "no_such_db" does not exist',
         ),
         (["ingest", "."], {"CXR_BROKER_URL": ""}, "CXR_BROKER_URL: empty"),
+        # a flag's error named the variable it overrides, which an operator found unset
+        (["run", ".", "--threshold", "5"], {}, "--threshold: Input should be less than 1"),
+        (["worker", "--loglevel", "verbose"], {}, "--loglevel: not a log level"),
         # the message named the upgrade's lock file, "x.db.lock"
         (
             ["run", ".", "--database-url", "sqlite:////no-such-dir/x.db"],
