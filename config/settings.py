@@ -11,7 +11,7 @@ import os
 import re
 import site
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -178,18 +178,26 @@ class Settings(BaseSettings):
         try:
             return type(self).model_validate({**self.model_dump(), **given})
         except ValidationError as exc:  # named as typed: CXR_THRESHOLD was not set
-            raise SettingsError(
-                "; ".join(
-                    f"{flag_name(str(error['loc'][0]))}: "
-                    + error["msg"].removeprefix("Value error, ")
-                    for error in exc.errors()
-                )
-            ) from None
+            raise SettingsError(setting_errors(exc, flag_name)) from None
 
 
 def flag_name(field: str) -> str:
     """The command-line flag that overrides a setting."""
     return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
+def variable_name(field: str) -> str:
+    return f"{PREFIX}{field.upper()}"
+
+
+def setting_errors(exc: ValidationError, name: Callable[[str], str] = variable_name) -> str:
+    """``CXR_BATCH_SIZE: Input should be a valid integer``, one per bad setting, each
+    named by ``name`` (its variable, or the flag that set it)."""
+    return "; ".join(
+        f"{name(str(error['loc'][0]))}: {message}" if error["loc"] else message
+        for error in exc.errors()
+        for message in [error["msg"].removeprefix("Value error, ")]
+    )
 
 
 REQUIRED_TEXT = frozenset({"database_url", "broker_url", "model", "ingest_root"})

@@ -83,8 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Errors a person can act on (no model, a bad setting) are one line and exit 2."""
     from pydantic import ValidationError
 
-    from config.settings import SettingsError, get_settings
-    from worker.cli_common import setting_errors
+    from config.settings import SettingsError, get_settings, setting_errors
     from worker.model import ModelError
 
     parser = argparse.ArgumentParser(description=__doc__)

@@ -97,6 +97,12 @@ def _logging(**_: Any) -> None:
     configure_logging(settings.log_level, settings.log_json)
 
 
+# Set once this process has passed check_ready_to_work: `cxr-screen worker` checks
+# before Celery's banner, and the worker_init check then need not load the model, take
+# the schema lock and warn a second time.
+_ready = False
+
+
 def check_ready_to_work(settings: Settings) -> None:
     """The whole model loads and the database is upgraded. A worker that cannot screen took
     every message and failed it (a model that does not load: the message was dropped and
@@ -116,6 +122,8 @@ def check_ready_to_work(settings: Settings) -> None:
             settings.visibility_timeout,
             settings.task_time_limit,
         )
+    global _ready
+    _ready = True
 
 
 @worker_init.connect
@@ -128,7 +136,8 @@ def _check_and_serve_metrics(**_: Any) -> None:
 
     settings = get_settings()
     try:
-        check_ready_to_work(settings)
+        if not _ready:  # plain `celery -A worker.celery_app worker`
+            check_ready_to_work(settings)
     except (UserError, DatabaseError) as exc:
         log.error("the worker cannot start: %s", exc)
         raise SystemExit(2) from None  # Celery logs and ignores an Exception here

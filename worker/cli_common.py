@@ -24,7 +24,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from config.settings import Settings, SettingsError, get_settings
+from config.settings import Settings, SettingsError, get_settings, setting_errors
 from db.session import DatabaseError
 from worker.errors import UserError
 from worker.logs import configure_logging
@@ -73,15 +73,6 @@ def fail(message: str) -> NoReturn:
 def show_error(message: str) -> None:
     # Values are escaped: a path or a reason may hold "[...]", which rich reads as markup.
     console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-
-
-def setting_errors(exc: ValidationError) -> str:
-    """``CXR_BATCH_SIZE: Input should be a valid integer``, one per bad setting."""
-    return "; ".join(
-        f"CXR_{str(error['loc'][0]).upper()}: {message}" if error["loc"] else message
-        for error in exc.errors()
-        for message in [error["msg"].removeprefix("Value error, ")]
-    )
 
 
 def settings_from(**overrides: Any) -> Settings:

@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         from worker.celery_app import QUEUE, check_ready_to_work
         from worker.runner import usable_cores
 
-        # One line before Celery's banner; the worker checks again for `celery worker`.
+        # One line before Celery's banner; plain `celery worker` checks in worker_init.
         check_ready_to_work(settings)
 
         # No mingle or gossip: workers share no revoked-task or clock state, and mingle

@@ -69,6 +69,25 @@ def test_the_worker_pool_defaults_to_the_cores_it_may_use(
 
 
 @pytest.mark.services
+def test_cxr_screen_worker_checks_once_before_it_starts(model_dir: Path, tmp_path: Path) -> None:
+    """The command checked, then Celery's worker_init checked again: the model loaded
+    twice and every start-up warning was logged twice."""
+    down = "postgresql+psycopg://postgres@127.0.0.1:1/test"  # nothing listens there
+    worker = Worker(
+        worker_env(IDLE_BROKER, down, model_dir),
+        tmp_path / "worker.log",
+        command=["worker", "worker", "--concurrency", "1"],
+    )
+    try:
+        wait_for(lambda: " ready." in worker.log(), 60, "the worker to be ready")
+        log = worker.log()
+    finally:
+        worker.stop()
+        redis.Redis.from_url(IDLE_BROKER).flushdb()
+    assert log.count("the database does not answer yet") == 1, log[-3000:]
+
+
+@pytest.mark.services
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_a_worker_stopped_on_purpose_exits_0(
     stop: signal.Signals, model_dir: Path, sqlite_url: str, tmp_path: Path
