@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,20 +28,33 @@ from worker.runner import run
 IDLE_BROKER = REDIS_URL.rsplit("/", 1)[0] + "/12"
 
 
+@contextmanager
+def cli_worker(
+    database_url: str, model_dir: Path, tmp_path: Path, *flags: str, ready: bool = True
+) -> Iterator[Worker]:
+    """``cxr-screen worker --concurrency 1 FLAGS`` on the idle broker, ready unless told
+    not to wait; stopped, and its broker database emptied, afterwards."""
+    worker = Worker(
+        worker_env(IDLE_BROKER, database_url, model_dir, log_level="INFO"),
+        tmp_path / "worker.log",
+        command=["worker", "worker", "--concurrency", "1", *flags],
+    )
+    try:
+        if ready:
+            wait_for(lambda: " ready." in worker.log(), 60, "the worker to be ready")
+        yield worker
+    finally:
+        worker.stop()
+        redis.Redis.from_url(IDLE_BROKER).flushdb()
+
+
 @pytest.mark.services
 def test_worker_loglevel_overrides_the_configured_level(
     model_dir: Path, sqlite_url: str, tmp_path: Path
 ) -> None:
-    env = worker_env(IDLE_BROKER, sqlite_url, model_dir, log_level="INFO")
-    command = ["worker", "worker", "--concurrency", "1", "--loglevel", "DEBUG"]
-    worker = Worker(env, tmp_path / "worker.log", command=command)
-    try:
-        wait_for(lambda: " ready." in worker.log(), 60, "the worker to be ready")
+    with cli_worker(sqlite_url, model_dir, tmp_path, "--loglevel", "DEBUG") as worker:
         # Logged after Celery has set up logging (the flag was applied before that).
         assert "DEBUG celery.bootsteps" in worker.log(), worker.log()[-3000:]
-    finally:
-        worker.stop()
-        redis.Redis.from_url(IDLE_BROKER).flushdb()
 
 
 @pytest.mark.services
@@ -73,17 +88,8 @@ def test_cxr_screen_worker_checks_once_before_it_starts(model_dir: Path, tmp_pat
     """The command checked, then Celery's worker_init checked again: the model loaded
     twice and every start-up warning was logged twice."""
     down = "postgresql+psycopg://postgres@127.0.0.1:1/test"  # nothing listens there
-    worker = Worker(
-        worker_env(IDLE_BROKER, down, model_dir),
-        tmp_path / "worker.log",
-        command=["worker", "worker", "--concurrency", "1"],
-    )
-    try:
-        wait_for(lambda: " ready." in worker.log(), 60, "the worker to be ready")
+    with cli_worker(down, model_dir, tmp_path) as worker:
         log = worker.log()
-    finally:
-        worker.stop()
-        redis.Redis.from_url(IDLE_BROKER).flushdb()
     assert log.count("the database does not answer yet") == 1, log[-3000:]
 
 
@@ -93,19 +99,10 @@ def test_a_worker_stopped_on_purpose_exits_0(
     stop: signal.Signals, model_dir: Path, sqlite_url: str, tmp_path: Path
 ) -> None:
     """Ctrl-C exited 1 (Celery's status for it) once that status was passed on."""
-    worker = Worker(
-        worker_env(IDLE_BROKER, sqlite_url, model_dir),
-        tmp_path / "worker.log",
-        command=["worker", "worker", "--concurrency", "1"],
-    )
-    try:
-        wait_for(lambda: " ready." in worker.log(), 60, "the worker to be ready")
+    with cli_worker(sqlite_url, model_dir, tmp_path) as worker:
         os.kill(worker.pid, stop)
         worker.process.wait(timeout=60)
         log = worker.log()
-    finally:
-        worker.stop()
-        redis.Redis.from_url(IDLE_BROKER).flushdb()
     assert "Warm shutdown" in log, log[-3000:]
     assert worker.process.returncode == 0
 
@@ -116,20 +113,11 @@ def test_a_worker_celery_stops_on_an_unrecoverable_error_exits_non_zero(
 ) -> None:
     """It exited 0 (worker_main drops Celery's exit code): a supervisor restarting it on
     failure left it stopped, and a check on the code saw a clean shutdown."""
-    client = redis.Redis.from_url(IDLE_BROKER)
-    client.lpush(QUEUE, "not a Celery message")  # kombu cannot decode it: unrecoverable
-    worker = Worker(
-        worker_env(IDLE_BROKER, sqlite_url, model_dir),
-        tmp_path / "worker.log",
-        command=["worker", "worker", "--concurrency", "1"],
-    )
-    try:
+    with redis.Redis.from_url(IDLE_BROKER) as client:
+        client.lpush(QUEUE, "not a Celery message")  # kombu cannot decode it: unrecoverable
+    with cli_worker(sqlite_url, model_dir, tmp_path, ready=False) as worker:
         worker.process.wait(timeout=120)
         log = worker.log()
-    finally:
-        worker.stop()
-        client.flushdb()
-        client.close()
     assert "Unrecoverable error" in log, log[-3000:]
     assert worker.process.returncode not in (0, None)
 
